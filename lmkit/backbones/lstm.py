@@ -1,0 +1,62 @@
+"""A recurrent language model (LSTM or GRU) in plain torch.
+
+`forward(ids, state)` returns `(logits, state)`: feed the state back in to continue a text
+where the last call stopped, which is how generation stays O(1) per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+RecurrentState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class LSTMConfig:
+    vocab_size: int
+    n_layer: int = 2
+    n_embd: int = 256
+    hidden_size: int | None = None  # None: same as n_embd
+    dropout: float = 0.0
+    cell: Literal["lstm", "gru"] = "lstm"
+    tie_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cell not in ("lstm", "gru"):
+            raise ValueError(f"model.cell={self.cell!r} is not one of lstm, gru")
+
+
+class LSTM(nn.Module):
+    max_seq_len: int | None = None  # a recurrent model has no context limit
+
+    def __init__(self, cfg: LSTMConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        hidden = cfg.hidden_size or cfg.n_embd
+        rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.rnn = rnn(cfg.n_embd, hidden, cfg.n_layer, batch_first=True,
+                       dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+        # Tying needs the head's input width to equal the embedding width.
+        self.proj = nn.Linear(hidden, cfg.n_embd, bias=False) if cfg.tie_weights and hidden != cfg.n_embd else None
+        self.head = nn.Linear(cfg.n_embd if self.proj is not None else hidden, cfg.vocab_size)
+        if cfg.tie_weights:
+            self.head.weight = self.embedding.weight
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> None:
+        return None  # nn.LSTM starts from zeros when given no state
+
+    def forward(self, ids: torch.Tensor, state: RecurrentState | None = None) -> tuple[torch.Tensor, RecurrentState]:
+        out, state = self.rnn(self.drop(self.embedding(ids)), state)
+        out = self.drop(out)
+        if self.proj is not None:
+            out = self.proj(out)
+        return self.head(out), state

@@ -1,0 +1,200 @@
+"""A decoder-only Transformer in plain torch, laid out like GPT-2 so its checkpoints load exactly.
+
+Pre-LayerNorm blocks, causal attention through `F.scaled_dot_product_attention`, learned,
+sinusoidal or rotary positions, tied input/output embeddings and GPT-2's initialisation.
+`forward(ids, state)` returns `(logits, state)`; pass a `KVCache` from `init_state` to generate
+one token at a time without recomputing the past.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    bias: bool = True
+    position: Literal["learned", "sinusoidal", "rope"] = "learned"
+    rope_base: float = 10000.0
+    gelu: Literal["none", "tanh"] = "none"  # GPT-2 was trained with the tanh approximation
+    mlp_ratio: int = 4
+    tie_weights: bool = True
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
+        if self.position not in ("learned", "sinusoidal", "rope"):
+            raise ValueError(f"model.position={self.position!r} is not one of learned, sinusoidal, rope")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` positions."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype) -> None:
+        shape = (batch, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.pos = 0  # positions already filled
+        self.max_len = max_len
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.size(2)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+    pos = torch.arange(max_len, dtype=torch.float32)[:, None]
+    div = torch.pow(10000.0, torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    table = torch.zeros(max_len, dim)
+    table[:, 0::2] = torch.sin(pos / div)
+    table[:, 1::2] = torch.cos(pos / div)[:, : dim // 2]
+    return table
+
+
+def rope_tables(max_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout (GPT-NeoX, Llama)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v fused as in GPT-2
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, layer: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask, causal = None, T > 1
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+            if T > 1 and k.size(2) > T:  # a chunk after a filled prefix: causal w.r.t. its offset
+                offset = k.size(2) - T
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=offset)
+                causal = False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=cfg.bias)
+        self.gelu = nn.GELU(approximate=cfg.gelu)
+        self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, layer: int, rope, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: TransformerConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.max_seq_len: int | None = cfg.max_seq_len
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias),
+        ))
+        if cfg.position == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
+        elif cfg.position == "sinusoidal":
+            self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, cfg.n_embd), persistent=False)
+        else:
+            cos, sin = rope_tables(cfg.max_seq_len, cfg.n_embd // cfg.n_head, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_weights:
+            self.lm_head.weight = self.transformer.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> KVCache:
+        cfg = self.config
+        ref = self.transformer.wte.weight
+        return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.max_seq_len, cfg.n_embd // cfg.n_head,
+                       device or ref.device, dtype or ref.dtype)
+
+    def forward(self, ids: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
+        T = ids.size(1)
+        start = state.pos if state is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.transformer.wte(ids)
+        rope = None
+        if self.config.position == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=ids.device))
+        elif self.config.position == "sinusoidal":
+            x = x + self.pe[start:start + T].to(x.dtype)
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, i, rope, state)
+        if state is not None:
+            state.pos += T
+        return self.lm_head(self.transformer.ln_f(x)), state

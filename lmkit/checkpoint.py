@@ -1,0 +1,37 @@
+"""Reading Lightning checkpoints safely (`weights_only=True`) and checking they fit this run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmkit.errors import LmkitError
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LmkitError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a bad file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LmkitError(f"checkpoint {path} is corrupt or truncated ({reason[:160]})") from None
+
+
+def check_compatible(path: str | Path, checkpoint: dict[str, Any], model: dict[str, Any], vocab_size: int,
+                     tokenizer_json: str) -> None:
+    """Refuse a checkpoint whose model shape or tokenizer differs from this run's."""
+    saved = checkpoint.get("hyper_parameters", {})
+    if "model" not in saved or "state_dict" not in checkpoint:
+        raise LmkitError(f"checkpoint {path} was not written by lmkit (no model hyper-parameters)")
+    saved_tok = checkpoint.get("lmkit", {}).get("tokenizer")
+    if saved.get("vocab_size") != vocab_size or (saved_tok and saved_tok != tokenizer_json):
+        raise LmkitError(f"checkpoint {path} was trained with a different tokenizer (vocab {saved.get('vocab_size')}) "
+                         f"than this run's (vocab {vocab_size})")
+    diff = {k: (saved["model"].get(k), v) for k, v in model.items() if saved["model"].get(k) != v}
+    if diff:
+        shown = ", ".join(f"model.{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise LmkitError(f"checkpoint {path} is for a different model: {shown}")

@@ -1,0 +1,151 @@
+"""The token cache: a corpus tokenized once into a flat uint16/uint32 file, read back as a memmap.
+
+A cache entry is a directory named by a hash of the corpus contents, the tokenizer settings and
+the split; it holds `tokens.bin`, `tokenizer.json` and `meta.json` (token count, dtype, split
+offsets). It is built in a temporary directory and renamed into place under a file lock, so
+concurrent ranks and interrupted runs never see half a cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lmkit.data.corpus import Corpus
+from lmkit.data.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_json
+from lmkit.errors import LmkitError
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TokenCache:
+    path: Path
+    tokenizer: Tokenizer
+    n_tokens: int
+    dtype: str
+    bounds: list[int]  # token offsets: train = [b0, b1), val = [b1, b2), test = [b2, b3)
+
+    def tokens(self) -> np.memmap:
+        return np.memmap(self.path / "tokens.bin", dtype=self.dtype, mode="r", shape=(self.n_tokens,))
+
+    def split(self, name: str) -> np.ndarray:
+        i = SPLITS.index(name)
+        return self.tokens()[self.bounds[i]:self.bounds[i + 1]]
+
+    @classmethod
+    def open(cls, path: Path) -> TokenCache:
+        meta = json.loads((path / "meta.json").read_text())
+        tokenizer = tokenizer_from_json((path / "tokenizer.json").read_text(encoding="utf-8"))
+        return cls(path, tokenizer, meta["n_tokens"], meta["dtype"], meta["bounds"])
+
+
+def _validate_split(split: list[float]) -> list[float]:
+    if len(split) != 3 or any(f < 0 for f in split) or split[0] <= 0 or abs(sum(split) - 1) > 1e-6:
+        raise LmkitError(f"data.split={list(split)} must be three non-negative fractions (train, val, test) summing to 1")
+    return list(split)
+
+
+def cache_key(corpus_hash: str, tokenizer: dict, split: list[float]) -> str:
+    spec = {"v": FORMAT_VERSION, "corpus": corpus_hash, "tokenizer": tokenizer, "split": split}
+    if tokenizer.get("path"):  # a saved tokenizer: its contents matter, not its name
+        spec["tokenizer"] = dict(tokenizer, path=hashlib.blake2b(Path(tokenizer["path"]).read_bytes()).hexdigest())
+    return hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=12).hexdigest()
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_tokenizer(spec: dict, texts: Callable[[bool], Iterator[str]]) -> Tokenizer:
+    """`texts(train_only)` streams the corpus; BPE learns from the training split alone."""
+    kind = spec.get("kind")
+    if kind == "char":
+        return CharTokenizer.from_texts(texts(False))  # the whole corpus, so val/test never meet an unknown char
+    if kind == "bpe":
+        if spec.get("path"):
+            return load_tokenizer(spec["path"])
+        return BPETokenizer.train(texts(True), vocab_size=int(spec["vocab_size"]))
+    if kind == "file":
+        if not spec.get("path"):
+            raise LmkitError("tokenizer=file needs tokenizer.path=PATH/tokenizer.json")
+        return load_tokenizer(spec["path"])
+    raise LmkitError(f"tokenizer.kind={kind!r} is not one of char, bpe, file")
+
+
+def build_or_open(corpus: Corpus, tokenizer: dict, split: list[float], cache_dir: str | Path) -> TokenCache:
+    """Return the cache for this corpus and tokenizer, tokenizing only if no run has done it yet."""
+    split = _validate_split(split)
+    corpus_hash = corpus.fingerprint()
+    path = Path(cache_dir).expanduser() / "tokens" / cache_key(corpus_hash, tokenizer, split)
+    if (path / "meta.json").exists():
+        log.info("Reusing token cache %s", path)
+        return TokenCache.open(path)
+    with _locked(path.with_suffix(".lock")):
+        if (path / "meta.json").exists():  # another rank built it while we waited
+            return TokenCache.open(path)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            _build(corpus, corpus_hash, tokenizer, split, tmp)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return TokenCache.open(path)
+
+
+def _build(corpus: Corpus, corpus_hash: str, spec: dict, split: list[float], out: Path) -> None:
+    cuts = [int(corpus.total_bytes * split[0]), int(corpus.total_bytes * (split[0] + split[1]))]
+
+    def texts(train_only: bool) -> Iterator[str]:
+        for text, segment, _ in corpus.blocks(cuts):
+            if train_only and segment > 0:
+                return
+            yield text
+
+    tokenizer = build_tokenizer(spec, texts)
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    bounds, n = [0], 0
+    show = corpus.total_bytes > 4 * (1 << 20)
+    with open(out / "tokens.bin", "wb") as fh, tqdm(total=corpus.total_bytes, unit="B", unit_scale=True,
+                                                   desc="Tokenizing", disable=not show) as bar:
+        done = 0
+        for text, segment, read in corpus.blocks(cuts):
+            while len(bounds) <= segment:
+                bounds.append(n)
+            ids = tokenizer.encode_array(text).astype(dtype)
+            ids.tofile(fh)
+            n += len(ids)
+            bar.update(read - done)
+            done = read
+    while len(bounds) < 4:
+        bounds.append(n)
+    if n == 0:
+        raise LmkitError(f"corpus is empty after reading: {', '.join(map(str, corpus.files))}")
+    (out / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+    meta = {"version": FORMAT_VERSION, "n_tokens": n, "dtype": np.dtype(dtype).name, "bounds": bounds,
+            "corpus": corpus_hash, "files": [str(f) for f in corpus.files], "tokenizer": spec, "split": split}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    log.info("Tokenized %s bytes into %s tokens (vocab %d) at %s", f"{corpus.total_bytes:,}", f"{n:,}",
+             tokenizer.vocab_size, out)

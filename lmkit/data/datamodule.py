@@ -1,0 +1,91 @@
+"""LMDataModule: corpus -> tokenizer -> token cache -> train/val/test batches."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from lmkit.data.cache import TokenCache, build_or_open
+from lmkit.data.corpus import Corpus, resolve_files
+from lmkit.data.shakespeare import shakespeare_text
+from lmkit.data.tokenizer import Tokenizer
+from lmkit.data.windows import EvalBatches, TrainBatches
+from lmkit.errors import LmkitError
+
+
+def shakespeare_file(cache_dir: Path) -> Path:
+    """The embedded corpus as one text file, written once."""
+    path = cache_dir / "corpora" / "shakespeare.txt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(shakespeare_text(), encoding="utf-8")
+        os.replace(tmp, path)
+    return path
+
+
+class LMDataModule(L.LightningDataModule):
+    def __init__(self, source: str = "shakespeare", path: str | list[str] | None = None, format: str = "auto",
+                 text_field: str = "text", errors: str = "strict", seq_len: int = 256, batch_size: int = 32,
+                 eval_batch_size: int | None = None, val_windows: int | None = 256, test_windows: int | None = None,
+                 split: tuple[float, float, float] = (0.9, 0.05, 0.05), tokenizer: dict[str, Any] | None = None,
+                 cache_dir: str = ".cache/lmkit", seed: int = 0) -> None:
+        super().__init__()
+        if seq_len < 1 or batch_size < 1:
+            raise LmkitError(f"data.seq_len={seq_len} and data.batch_size={batch_size} must be positive")
+        self.source, self.path = source, path
+        self.corpus_options = dict(format=format, text_field=text_field, errors=errors)
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_windows, self.test_windows = val_windows, test_windows
+        self.split = list(split)
+        self.tokenizer_spec = dict(tokenizer or {"kind": "char"})
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.seed = seed
+        self.cache: TokenCache | None = None
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        self.prepare_data()
+        return self.cache.tokenizer
+
+    def corpus(self) -> Corpus:
+        if self.source == "shakespeare":
+            return Corpus([shakespeare_file(self.cache_dir)])
+        if self.source == "text":
+            if not self.path:
+                raise LmkitError("data=text needs data.path=FILE, DIR or GLOB (.txt or .jsonl)")
+            return Corpus(resolve_files(self.path), **self.corpus_options)
+        raise LmkitError(f"data.source={self.source!r} is not one of shakespeare, text")
+
+    def prepare_data(self) -> None:
+        # Idempotent: the cache is keyed by content, so every rank may call it; one builds, the rest wait.
+        if self.cache is None:
+            self.cache = build_or_open(self.corpus(), self.tokenizer_spec, self.split, self.cache_dir)
+            for name in ("val", "test"):
+                n = len(self.cache.split(name))
+                if n < self.seq_len + 1:
+                    raise LmkitError(f"the {name} split has {n} tokens, fewer than data.seq_len+1={self.seq_len + 1}: "
+                                     "use a larger corpus, a smaller data.seq_len or a larger data.split share")
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def train_dataloader(self) -> TrainBatches:
+        rank, world = self._rank()
+        # Batch i depends only on (seed, i): resuming at step s starts the stream at the batch s would see.
+        start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
+        return TrainBatches(self.cache.split("train"), self.seq_len, self.batch_size, self.seed, rank, world, start)
+
+    def val_dataloader(self) -> EvalBatches:
+        return EvalBatches(self.cache.split("val"), self.seq_len, self.eval_batch_size, self.val_windows, *self._rank())
+
+    def test_dataloader(self) -> EvalBatches:
+        return EvalBatches(self.cache.split("test"), self.seq_len, self.eval_batch_size, self.test_windows, *self._rank())

@@ -1,0 +1,122 @@
+"""Tokenizers: characters (the default) and byte-level BPE (trained with the `tokenizers` library).
+
+Both serialise to one JSON string, saved as `tokenizer.json`: a BPE tokenizer in the `tokenizers`
+library's own format (so `tokenizers.Tokenizer.from_file` reads it), a character tokenizer as
+`{"lmkit_tokenizer": "char", "chars": ...}`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from lmkit.errors import LmkitError
+
+
+class Tokenizer(Protocol):
+    kind: str
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_array(self, text: str) -> np.ndarray: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def to_json(self) -> str: ...
+
+
+class CharTokenizer:
+    """One token per Unicode character; encoding is a table lookup over code points."""
+
+    kind = "char"
+
+    def __init__(self, chars: str) -> None:
+        if not chars:
+            raise LmkitError("a character tokenizer needs at least one character")
+        self.chars = chars
+        self.vocab_size = len(chars)
+        codes = np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32)
+        self._table = np.full(int(codes.max()) + 2, -1, dtype=np.int64)  # last slot: out of range
+        self._table[codes] = np.arange(len(chars))
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return cls("".join(sorted(seen)))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        ids = self._table[np.minimum(codes, len(self._table) - 1)]
+        if (ids < 0).any():
+            unknown = sorted({text[i] for i in np.flatnonzero(ids < 0)[:1000]})
+            raise LmkitError(f"characters not in the tokenizer's vocabulary: {''.join(unknown)!r}")
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"lmkit_tokenizer": "char", "version": 1, "chars": self.chars}, ensure_ascii=False)
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style): any text encodes, nothing is unknown."""
+
+    kind = "bpe"
+
+    def __init__(self, tokenizer) -> None:  # a tokenizers.Tokenizer
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.asarray(self.tokenizer.encode(text).ids, dtype=np.int64)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def to_json(self) -> str:
+        return self.tokenizer.to_str()
+
+
+def tokenizer_from_json(text: str) -> Tokenizer:
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LmkitError(f"tokenizer JSON is not valid: {e}") from None
+    if spec.get("lmkit_tokenizer") == "char":
+        return CharTokenizer(spec["chars"])
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        return BPETokenizer(HFTokenizer.from_str(text))
+    except Exception as e:  # the Rust side raises plain Exceptions with a useful message
+        raise LmkitError(f"not a tokenizer the `tokenizers` library can read: {e}") from None
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise LmkitError(f"tokenizer file not found: {path}")
+    return tokenizer_from_json(path.read_text(encoding="utf-8"))

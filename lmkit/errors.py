@@ -1,0 +1,21 @@
+"""User-facing errors: one line that names the problem and the value, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class LmkitError(Exception):
+    """A problem with the user's input (a path, a config value, a file); its message is the whole story."""
+
+
+@contextmanager
+def exit_on_user_error(code: int = 2) -> Iterator[None]:
+    """Turn an `LmkitError` into `error: <message>` on stderr and a non-zero exit."""
+    try:
+        yield
+    except LmkitError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(code) from None

@@ -1,0 +1,55 @@
+"""Sampling from any backbone: temperature, top-k, top-p, with the backbone's state as a cache.
+
+The loop threads the backbone's state (a KV cache or the recurrent state) through calls, so each
+new token costs one step, not a pass over the whole text. A Transformer whose context fills up is
+re-primed with its latest three quarters, so generation can run past `max_seq_len`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick one token per row of `logits` (B, V); temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already cover top_p; the first always stays
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+
+
+@torch.no_grad()
+def generate(backbone: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Extend `ids` (B, T) by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens)."""
+    limit = backbone.max_seq_len
+    keep = limit - limit // 4 if limit else None
+    out = ids
+    if use_cache:
+        state = backbone.init_state(ids.size(0))
+        logits, state = backbone(ids[:, -limit:] if limit else ids, state)
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits, _ = backbone(out[:, -limit:] if limit else out)
+        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        out = torch.cat([out, token], dim=1)
+        if not use_cache:
+            continue
+        if limit and state.pos >= limit:
+            state = backbone.init_state(ids.size(0))
+            logits, state = backbone(out[:, -keep:], state)
+        else:
+            logits, state = backbone(token, state)
+    return out

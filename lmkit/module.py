@@ -1,0 +1,116 @@
+"""LanguageModel: the LightningModule that trains any backbone on next-token prediction."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.aggregation import MeanMetric
+
+from lmkit.backbones import build_backbone
+from lmkit.data.tokenizer import Tokenizer, tokenizer_from_json
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int | None, min_lr_ratio: float):
+    """Learning-rate multiplier: linear warm-up, then cosine decay to `min_lr_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if not total_steps or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class LanguageModel(L.LightningModule):
+    """Next-token cross-entropy over any backbone from `lmkit.backbones`.
+
+    Perplexity is exp of the token-weighted mean NLL, accumulated with torchmetrics (so it is
+    reduced across ranks); it equals `torchmetrics.text.Perplexity` without a second softmax.
+    """
+
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], vocab_size: int) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = build_backbone(vocab_size=vocab_size, **model)
+        self.tokenizer: Tokenizer | None = None  # attached by train.run, restored from checkpoints
+        self.val_nll = MeanMetric()
+        self.test_nll = MeanMetric()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.backbone(ids)[0]
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, targets = batch
+        logits, _ = self.backbone(inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_ppl", loss.detach().exp())
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.val_nll.update(self._loss(batch), weight=batch[1].numel())
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.test_nll.update(self._loss(batch), weight=batch[1].numel())
+
+    def _log_eval(self, stage: str, metric: MeanMetric) -> None:
+        nll = metric.compute()  # synced across ranks by torchmetrics
+        metric.reset()
+        self.log(f"{stage}_loss", nll, prog_bar=True)
+        self.log(f"{stage}_ppl", nll.exp())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val", self.val_nll)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test", self.test_nll)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.hparams.optim
+        # Weight decay on matrices and embeddings only; biases and norm gains stay undecayed.
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o["weight_decay"]},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        kwargs = dict(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
+        if o["name"] == "adamw":
+            # fused unscales fp16 gradients inside step(), which would hide them from our clipping
+            fused = self.device.type == "cuda" and self.trainer.precision not in ("16-mixed", "16-true")
+            optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
+        elif o["name"] == "adamw8bit":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(groups, **kwargs)
+        else:
+            raise ValueError(f"optim.name={o['name']!r} is not one of adamw, adamw8bit")
+        total = o.get("decay_steps") or (self.trainer.max_steps if self.trainer.max_steps > 0 else None)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(o["warmup_steps"], total, o["min_lr_ratio"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Clipping here rather than through Trainer(gradient_clip_val): Lightning refuses that with a
+        # fused AdamW under mixed precision, and under bf16 (no loss scaling) clipping is safe here.
+        clip = self.hparams.optim.get("grad_clip")
+        if clip:
+            self.log("grad_norm", torch.nn.utils.clip_grad_norm_(self.parameters(), clip))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The tokenizer travels in the checkpoint, so the checkpoint alone rebuilds model and tokenizer.
+        checkpoint["lmkit"] = {"tokenizer": self.tokenizer.to_json() if self.tokenizer else None,
+                               "torch_rng": torch.get_rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        extra = checkpoint.get("lmkit", {})
+        if extra.get("tokenizer"):
+            self.tokenizer = tokenizer_from_json(extra["tokenizer"])
+        if "torch_rng" in extra:  # dropout continues as if never interrupted
+            torch.set_rng_state(extra["torch_rng"])

@@ -1,0 +1,120 @@
+"""`run(cfg)`: build data, model, callbacks, loggers and trainer from a composed config; fit; evaluate.
+
+A pure function of the config (no globals, no chdir), so tests and sweeps call it as they like;
+`train.py` at the repository root is only the `@hydra.main` wrapper around it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lmkit.callbacks import TextSampler, Throughput
+from lmkit.checkpoint import check_compatible, read_checkpoint
+from lmkit.errors import LmkitError
+from lmkit.module import LanguageModel
+
+log = logging.getLogger("lmkit")
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate each named entry of a config group that holds several (callbacks, logger)."""
+    return [instantiate(entry) for entry in (group or {}).values() if entry is not None and "_target_" in entry]
+
+
+def resume_checkpoint(resume: bool | str | None, output_dir: Path) -> Path | None:
+    """`resume=true`: this run directory's last.ckpt if there is one; `resume=PATH`: that file."""
+    if resume in (None, False):
+        return None
+    if resume is True:
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if last.exists():
+            return last
+        log.info("resume=true but %s does not exist yet: starting fresh", last)
+        return None
+    return Path(str(resume)).expanduser()
+
+
+def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train and evaluate as `cfg` says. Returns `(metrics, objects)`; writes metrics.json on rank zero."""
+    started = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: same accuracy class as bf16 training
+
+    datamodule = instantiate(cfg.data, tokenizer=_container(cfg.tokenizer), cache_dir=cfg.paths.cache_dir,
+                             seed=cfg.seed, _convert_="all")
+    tokenizer = datamodule.tokenizer
+    model_cfg = _container(cfg.model)
+    try:
+        module = LanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size)
+    except (ValueError, TypeError) as e:
+        raise LmkitError(str(e)) from None
+    module.tokenizer = tokenizer
+    context = module.backbone.max_seq_len
+    if context is not None and datamodule.seq_len > context:
+        raise LmkitError(f"data.seq_len={datamodule.seq_len} exceeds the model's context model.max_seq_len={context}")
+
+    ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
+    if ckpt_path is not None:
+        check_compatible(ckpt_path, read_checkpoint(ckpt_path), model_cfg, tokenizer.vocab_size, tokenizer.to_json())
+        log.info("Resuming from %s", ckpt_path)
+
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    train_loss = _float(trainer.callback_metrics.get("train_loss"))
+    val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+
+    throughput = next((c for c in callbacks if isinstance(c, Throughput)), None)
+    checkpoint = trainer.checkpoint_callback
+    metrics = {
+        "train_loss": train_loss,
+        "val_loss": val["val_loss"], "val_ppl": val["val_ppl"],
+        "test_loss": test["test_loss"], "test_ppl": test["test_ppl"],
+        "tokens_per_s": throughput.tokens_per_s if throughput else None,
+        "world_size": trainer.world_size,
+        "best_ckpt": _abspath(checkpoint.best_model_path if checkpoint else None),
+        "last_ckpt": _abspath(checkpoint.last_model_path if checkpoint else None),
+        "steps": trainer.global_step,
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    if trainer.is_global_zero:
+        _write_json(output_dir / "metrics.json", metrics)
+        sampler = next((c for c in callbacks if isinstance(c, TextSampler)), None)
+        if sampler is not None:
+            log.info("Sample from the final model:\n%s", sampler.sample(module))
+        log.info("Metrics: %s", json.dumps(metrics))
+    return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if value is not None else None
+
+
+def _abspath(path: str | None) -> str | None:
+    return str(Path(path).resolve()) if path else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""First-party lmkit plugins (compression), registered through the `lmkit.plugins` entry points."""
