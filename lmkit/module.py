@@ -55,6 +55,7 @@ class LanguageModel(L.LightningModule):
         loss = self._loss(batch)
         self.log("train_loss", loss, prog_bar=True)
         self.log("train_ppl", loss.detach().exp())
+        self.log("lr", self.lr_schedulers().get_last_lr()[0])  # works with any logger, or none
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

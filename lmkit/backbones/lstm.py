@@ -47,7 +47,10 @@ class LSTM(nn.Module):
         self.head = nn.Linear(cfg.n_embd if self.proj is not None else hidden, cfg.vocab_size)
         if cfg.tie_weights:
             self.head.weight = self.embedding.weight
-        nn.init.normal_(self.embedding.weight, std=0.02)
+        # A wide embedding init: with GPT's 0.02 the tied head starts nearly silent and a char LSTM
+        # spends its first few hundred steps near unigram loss (measured at width 128 after 150 small
+        # steps: loss 2.00 with std 0.5, 2.67 with 0.02).
+        nn.init.normal_(self.embedding.weight, std=0.5)
         nn.init.zeros_(self.head.bias)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,

@@ -14,7 +14,7 @@ from lmkit.errors import LmkitError
 
 _SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
 _INLINE_DIRECTION = re.compile(r"_*\\?\[[^\]]*(\]|$)_*")  # `_\[Aside]_` inside a speech
-_EMPHASIS = re.compile(r"\*\*|__|_")
+_EMPHASIS = re.compile(r"[*_]+")
 
 
 def plays_dir() -> Path:

@@ -1,0 +1,110 @@
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmkit.backbones import LSTM, LSTMConfig, Transformer, TransformerConfig, build_backbone
+from lmkit.backbones.transformer import sinusoidal_table
+
+V = 50
+
+
+def transformer(**kw) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(TransformerConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, max_seq_len=32, **kw)).eval()
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope"])
+def test_kv_cache_matches_full_forward(position):
+    model = transformer(position=position)
+    ids = torch.randint(0, V, (3, 20))
+    full, _ = model(ids)
+    state = model.init_state(3)
+    prefix, state = model(ids[:, :7], state)  # prefill, then one token at a time
+    steps = [prefix] + [model(ids[:, t:t + 1], state)[0] for t in range(7, 20)]
+    assert state.pos == 20
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope"])
+def test_attention_is_causal(position):
+    model = transformer(position=position)
+    ids = torch.randint(0, V, (1, 16))
+    changed = ids.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % V
+    torch.testing.assert_close(model(ids)[0][:, :10], model(changed)[0][:, :10])
+    assert not torch.allclose(model(ids)[0][:, 10:], model(changed)[0][:, 10:])
+
+
+def test_chunked_prefill_after_cache_matches_full():
+    model = transformer(position="rope")
+    ids = torch.randint(0, V, (2, 24))
+    state = model.init_state(2)
+    a, state = model(ids[:, :10], state)
+    b, state = model(ids[:, 10:], state)  # a multi-token chunk attending to a filled cache
+    torch.testing.assert_close(torch.cat([a, b], 1), model(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_layout_tied_embeddings_and_scaled_init():
+    model = Transformer(TransformerConfig(vocab_size=V, n_layer=8, n_head=4, n_embd=64, max_seq_len=32))
+    keys = set(model.state_dict())
+    for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
+                 "transformer.h.0.attn.c_proj.weight", "transformer.h.0.mlp.c_fc.weight",
+                 "transformer.h.0.mlp.c_proj.bias", "transformer.ln_f.bias", "lm_head.weight"):
+        assert name in keys
+    assert model.lm_head.weight is model.transformer.wte.weight
+    proj = torch.cat([b.mlp.c_proj.weight.flatten() for b in model.transformer.h])
+    other = torch.cat([b.mlp.c_fc.weight.flatten() for b in model.transformer.h])
+    assert proj.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert other.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_sinusoidal_table_is_the_classic_formula():
+    table = sinusoidal_table(50, 8)
+    pos, i = 37, 2
+    assert table[pos, 2 * i].item() == pytest.approx(math.sin(pos / 10000 ** (2 * i / 8)), abs=1e-5)
+    assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(pos / 10000 ** (2 * i / 8)), abs=1e-5)
+
+
+def test_transformer_refuses_sequences_beyond_its_context():
+    with pytest.raises(ValueError, match="max_seq_len=32"):
+        transformer()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_bias_free_and_untied_options():
+    model = transformer(bias=False, tie_weights=False, gelu="tanh")
+    assert model.transformer.h[0].attn.c_attn.bias is None and model.transformer.ln_f.bias is None
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert model(torch.zeros(1, 4, dtype=torch.long))[0].shape == (1, 4, V)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("hidden", [None, 24])
+def test_recurrent_state_carries_between_calls(cell, hidden):
+    torch.manual_seed(0)
+    model = LSTM(LSTMConfig(vocab_size=V, n_layer=2, n_embd=16, hidden_size=hidden, cell=cell)).eval()
+    ids = torch.randint(0, V, (2, 12))
+    full, _ = model(ids)
+    a, state = model(ids[:, :5])
+    b, _ = model(ids[:, 5:], state)
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-5)
+    assert model.head.weight is model.embedding.weight  # tied, through a projection when widths differ
+    assert (model.proj is not None) == (hidden is not None)
+
+
+def test_build_backbone_names_unknown_options():
+    with pytest.raises(ValueError, match="n_head"):
+        build_backbone("lstm", vocab_size=V, n_head=4)
+    with pytest.raises(ValueError, match="kind='mamba'"):
+        build_backbone("mamba", vocab_size=V)
+    with pytest.raises(ValueError, match="not divisible"):
+        build_backbone("transformer", vocab_size=V, n_embd=30, n_head=4)
+
+
+def test_backbones_import_only_torch():
+    code = ("import sys, lmkit.backbones; "
+            "bad = [m for m in ('lightning', 'hydra', 'omegaconf') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,110 @@
+"""`python train.py` as a user runs it: a subprocess, its exit code, what it prints and writes."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lmkit.train import run
+from tests.conftest import TINY, run_train_py
+
+TINY_RUN = ["model=lstm", *TINY, "trainer.max_steps=20", "trainer.val_check_interval=10"]
+
+
+@pytest.mark.slow
+def test_train_py_end_to_end(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    result = run_train_py(*TINY_RUN, "logger=[csv,tensorboard]", "callbacks.text_sampler.max_new_tokens=40",
+                          run_dir=run_dir, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == 20 and math.isfinite(metrics["val_loss"])
+    assert (run_dir / "metrics.csv").exists() and list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best-step20.ckpt", "last.ckpt"]
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert "Sample from the final model" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_experiments_fast_dev_run_as_a_sweep(tmp_path, cache_dir):
+    """`-m experiment=glob(*)`: every preset builds, trains a step, evaluates; one sweep folder."""
+    sweep = tmp_path / "sweep"
+    result = run_train_py("-m", "experiment=glob(*)", "trainer.fast_dev_run=true", "data.batch_size=2",
+                          "data.eval_batch_size=2", "data.seq_len=32", "logger=none", f"hydra.sweep.dir={sweep}",
+                          run_dir=tmp_path / "unused", cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    experiments = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(jobs) == len(experiments)
+    assert all((job / "metrics.json").exists() for job in jobs)
+
+
+def assert_clean_error(result, *fragments: str, run_dir: Path) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "glob", "empty", "undecodable"])
+def test_bad_corpus_gives_one_line(case, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "empty.txt").write_text("")
+    (corpus / "bad.txt").write_bytes(b"fine\n" * 3 + b"\xc3\x28 oops\n")
+    path, fragments = {
+        "missing": (corpus / "nope.txt", ["no such file", "nope.txt"]),
+        "glob": (f"{corpus}/*.md", ["matches no files", "*.md"]),
+        "empty": (corpus / "empty.txt", ["corpus is empty", "empty.txt"]),
+        "undecodable": (corpus / "bad.txt", ["bad.txt", "offset 15", "data.errors=replace"]),
+    }[case]
+    run_dir = tmp_path / "run"
+    result = run_train_py("data=text", f"data.path={path}", *TINY_RUN, run_dir=run_dir, cache_dir=tmp_path / "cache")
+    assert_clean_error(result, *fragments, run_dir=run_dir)
+    assert not list((tmp_path / "cache").rglob("*.tmp-*"))  # nothing half-written in the cache
+
+
+@pytest.mark.parametrize("override,message", [("model.nonsense=1", "Key 'nonsense' is not in struct"),
+                                              ("model=mamba", "Could not find 'model/mamba'")])
+def test_unknown_config_key_or_option_is_hydras_one_message(override, message, tmp_path, cache_dir):
+    result = run_train_py(override, run_dir=tmp_path / "run", cache_dir=cache_dir)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_seq_len_beyond_the_model_context(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    result = run_train_py("model=transformer", "model.max_seq_len=16", *TINY, "model.n_head=2", run_dir=run_dir, cache_dir=cache_dir)
+    assert_clean_error(result, "data.seq_len=32", "model.max_seq_len=16", run_dir=run_dir)
+
+
+@pytest.fixture
+def lstm_checkpoint(tmp_path, make_cfg, tiny_corpus) -> Path:
+    metrics, _ = run(make_cfg("data=text", f"data.path={tiny_corpus}", "data.split=[0.8,0.1,0.1]", *TINY_RUN,
+                              "logger=none", output_dir=tmp_path / "trained"))
+    return Path(metrics["last_ckpt"])
+
+
+def test_resume_with_a_checkpoint_that_does_not_fit(lstm_checkpoint, tiny_corpus, tmp_path, cache_dir):
+    other = tmp_path / "other.txt"
+    other.write_text(tiny_corpus.read_text() + "Quixotic zeal!\n")  # more characters: a bigger vocabulary
+    base = ["data.split=[0.8,0.1,0.1]", *TINY_RUN, f"resume={lstm_checkpoint}"]
+    run_dir = tmp_path / "run1"
+    result = run_train_py("data=text", f"data.path={other}", *base, run_dir=run_dir, cache_dir=cache_dir)
+    assert_clean_error(result, "different tokenizer", str(lstm_checkpoint), run_dir=run_dir)
+    run_dir = tmp_path / "run2"
+    result = run_train_py("data=text", f"data.path={tiny_corpus}", *base, "model.n_embd=48", run_dir=run_dir,
+                          cache_dir=cache_dir)
+    assert_clean_error(result, "different model", "model.n_embd: checkpoint 32 vs run 48", run_dir=run_dir)
+
+
+def test_corrupt_checkpoint(lstm_checkpoint, tiny_corpus, tmp_path, cache_dir):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(lstm_checkpoint.read_bytes()[:5000])
+    run_dir = tmp_path / "run"
+    result = run_train_py("data=text", f"data.path={tiny_corpus}", "data.split=[0.8,0.1,0.1]", *TINY_RUN,
+                          f"resume={truncated}", run_dir=run_dir, cache_dir=cache_dir)
+    assert_clean_error(result, "corrupt or truncated", "truncated.ckpt", run_dir=run_dir)

@@ -1,0 +1,46 @@
+import math
+
+import pytest
+import torch
+from torchmetrics.text import Perplexity
+
+from lmkit.module import LanguageModel, warmup_cosine
+
+OPTIM = dict(name="adamw", lr=1e-3, betas=[0.9, 0.99], eps=1e-8, weight_decay=0.1, warmup_steps=10,
+             decay_steps=None, min_lr_ratio=0.1, grad_clip=1.0)
+
+
+def test_perplexity_equals_torchmetrics_perplexity():
+    torch.manual_seed(0)
+    module = LanguageModel(model=dict(kind="lstm", n_layer=1, n_embd=16), optim=OPTIM, vocab_size=30)
+    reference = Perplexity()
+    batches = [(torch.randint(0, 30, (4, 9)), torch.randint(0, 30, (4, 9))) for _ in range(3)]
+    batches.append((torch.randint(0, 30, (1, 9)), torch.randint(0, 30, (1, 9))))  # uneven last batch
+    with torch.no_grad():
+        for i, (x, y) in enumerate(batches):
+            module.validation_step((x, y), i)
+            reference.update(module(x), y)
+    ours = module.val_nll.compute().exp()
+    torch.testing.assert_close(ours, reference.compute(), rtol=1e-5, atol=1e-5)
+
+
+def test_warmup_then_cosine_to_the_floor():
+    f = warmup_cosine(warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert warmup_cosine(10, None, 0.1)(500) == 1.0  # no horizon: constant after warm-up
+
+
+def test_weight_decay_only_on_matrices_and_embeddings():
+    import lightning as L
+
+    module = LanguageModel(model=dict(kind="transformer", n_layer=1, n_head=2, n_embd=16, max_seq_len=8),
+                           optim=OPTIM, vocab_size=30)
+    module.trainer = L.Trainer(max_steps=100, logger=False, enable_checkpointing=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    n_unique = len({id(p) for p in module.parameters()})  # the tied head is counted once
+    assert len(decay["params"]) + len(no_decay["params"]) == n_unique
