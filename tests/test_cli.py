@@ -108,3 +108,15 @@ def test_corrupt_checkpoint(lstm_checkpoint, tiny_corpus, tmp_path, cache_dir):
     result = run_train_py("data=text", f"data.path={tiny_corpus}", "data.split=[0.8,0.1,0.1]", *TINY_RUN,
                           f"resume={truncated}", run_dir=run_dir, cache_dir=cache_dir)
     assert_clean_error(result, "corrupt or truncated", "truncated.ckpt", run_dir=run_dir)
+
+
+def test_lmkit_train_command_takes_the_same_overrides(tmp_path, cache_dir):
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "lmkit"
+    run_dir = tmp_path / "run"
+    result = subprocess.run([str(script), "train", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}",
+                             "data=text", f"data.path={tmp_path}/none.txt"], capture_output=True, text=True)
+    assert_clean_error(result, "no such file", "none.txt", run_dir=run_dir)
+    assert "train" in subprocess.run([str(script), "--help"], capture_output=True, text=True).stdout
