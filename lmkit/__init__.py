@@ -1,3 +1,15 @@
-"""lmkit: train LSTM and Transformer language models with Lightning and Hydra, and ship them small."""
+"""lmkit: train LSTM and Transformer language models with Lightning and Hydra, and ship them small.
+
+`lmkit.load(path)` returns an exported model (or a checkpoint's) without importing Lightning or Hydra.
+"""
+
+from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+def load(path, device=None, dtype=None):
+    """Load an lmkit artifact directory or a Lightning checkpoint as an `lmkit.model.LM` in eval mode."""
+    from lmkit.export import load as _load
+
+    return _load(path, device=device, dtype=dtype)

@@ -1,28 +1,196 @@
-"""The `lmkit` command. `lmkit train key=value ...` is `python train.py key=value ...` from anywhere."""
+"""The `lmkit` command: `lmkit <command> key=value ...`, Hydra-style like `python train.py`.
+
+    lmkit train     [overrides]                       same as python train.py
+    lmkit export    model=PATH out=DIR [format=lmkit|hf] [dtype=fp32|bf16|fp16] [overwrite=true]
+    lmkit generate  model=PATH prompt="ROMEO:" [max_new_tokens=200 temperature=0.8 top_k=50 top_p=0.95
+                    num_samples=1 seed=1 stream=true]
+    lmkit eval      model=PATH [data=text data.path=...]
+    lmkit import-hf src=HF_DIR out=DIR
+"""
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
-USAGE = """usage: lmkit <command> [key=value ...]
-
-commands:
-  train    train a model (same overrides as `python train.py`, e.g. `lmkit train model=lstm`)
-"""
+from lmkit.errors import LmkitError, exit_on_user_error
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+@dataclass
+class ExportArgs:
+    model: str  # a checkpoint or an lmkit model directory
+    out: str  # the folder to write
+    format: str = "lmkit"  # lmkit | hf
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (format=lmkit)
+    overwrite: bool = False
+
+
+@dataclass
+class GenerateArgs:
+    model: str
+    prompt: str = "\n"  # the text to continue; @file.txt reads it from a file
+    max_new_tokens: int = 200  # past a Transformer's context the window slides (the latest 3/4 is kept)
+    temperature: float = 0.8  # 0: greedy
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    num_samples: int = 1
+    seed: Optional[int] = None
+    stream: bool = False  # print text as it is produced (first sample)
+    unknown: str = "error"  # prompt characters a char tokenizer lacks: error | skip
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+
+
+@dataclass
+class EvalArgs:
+    model: str
+    batch_size: int = 32
+    max_windows: Optional[int] = None  # at most this many windows (default: the data config's val/test_windows)
+    split: str = "test"  # test | val | train
+    device: Optional[str] = None
+
+
+@dataclass
+class ImportArgs:
+    src: str  # a directory written by transformers' save_pretrained
+    out: str
+    overwrite: bool = False
+
+
+def parse(schema: type, args: list[str], command: str) -> Any:
+    """key=value arguments checked against a dataclass: unknown keys and bad types are one-line errors.
+
+    Text fields take the value verbatim (`prompt=ROMEO:` must stay text, not become YAML).
+    """
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    text_fields = {f.name for f in fields(schema) if f.type in ("str", "Optional[str]")}
+    pairs = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise LmkitError(f"lmkit {command}: arguments are key=value, got {arg!r}")
+        pairs.append((key, value))
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema),
+                              OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs if k not in text_fields]))
+        for key, value in pairs:
+            if key in text_fields:
+                cfg[key] = value
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise LmkitError(f"lmkit {command}: {str(e).splitlines()[0]}") from None
+
+
+def _export(args: list[str]) -> None:
+    from lmkit.export import load, save
+    from lmkit.hf import export_hf
+
+    a = parse(ExportArgs, args, "export")
+    model = load(a.model)
+    if a.format == "lmkit":
+        out = save(model, a.out, dtype=a.dtype, overwrite=a.overwrite)
+    elif a.format == "hf":
+        out = export_hf(model, a.out, overwrite=a.overwrite)
+    else:
+        raise LmkitError(f"format={a.format!r} is not one of lmkit, hf")
+    print(f"wrote {out}")
+
+
+def _generate(args: list[str]) -> None:
+    import lmkit
+
+    a = parse(GenerateArgs, args, "generate")
+    prompt = a.prompt
+    if prompt.startswith("@"):
+        path = Path(prompt[1:])
+        if not path.is_file():
+            raise LmkitError(f"prompt={prompt}: no such file {path}")
+        prompt = path.read_text(encoding="utf-8")
+    model = lmkit.load(a.model, device=a.device, dtype=a.dtype)
+    prompt = model.clean_prompt(prompt, a.unknown)
+    on_text = (lambda text: print(text, end="", flush=True)) if a.stream else None
+    if on_text:
+        print(prompt, end="", flush=True)
+    samples = model.generate(prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.num_samples, a.seed,
+                             on_text=on_text)
+    samples = [samples] if isinstance(samples, str) else samples
+    for i, text in enumerate(samples):
+        if a.stream and i == 0:
+            print()
+            continue
+        if len(samples) > 1:
+            print(f"--- sample {i + 1}")
+        print(text)
+
+
+def _eval(args: list[str]) -> None:
+    import tempfile
+
+    import lmkit
+    from lmkit.evaluate import evaluate
+
+    data_args = [x for x in args if x.split("=")[0].split(".")[0] == "data"]
+    a = parse(EvalArgs, [x for x in args if x not in data_args], "eval")
+    model = lmkit.load(a.model, device=a.device)
+    if a.split not in ("train", "val", "test"):
+        raise LmkitError(f"split={a.split!r} is not one of train, val, test")
+    data = _data_config(data_args) if data_args else model.config.get("data")
+    if not data:
+        raise LmkitError(f"{a.model} records no training corpus: name one, e.g. data=text data.path=FILE")
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_file = Path(tmp) / "tokenizer.json"
+        tokenizer_file.write_text(model.tokenizer.to_json(), encoding="utf-8")
+        from hydra.utils import instantiate
+
+        datamodule = instantiate({**data, "tokenizer": {"kind": "file", "path": str(tokenizer_file)},
+                                  "cache_dir": _cache_dir(), "seed": 0}, _convert_="all")
+        datamodule.prepare_data()
+        windows = a.max_windows or data.get(f"{a.split}_windows")  # as the training run's final pass read it
+        result = evaluate(model, datamodule.cache.split(a.split), datamodule.seq_len, a.batch_size, windows)
+    print(json.dumps({"split": a.split, **result}, indent=2))
+
+
+def _data_config(overrides: list[str]) -> dict[str, Any]:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    return OmegaConf.to_container(cfg.data, resolve=True)
+
+
+def _cache_dir() -> str:
+    import os
+
+    return os.environ.get("LMKIT_CACHE", ".cache/lmkit")
+
+
+def _import_hf(args: list[str]) -> None:
+    from lmkit.export import save
+    from lmkit.hf import import_hf
+
+    a = parse(ImportArgs, args, "import-hf")
+    model = import_hf(a.src)
+    out = save(model, a.out, overwrite=a.overwrite)
+    note = "" if model.has_tokenizer else " (no tokenizer found beside it: the model takes token ids only)"
+    print(f"wrote {out}{note}")
+
+
 def _train(args: list[str]) -> None:
     if not CONF_DIR.is_dir():
-        print(f"error: lmkit train needs the configs in {CONF_DIR} (install lmkit from a source checkout: pip install -e .)",
-              file=sys.stderr)
-        raise SystemExit(2)
+        raise LmkitError(f"lmkit train needs the configs in {CONF_DIR} (install lmkit from a source checkout)")
     import hydra
     from omegaconf import DictConfig
 
-    from lmkit.errors import exit_on_user_error
     from lmkit.train import run
 
     @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
@@ -35,16 +203,16 @@ def _train(args: list[str]) -> None:
     train()
 
 
-COMMANDS = {"train": _train}
+COMMANDS = {"train": _train, "export": _export, "generate": _generate, "eval": _eval, "import-hf": _import_hf}
 
 
 def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(__doc__.split("\n", 2)[2], end="")
         return
-    command = COMMANDS.get(args[0])
-    if command is None:
-        print(f"error: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
-        raise SystemExit(2)
-    command(args[1:])
+    with exit_on_user_error():
+        command = COMMANDS.get(args[0])
+        if command is None:
+            raise LmkitError(f"unknown command {args[0]!r}; commands: {', '.join(COMMANDS)}")
+        command(args[1:])

@@ -7,6 +7,8 @@ re-primed with its latest three quarters, so generation can run past `max_seq_le
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 
@@ -30,10 +32,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.no_grad()
-def generate(backbone: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> torch.Tensor:
-    """Extend `ids` (B, T) by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens)."""
+def stream_tokens(backbone: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+                  use_cache: bool = True) -> Iterator[torch.Tensor]:
+    """Yield `max_new_tokens` sampled tokens, each (B, 1), continuing `ids` (B, T)."""
     limit = backbone.max_seq_len
     keep = limit - limit // 4 if limit else None
     out = ids
@@ -44,6 +46,7 @@ def generate(backbone: nn.Module, ids: torch.Tensor, max_new_tokens: int, temper
         if not use_cache:
             logits, _ = backbone(out[:, -limit:] if limit else out)
         token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        yield token
         out = torch.cat([out, token], dim=1)
         if not use_cache:
             continue
@@ -52,4 +55,11 @@ def generate(backbone: nn.Module, ids: torch.Tensor, max_new_tokens: int, temper
             logits, state = backbone(out[:, -keep:], state)
         else:
             logits, state = backbone(token, state)
-    return out
+
+
+def generate(backbone: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Extend `ids` (B, T) by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens)."""
+    new = list(stream_tokens(backbone, ids, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
+    return torch.cat([ids, *new], dim=1)

@@ -35,7 +35,9 @@ class LanguageModel(L.LightningModule):
     reduced across ranks); it equals `torchmetrics.text.Perplexity` without a second softmax.
     """
 
-    def __init__(self, model: dict[str, Any], optim: dict[str, Any], vocab_size: int) -> None:
+    def __init__(self, model: dict[str, Any], optim: dict[str, Any], vocab_size: int,
+                 data: dict[str, Any] | None = None) -> None:
+        """`data` records the corpus settings, so `lmkit eval` can find the model's own test split."""
         super().__init__()
         self.save_hyperparameters()
         self.backbone = build_backbone(vocab_size=vocab_size, **model)

@@ -48,6 +48,19 @@ def resume_checkpoint(resume: bool | str | None, output_dir: Path) -> Path | Non
     return Path(str(resume)).expanduser()
 
 
+def _init_from(path: str | None):
+    """The pretrained model named by `init_from` (an lmkit model directory or a checkpoint), or None."""
+    if not path:
+        return None
+    from lmkit.export import load
+
+    model = load(path)
+    if not model.has_tokenizer:
+        raise LmkitError(f"init_from={path} has no tokenizer to train with: import it with its vocab.json and "
+                         "merges.txt (or tokenizer.json) beside the checkpoint")
+    return model
+
+
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and evaluate as `cfg` says. Returns `(metrics, objects)`; writes metrics.json on rank zero."""
     started = time.perf_counter()
@@ -56,15 +69,24 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: same accuracy class as bf16 training
 
-    datamodule = instantiate(cfg.data, tokenizer=_container(cfg.tokenizer), cache_dir=cfg.paths.cache_dir,
-                             seed=cfg.seed, _convert_="all")
+    model_cfg, tokenizer_spec = _container(cfg.model), _container(cfg.tokenizer)
+    init = _init_from(cfg.get("init_from"))
+    if init is not None:  # fine-tuning: the pretrained model brings its shape and its tokenizer
+        model_cfg = {k: v for k, v in init.config["model"].items() if k != "vocab_size"}
+        tokenizer_spec = {"kind": "json", "json": init.tokenizer.to_json()}
+    data_cfg = _container(cfg.data)
+    datamodule = instantiate(data_cfg, tokenizer=tokenizer_spec, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
+                             _convert_="all")
     tokenizer = datamodule.tokenizer
-    model_cfg = _container(cfg.model)
     try:
-        module = LanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size)
+        module = LanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
+                               data=data_cfg)
     except (ValueError, TypeError) as e:
         raise LmkitError(str(e)) from None
     module.tokenizer = tokenizer
+    if init is not None:
+        module.backbone.load_state_dict(init.backbone.state_dict())
+        log.info("Initialised from %s", cfg.init_from)
     context = module.backbone.max_seq_len
     if context is not None and datamodule.seq_len > context:
         raise LmkitError(f"data.seq_len={datamodule.seq_len} exceeds the model's context model.max_seq_len={context}")

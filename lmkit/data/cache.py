@@ -86,11 +86,13 @@ def build_tokenizer(spec: dict, texts: Callable[[bool], Iterator[str]]) -> Token
         if spec.get("path"):
             return load_tokenizer(spec["path"])
         return BPETokenizer.train(texts(True), vocab_size=int(spec["vocab_size"]))
+    if kind == "json":  # a tokenizer handed over inline (fine-tuning from an exported model)
+        return tokenizer_from_json(spec["json"])
     if kind == "file":
         if not spec.get("path"):
             raise LmkitError("tokenizer=file needs tokenizer.path=PATH/tokenizer.json")
         return load_tokenizer(spec["path"])
-    raise LmkitError(f"tokenizer.kind={kind!r} is not one of char, bpe, file")
+    raise LmkitError(f"tokenizer.kind={kind!r} is not one of char, bpe, file, json")
 
 
 def build_or_open(corpus: Corpus, tokenizer: dict, split: list[float], cache_dir: str | Path) -> TokenCache:

@@ -1,0 +1,44 @@
+"""Loss, perplexity and bits per character (or byte) of a model over a token split."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lmkit.data.windows import EvalBatches
+from lmkit.model import LM
+
+
+@torch.no_grad()
+def evaluate(model: LM, tokens: np.ndarray, seq_len: int, batch_size: int = 32,
+             max_windows: int | None = None) -> dict[str, Any]:
+    """Evaluate on non-overlapping windows of `tokens`; bits are per character for a char tokenizer,
+    per UTF-8 byte otherwise (so BPE models compare with char models)."""
+    context = model.backbone.max_seq_len
+    seq_len = min(seq_len, context) if context else seq_len
+    nll, count, n_bytes, elapsed = 0.0, 0, 0, 0.0
+    per_char = model.has_tokenizer and model.tokenizer.kind == "char"
+    for inputs, targets in EvalBatches(tokens, seq_len, batch_size, max_windows):
+        inputs, targets = inputs.to(model.device), targets.to(model.device)
+        started = time.perf_counter()
+        logits = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        nll += loss.item()  # .item() waits for the device, so the time below is real
+        elapsed += time.perf_counter() - started
+        count += targets.numel()
+        if model.has_tokenizer and not per_char:
+            n_bytes += sum(len(model.tokenizer.decode(row).encode("utf-8")) for row in targets.tolist())
+    loss = nll / count
+    result = {"loss": loss, "perplexity": math.exp(loss), "tokens": count,
+              "tokens_per_s": count / elapsed if elapsed else None,
+              "parameters": sum(p.numel() for p in model.parameters())}
+    if per_char:
+        result["bits_per_char"] = loss / math.log(2)
+    elif n_bytes:
+        result["bits_per_byte"] = nll / math.log(2) / n_bytes
+    return result

@@ -1,0 +1,160 @@
+"""The lmkit artifact: a directory that rebuilds a model with torch, safetensors and tokenizers alone.
+
+    config.json        format version, backbone kind and options, tokenizer kind, dtype, provenance
+    model.safetensors  every tensor (a tied head is stored once)
+    tokenizer.json     when the model has a tokenizer
+    README.md          a model card
+
+Never pickle: loading a stranger's artifact cannot run code. Artifacts are written to a temporary
+directory and renamed into place, so an interrupted export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+import lmkit
+from lmkit.backbones import build_backbone
+from lmkit.checkpoint import read_checkpoint
+from lmkit.data.tokenizer import tokenizer_from_json
+from lmkit.errors import LmkitError
+from lmkit.model import LM
+
+FORMAT_VERSION = 1
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise LmkitError(f"dtype={name!r} is not one of fp32, bf16, fp16")
+    return DTYPES[name]
+
+
+def is_artifact(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LM:
+    """Load an lmkit artifact directory or a Lightning checkpoint as an `LM` in eval mode."""
+    path = Path(path)
+    if is_artifact(path):
+        model = _load_artifact(path)
+    elif path.is_file():
+        model = _load_checkpoint(path)
+    else:
+        raise LmkitError(f"{path} is neither an lmkit model directory (with config.json) nor a checkpoint file")
+    dtype = parse_dtype(dtype)
+    return model.to(device=device, dtype=dtype).eval() if dtype else model.to(device=device).eval()
+
+
+def _build(model_cfg: dict[str, Any], where: str) -> torch.nn.Module:
+    options = dict(model_cfg)
+    try:
+        return build_backbone(options.pop("kind"), options.pop("vocab_size"), **options)
+    except (KeyError, ValueError, TypeError) as e:
+        raise LmkitError(f"{where}: the model settings are not valid ({e})") from None
+
+
+def _load_artifact(path: Path) -> LM:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise LmkitError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    version = config.get("format_version")
+    if config.get("format") != "lmkit" or not isinstance(version, int):
+        raise LmkitError(f"{path / 'config.json'} is not an lmkit config (no format/format_version)")
+    if version > FORMAT_VERSION:
+        raise LmkitError(f"{path} uses artifact format {version}; this lmkit ({lmkit.__version__}) reads up to "
+                         f"{FORMAT_VERSION}: upgrade lmkit")
+    missing = [k for k in ("model", "tokenizer", "dtype") if k not in config]
+    missing += [f"model.{k}" for k in ("kind", "vocab_size") if k not in config.get("model", {})]
+    if missing:
+        raise LmkitError(f"{path / 'config.json'} lacks {', '.join(missing)}")
+    backbone = _build(config["model"], str(path / "config.json")).to(parse_dtype(config["dtype"]))
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise LmkitError(f"{path} has no model.safetensors")
+    try:
+        load_model(backbone, weights, strict=True)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        reason = str(e).splitlines()[0][:160]
+        raise LmkitError(f"{weights} is corrupt, truncated or for another model ({reason})") from None
+    tokenizer = None
+    if config["tokenizer"] is not None:
+        tokenizer = tokenizer_from_json((path / "tokenizer.json").read_text(encoding="utf-8"))
+    return LM(backbone, tokenizer, config)
+
+
+def _load_checkpoint(path: Path) -> LM:
+    checkpoint = read_checkpoint(path)
+    hp = checkpoint.get("hyper_parameters", {})
+    if "model" not in hp or "vocab_size" not in hp:
+        raise LmkitError(f"{path} is not an lmkit checkpoint (no model hyper-parameters)")
+    model_cfg = {**hp["model"], "vocab_size": hp["vocab_size"]}
+    backbone = _build(model_cfg, str(path))
+    state = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise LmkitError(f"{path}: weights do not fit the model settings ({str(e).splitlines()[0][:160]})") from None
+    tok_json = checkpoint.get("lmkit", {}).get("tokenizer")
+    tokenizer = tokenizer_from_json(tok_json) if tok_json else None
+    config = {"format": "lmkit", "format_version": FORMAT_VERSION, "model": model_cfg,
+              "tokenizer": tokenizer.kind if tokenizer else None, "dtype": "float32",
+              "data": hp.get("data"), "source": {"checkpoint": str(path.resolve()), "step": checkpoint.get("global_step")}}
+    return LM(backbone, tokenizer, config)
+
+
+def save(model: LM, out: str | Path, dtype: str | torch.dtype | None = None, overwrite: bool = False,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write `model` as an lmkit artifact at `out` (float32 unless `dtype` says otherwise)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LmkitError(f"out={out} exists and is not empty: choose another folder or pass overwrite=true")
+    dtype = parse_dtype(dtype) or torch.float32
+    config = {**model.config, "format": "lmkit", "format_version": FORMAT_VERSION, "lmkit_version": lmkit.__version__,
+              "torch_version": torch.__version__.split("+")[0], "dtype": str(dtype).removeprefix("torch."),
+              "tokenizer": model._tokenizer.kind if model.has_tokenizer else None, **(extra or {})}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        backbone = model.backbone
+        if dtype != next(backbone.parameters()).dtype:
+            backbone = copy.deepcopy(backbone).to(dtype)  # leave the caller's model as it was
+        save_model(backbone, str(tmp / "model.safetensors"), metadata={"format": "lmkit"})
+        if model.has_tokenizer:
+            (tmp / "tokenizer.json").write_text(model.tokenizer.to_json(), encoding="utf-8")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(config, backbone))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def model_card(config: dict[str, Any], backbone: torch.nn.Module) -> str:
+    m = config["model"]
+    n_params = sum(p.numel() for p in backbone.parameters())
+    shape = ", ".join(f"{k}={v}" for k, v in m.items() if k not in ("kind",))
+    tok = config["tokenizer"] or "none (token ids only)"
+    return (f"# lmkit {m['kind']} language model\n\n"
+            f"- parameters: {n_params:,}\n- shape: {shape}\n- tokenizer: {tok}\n- dtype: {config['dtype']}\n"
+            f"- trained on: {json.dumps(config.get('data'))}\n- source: {json.dumps(config.get('source'))}\n\n"
+            "## Use\n\n```python\nimport lmkit\n\nmodel = lmkit.load(\"PATH\")\n"
+            "print(model.generate(\"ROMEO:\", max_new_tokens=200, temperature=0.8, top_k=50))\n```\n\n"
+            "Loads with torch, safetensors and tokenizers; no Lightning, no Hydra, no pickle.\n")

@@ -1,0 +1,134 @@
+"""GPT-2 checkpoints in and out of Hugging Face format, driven by one weight-name map.
+
+lmkit's Transformer uses GPT-2's parameter names, so the map is the identity on names; what it
+records is which tensors HF stores as `Conv1D` weights ((in, out), the transpose of nn.Linear's).
+`transformers` is not needed: the files are read and written directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmkit.backbones import Transformer, TransformerConfig
+from lmkit.data.tokenizer import BPETokenizer, Tokenizer
+from lmkit.errors import LmkitError
+from lmkit.model import LM
+
+# Per block: lmkit name suffix -> whether HF stores it transposed (Conv1D).
+BLOCK_MAP = {
+    "ln_1.weight": False, "ln_1.bias": False,
+    "attn.c_attn.weight": True, "attn.c_attn.bias": False,
+    "attn.c_proj.weight": True, "attn.c_proj.bias": False,
+    "ln_2.weight": False, "ln_2.bias": False,
+    "mlp.c_fc.weight": True, "mlp.c_fc.bias": False,
+    "mlp.c_proj.weight": True, "mlp.c_proj.bias": False,
+}
+GLOBAL_MAP = {"transformer.wte.weight": False, "transformer.wpe.weight": False,
+              "transformer.ln_f.weight": False, "transformer.ln_f.bias": False}
+GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
+
+
+def weight_map(n_layer: int) -> dict[str, bool]:
+    names = dict(GLOBAL_MAP)
+    for i in range(n_layer):
+        names.update({f"transformer.h.{i}.{suffix}": t for suffix, t in BLOCK_MAP.items()})
+    return names
+
+
+def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+    if (src / "model.safetensors").is_file():
+        return load_file(src / "model.safetensors")
+    if (src / "pytorch_model.bin").is_file():
+        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise LmkitError(f"{src} has neither model.safetensors nor pytorch_model.bin")
+
+
+def _read_hf_tokenizer(src: Path) -> Tokenizer | None:
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+
+    if (src / "tokenizer.json").is_file():
+        return BPETokenizer(HFTokenizer.from_file(str(src / "tokenizer.json")))
+    if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
+        tok = HFTokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return BPETokenizer(tok)
+    return None
+
+
+def import_hf(src: str | Path) -> LM:
+    """A GPT-2 directory as `save_pretrained` writes it -> an `LM` on lmkit's Transformer."""
+    src = Path(src)
+    if not (src / "config.json").is_file():
+        raise LmkitError(f"src={src} has no config.json: not a Hugging Face model directory")
+    hf = json.loads((src / "config.json").read_text())
+    if hf.get("model_type") != "gpt2":
+        raise LmkitError(f"src={src} is a {hf.get('model_type')!r} model; import-hf converts GPT-2 models only")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in GELU:
+        raise LmkitError(f"src={src}: activation_function={act!r} has no lmkit equivalent")
+    cfg = TransformerConfig(vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                            n_embd=hf["n_embd"], max_seq_len=hf["n_positions"], gelu=GELU[act],
+                            layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5), bias=True, position="learned")
+    model = Transformer(cfg)
+    # GPT2LMHeadModel names start with "transformer."; a bare GPT2Model's do not.
+    weights = {k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}": v
+               for k, v in _read_hf_weights(src).items()}
+    state = {}
+    for name, transposed in weight_map(cfg.n_layer).items():
+        if name not in weights:
+            raise LmkitError(f"src={src}: the checkpoint lacks {name}")
+        state[name] = weights[name].t().contiguous() if transposed else weights[name]
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # GPT-2 ties its head to the embedding
+    model.load_state_dict(state, strict=True)
+    tokenizer = _read_hf_tokenizer(src)
+    config = {"format": "lmkit", "model": {"kind": "transformer", **vars(cfg)}, "data": None,
+              "source": {"hf": str(src.resolve()), "architectures": hf.get("architectures")}}
+    return LM(model.eval(), tokenizer, config)
+
+
+def export_hf(model: LM, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a GPT-2-shaped lmkit model where `transformers.GPT2LMHeadModel.from_pretrained` loads it."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LmkitError(f"out={out} exists and is not empty: choose another folder or pass overwrite=true")
+    backbone = model.backbone
+    cfg = getattr(backbone, "config", None)
+    if not isinstance(cfg, TransformerConfig):
+        raise LmkitError(f"format=hf writes GPT-2 models; this model is a {model.config['model']['kind']}")
+    unsupported = [f"{k}={getattr(cfg, k)!r}" for k, ok in
+                   (("position", "learned"), ("bias", True), ("mlp_ratio", 4), ("tie_weights", True))
+                   if getattr(cfg, k) != ok]
+    if unsupported:
+        raise LmkitError(f"format=hf needs a GPT-2-shaped Transformer; this one has {', '.join(unsupported)}")
+    state = backbone.state_dict()
+    tensors = {name: (state[name].t() if transposed else state[name]).contiguous().float()
+               for name, transposed in weight_map(cfg.n_layer).items()}
+    hf_config: dict[str, Any] = {
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.max_seq_len, "n_ctx": cfg.max_seq_len, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head, "n_inner": None, "layer_norm_epsilon": cfg.layer_norm_eps,
+        "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0, "tie_word_embeddings": True, "torch_dtype": "float32",
+    }
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if model.has_tokenizer and model.tokenizer.kind == "bpe":
+            (tmp / "tokenizer.json").write_text(model.tokenizer.to_json(), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

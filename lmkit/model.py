@@ -1,0 +1,93 @@
+"""LM: a backbone with its tokenizer, ready for inference. This is what `lmkit.load` returns.
+
+Free of Lightning and Hydra on purpose: an exported model runs with torch, safetensors and
+tokenizers alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmkit.data.tokenizer import Tokenizer
+from lmkit.errors import LmkitError
+from lmkit.generate import stream_tokens
+
+NO_TOKENIZER = ("this model has no tokenizer, so it takes and returns token ids only: call model(ids), or attach "
+                "one with model.tokenizer = lmkit.data.load_tokenizer('tokenizer.json') (or re-import it with "
+                "vocab.json + merges.txt beside the checkpoint)")
+
+
+class LM(nn.Module):
+    def __init__(self, backbone: nn.Module, tokenizer: Tokenizer | None, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._tokenizer = tokenizer
+        self.config = config  # what config.json holds: model, tokenizer kind, data, provenance
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            raise LmkitError(NO_TOKENIZER)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: Tokenizer | None) -> None:
+        self._tokenizer = tokenizer
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab)."""
+        return self.backbone(ids)[0]
+
+    def clean_prompt(self, prompt: str, unknown: str = "error") -> str:
+        """Characters a char tokenizer lacks: `error` names them, `skip` drops them."""
+        if unknown not in ("error", "skip"):
+            raise LmkitError(f"unknown={unknown!r} is not one of error, skip")
+        chars = getattr(self.tokenizer, "chars", None)
+        if unknown == "skip" and chars is not None:
+            return "".join(c for c in prompt if c in chars)
+        return prompt
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text)
+        if not ids:
+            raise LmkitError("the prompt is empty: give at least one character")
+        return ids
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, num_samples: int = 1, seed: int | None = None, use_cache: bool = True,
+                 on_text: Callable[[str], None] | None = None) -> str | list[str]:
+        """Continue `prompt`; returns prompt + continuation (a list when `num_samples` > 1).
+
+        `on_text`, if given, receives each piece of new text of the first sample as it is produced.
+        """
+        if max_new_tokens < 0 or num_samples < 1 or temperature < 0:
+            raise LmkitError(f"max_new_tokens={max_new_tokens}, num_samples={num_samples} and "
+                             f"temperature={temperature} must not be negative (num_samples at least 1)")
+        ids = torch.tensor([self.encode(prompt)] * num_samples, device=self.device)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        new: list[torch.Tensor] = []
+        shown = ""
+        for token in stream_tokens(self.backbone, ids, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
+            new.append(token)
+            if on_text is not None:  # decode the whole tail: a BPE piece may complete a character later
+                text = self.tokenizer.decode(torch.cat(new, 1)[0].tolist())
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    on_text(text[len(shown):])
+                    shown = text
+        out = torch.cat([ids, *new], dim=1).tolist() if new else ids.tolist()
+        texts = [self.tokenizer.decode(row) for row in out]
+        return texts[0] if num_samples == 1 else texts

@@ -1,0 +1,165 @@
+"""`lmkit export | generate | eval | import-hf` as a user runs them, and fine-tuning with init_from."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmkit
+from lmkit.train import run
+from tests.conftest import TINY
+
+transformers = pytest.importorskip("transformers")
+LMKIT = str(Path(sys.executable).parent / "lmkit")
+
+
+def lmkit_cmd(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([LMKIT, *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A small char Transformer trained on the embedded corpus, and its checkpoint."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    tmp = tmp_path_factory.mktemp("trained")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}",
+                                          "model=transformer", *TINY, "model.n_head=2", "trainer.max_steps=40",
+                                          "trainer.val_check_interval=40", "logger=none"])
+    metrics, _ = run(cfg)
+    return {"ckpt": Path(metrics["last_ckpt"]), "cache": tmp / "cache", "tmp": tmp, "metrics": metrics}
+
+
+def test_export_generate_eval_from_a_checkpoint(trained, tmp_path):
+    env = {"LMKIT_CACHE": str(trained["cache"])}
+    result = lmkit_cmd("export", f"model={trained['ckpt']}", f"out={tmp_path / 'art'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    art = tmp_path / "art"
+    config = json.loads((art / "config.json").read_text())
+    assert config["model"]["kind"] == "transformer" and config["tokenizer"] == "char" and config["dtype"] == "float32"
+    assert "lmkit.load" in (art / "README.md").read_text()
+    torch.testing.assert_close(lmkit.load(art)(torch.tensor([[5, 6, 7]])), lmkit.load(trained["ckpt"])(torch.tensor([[5, 6, 7]])))
+
+    again = lmkit_cmd("export", f"model={trained['ckpt']}", f"out={art}", cwd=tmp_path)
+    one_error_line(again, "not empty", "overwrite=true")
+
+    gen = lmkit_cmd("generate", f"model={art}", "prompt=ROMEO:", "max_new_tokens=30", "num_samples=2", "seed=1",
+                    "top_k=10", "top_p=0.9", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.count("--- sample") == 2 and gen.stdout.count("ROMEO:") == 2
+    assert gen.stdout == lmkit_cmd("generate", f"model={art}", "prompt=ROMEO:", "max_new_tokens=30", "num_samples=2",
+                                   "seed=1", "top_k=10", "top_p=0.9", cwd=tmp_path).stdout  # same seed, same text
+
+    (tmp_path / "prompt.txt").write_text("JULIET:\n")
+    streamed = lmkit_cmd("generate", f"model={art}", f"prompt=@{tmp_path / 'prompt.txt'}", "max_new_tokens=20",
+                         "stream=true", "seed=3", cwd=tmp_path)
+    assert streamed.returncode == 0 and streamed.stdout.startswith("JULIET:\n"), streamed.stderr[-2000:]
+
+    ev = lmkit_cmd("eval", f"model={art}", cwd=tmp_path, env=env)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    report = json.loads(ev.stdout)
+    assert report["loss"] == pytest.approx(trained["metrics"]["test_loss"], rel=1e-3)
+    assert report["bits_per_char"] == pytest.approx(report["loss"] / 0.6931471805599453)
+    assert report["parameters"] > 0 and report["tokens_per_s"] > 0
+
+    text = tmp_path / "other.txt"
+    text.write_text("ROMEO: a line of text for evaluation.\n" * 200)
+    other = lmkit_cmd("eval", f"model={art}", "data=text", f"data.path={text}", "data.seq_len=16", cwd=tmp_path, env=env)
+    assert other.returncode == 0 and json.loads(other.stdout)["tokens"] > 0, other.stderr[-2000:]
+
+
+def test_import_hf_then_export_hf_loads_in_transformers(tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32,
+                                                              vocab_size=300)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    result = lmkit_cmd("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'art'}", cwd=tmp_path)
+    assert result.returncode == 0 and "no tokenizer" in result.stdout, result.stderr[-2000:]
+    result = lmkit_cmd("export", f"model={tmp_path / 'art'}", "format=hf", f"out={tmp_path / 'back'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back").eval()
+    ids = torch.randint(0, 300, (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_fine_tune_from_an_imported_gpt2(tmp_path, make_cfg, tiny_corpus):
+    from lmkit.data.tokenizer import BPETokenizer
+    from lmkit.evaluate import evaluate
+    from lmkit.export import save
+    from lmkit.hf import import_hf
+
+    tok = BPETokenizer.train([tiny_corpus.read_text()], vocab_size=300)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64,
+                                                         vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.json").write_text(tok.to_json())
+    save(import_hf(tmp_path / "hf"), tmp_path / "gpt2")
+    # lr 0: the run must evaluate exactly the imported weights, through the imported tokenizer
+    metrics, objects = run(make_cfg(f"init_from={tmp_path / 'gpt2'}", "data=text", f"data.path={tiny_corpus}",
+                                    "data.split=[0.8,0.1,0.1]", *TINY, "optim.lr=0", "trainer.max_steps=2",
+                                    "trainer.val_check_interval=2", "logger=none", "callbacks=none"))
+    assert objects["module"].backbone.config.n_embd == 16 and objects["module"].tokenizer.to_json() == tok.to_json()
+    datamodule = objects["datamodule"]
+    reference = evaluate(lmkit.load(tmp_path / "gpt2"), datamodule.cache.split("test"), datamodule.seq_len)
+    assert metrics["test_loss"] == pytest.approx(reference["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["neither", "version", "missing_keys", "truncated", "not_gpt2"])
+def test_bad_model_inputs_give_one_line(case, tmp_path):
+    art = tmp_path / "art"
+    if case != "neither":
+        from tests.test_inference import tiny_lm
+        from lmkit.export import save
+
+        save(tiny_lm(), art)
+    config = json.loads((art / "config.json").read_text()) if art.exists() else {}
+    if case == "version":
+        (art / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    elif case == "missing_keys":
+        del config["model"]["kind"]
+        (art / "config.json").write_text(json.dumps(config))
+    elif case == "truncated":
+        data = (art / "model.safetensors").read_bytes()
+        (art / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "not_gpt2":
+        (tmp_path / "hf").mkdir()
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        result = lmkit_cmd("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'x'}", cwd=tmp_path)
+        one_error_line(result, "'llama'", "GPT-2")
+        assert not (tmp_path / "x").exists()
+        return
+    target = tmp_path / "nothing-here" if case == "neither" else art
+    result = lmkit_cmd("generate", f"model={target}", "max_new_tokens=3", cwd=tmp_path)
+    fragment = {"neither": "neither an lmkit model directory", "version": "format 99",
+                "missing_keys": "lacks model.kind", "truncated": "corrupt, truncated"}[case]
+    one_error_line(result, fragment)
+
+
+def test_prompt_characters_the_tokenizer_lacks(tmp_path):
+    from lmkit.export import save
+    from tests.test_inference import tiny_lm
+
+    save(tiny_lm(), tmp_path / "art")
+    result = lmkit_cmd("generate", f"model={tmp_path / 'art'}", "prompt=naïve€", cwd=tmp_path)
+    one_error_line(result, "'ï€'")
+    result = lmkit_cmd("generate", f"model={tmp_path / 'art'}", "prompt=naïve€", "unknown=skip", "max_new_tokens=3",
+                       cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.startswith("nave"), result.stderr[-2000:]
+    one_error_line(lmkit_cmd("generate", f"model={tmp_path / 'art'}", "temprature=1", cwd=tmp_path), "temprature")
