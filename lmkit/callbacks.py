@@ -8,6 +8,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmkit.generate import generate
 
@@ -78,3 +80,19 @@ class Throughput(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.on_validation_start(trainer, module)
+
+
+class CheckpointOnSigterm(OnExceptionCheckpoint):
+    """On SIGTERM (what SLURM sends before pre-emption) save `last.ckpt`, so `resume=true` continues.
+
+    Other exceptions save nothing: after a crash a peer rank may be gone, and the collective
+    checkpoint save would wait for it.
+    """
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            super().on_exception(trainer, module, exception)
+            log.warning("SIGTERM: saved %s at step %d; continue with resume=true", self.ckpt_path, trainer.global_step)
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        pass  # the parent deletes its file after a clean run; ours is last.ckpt, which must stay

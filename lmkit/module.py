@@ -55,7 +55,8 @@ class LanguageModel(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        self.log("train_loss", loss, prog_bar=True)
+        # the mean over ranks: the loss of the global batch (an all-reduce of one scalar)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
         self.log("train_ppl", loss.detach().exp())
         self.log("lr", self.lr_schedulers().get_last_lr()[0])  # works with any logger, or none
         return loss
@@ -69,8 +70,9 @@ class LanguageModel(L.LightningModule):
     def _log_eval(self, stage: str, metric: MeanMetric) -> None:
         nll = metric.compute()  # synced across ranks by torchmetrics
         metric.reset()
-        self.log(f"{stage}_loss", nll, prog_bar=True)
-        self.log(f"{stage}_ppl", nll.exp())
+        # already reduced; sync_dist only tells Lightning so (the mean of equal values is exact)
+        self.log(f"{stage}_loss", nll, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}_ppl", nll.exp(), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val", self.val_nll)

@@ -15,11 +15,13 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmkit.callbacks import TextSampler, Throughput
 from lmkit.checkpoint import check_compatible, read_checkpoint
+from lmkit.distributed import check_launch, ddp_children_run_this_job
 from lmkit.errors import LmkitError
 from lmkit.module import LanguageModel
 
@@ -96,14 +98,19 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         check_compatible(ckpt_path, read_checkpoint(ckpt_path), model_cfg, tokenizer.vocab_size, tokenizer.to_json())
         log.info("Resuming from %s", ckpt_path)
 
+    check_launch(cfg.trainer)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    except InstantiationException as e:  # Lightning's own checks, e.g. more devices than the machine has
+        raise LmkitError(f"trainer: {str(e.__cause__ or e).splitlines()[0]}") from None
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    train_loss = _float(trainer.callback_metrics.get("train_loss"))
-    val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    with ddp_children_run_this_job():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        train_loss = _float(trainer.callback_metrics.get("train_loss"))
+        val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+        test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
 
     throughput = next((c for c in callbacks if isinstance(c, Throughput)), None)
     checkpoint = trainer.checkpoint_callback

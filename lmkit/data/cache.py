@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -95,13 +96,29 @@ def build_tokenizer(spec: dict, texts: Callable[[bool], Iterator[str]]) -> Token
     raise LmkitError(f"tokenizer.kind={kind!r} is not one of char, bpe, file, json")
 
 
-def build_or_open(corpus: Corpus, tokenizer: dict, split: list[float], cache_dir: str | Path) -> TokenCache:
-    """Return the cache for this corpus and tokenizer, tokenizing only if no run has done it yet."""
+def wait_for(path: Path, timeout_s: float = 24 * 3600) -> None:
+    """Block until another process (local rank 0) has written `path`."""
+    started = time.monotonic()
+    while not path.exists():
+        if time.monotonic() - started > timeout_s:
+            raise LmkitError(f"gave up after {timeout_s:.0f} s waiting for local rank 0 to write {path}")
+        time.sleep(0.5)
+
+
+def build_or_open(corpus: Corpus, tokenizer: dict, split: list[float], cache_dir: str | Path,
+                  build: bool = True) -> TokenCache:
+    """Return the cache for this corpus and tokenizer, tokenizing only if no run has done it yet.
+
+    With `build=False` (ranks other than a node's first) wait for the cache instead of writing it.
+    """
     split = _validate_split(split)
     corpus_hash = corpus.fingerprint()
     path = Path(cache_dir).expanduser() / "tokens" / cache_key(corpus_hash, tokenizer, split)
     if (path / "meta.json").exists():
         log.info("Reusing token cache %s", path)
+        return TokenCache.open(path)
+    if not build:
+        wait_for(path / "meta.json")
         return TokenCache.open(path)
     with _locked(path.with_suffix(".lock")):
         if (path / "meta.json").exists():  # another rank built it while we waited

@@ -8,17 +8,20 @@ from typing import Any
 
 import lightning as L
 
-from lmkit.data.cache import TokenCache, build_or_open
+from lmkit.data.cache import TokenCache, build_or_open, wait_for
 from lmkit.data.corpus import Corpus, resolve_files
 from lmkit.data.shakespeare import shakespeare_text
 from lmkit.data.tokenizer import Tokenizer
 from lmkit.data.windows import EvalBatches, TrainBatches
+from lmkit.distributed import local_rank
 from lmkit.errors import LmkitError
 
 
 def shakespeare_file(cache_dir: Path) -> Path:
-    """The embedded corpus as one text file, written once."""
+    """The embedded corpus as one text file, written once (by a node's first rank; the others wait)."""
     path = cache_dir / "corpora" / "shakespeare.txt"
+    if not path.exists() and local_rank() != 0:
+        wait_for(path)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
@@ -62,9 +65,10 @@ class LMDataModule(L.LightningDataModule):
         raise LmkitError(f"data.source={self.source!r} is not one of shakespeare, text")
 
     def prepare_data(self) -> None:
-        # Idempotent: the cache is keyed by content, so every rank may call it; one builds, the rest wait.
+        # Idempotent, and safe on every rank: a node's first rank tokenizes, the others wait for its cache.
         if self.cache is None:
-            self.cache = build_or_open(self.corpus(), self.tokenizer_spec, self.split, self.cache_dir)
+            self.cache = build_or_open(self.corpus(), self.tokenizer_spec, self.split, self.cache_dir,
+                                       build=local_rank() == 0)
             for name in ("val", "test"):
                 n = len(self.cache.split(name))
                 if n < self.seq_len + 1:

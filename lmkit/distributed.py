@@ -1,0 +1,88 @@
+"""Making Lightning's DDP launcher, Hydra sweeps and cluster launchers work together.
+
+Lightning starts ranks > 0 by re-running `sys.argv` with `hydra.run.dir=<run dir>` appended. Under
+a Hydra multirun (`-m`) that command is the whole sweep again, so every rank-1 child re-runs
+every job into a second `multirun/` folder (Lightning issue 11300). lmkit points the children at
+the one job this process is running instead, and undoes the launcher's environment afterwards so
+the next job of the sweep launches its own ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from lmkit.errors import LmkitError
+
+# Environment variables that mean "a launcher already started this process as one of several ranks".
+CLUSTER_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "LSB_JOBID")
+
+
+def local_rank() -> int:
+    """This process's rank on its node, as the launcher (Lightning, torchrun, SLURM) announced it."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
+def strategy_name(strategy: Any) -> str:
+    """'ddp', or the `_target_` of a strategy given as a config node."""
+    return str(strategy.get("_target_", "")) if hasattr(strategy, "get") else str(strategy)
+
+
+def check_launch(trainer_cfg: Any) -> None:
+    """Refuse launch settings that would otherwise fail deep inside Lightning or wait forever."""
+    strategy = strategy_name(trainer_cfg.get("strategy")).lower()
+    accelerator, devices = str(trainer_cfg.get("accelerator")), trainer_cfg.get("devices")
+    if "fsdp" in strategy and (accelerator == "cpu" or not torch.cuda.is_available()):
+        raise LmkitError(f"trainer=fsdp needs GPUs (Lightning's FSDP does not run on the CPU; "
+                         f"{torch.cuda.device_count()} GPU(s) here): use trainer=ddp for CPU processes")
+    if accelerator == "gpu" and isinstance(devices, int) and devices > torch.cuda.device_count():
+        raise LmkitError(f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} GPU(s)")
+    nodes = int(trainer_cfg.get("num_nodes") or 1)
+    if nodes > 1 and not any(k in os.environ for k in CLUSTER_ENV) and "NODE_RANK" not in os.environ:
+        raise LmkitError(f"trainer.num_nodes={nodes} needs a launcher on every node (torchrun, srun, or "
+                         "MASTER_ADDR/NODE_RANK set): see the README's multi-node section")
+
+
+def fsdp_strategy(state_dict_type: str = "full", **kwargs: Any):
+    """FSDP that shards each Transformer block on its own; a model without blocks (the LSTM) is wrapped whole."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lmkit.backbones.transformer import Block
+
+    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type=state_dict_type, **kwargs)
+
+
+@contextmanager
+def ddp_children_run_this_job() -> Iterator[None]:
+    """While training, make Lightning's re-launched ranks run this Hydra job only, into its folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    if not HydraConfig.initialized():
+        yield
+        return
+    hydra_cfg = HydraConfig.get()
+    saved_argv, saved_env = list(sys.argv), dict(os.environ)
+    saved_run_dir = hydra_cfg.run.dir
+    with read_write(hydra_cfg.run):
+        hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # what Lightning appends as hydra.run.dir
+    # This job's overrides (a sweep's point, not the sweep), and console-only logging for the children
+    # so rank 0 is the only process writing into the run folder.
+    sys.argv = [sys.argv[0], *hydra_cfg.overrides.task, "hydra/job_logging=stdout"]
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        with read_write(hydra_cfg.run):
+            hydra_cfg.run.dir = saved_run_dir
+        # The launcher exported LOCAL_RANK, WORLD_SIZE, MASTER_PORT...; left behind, they would make
+        # the next job believe it had been launched externally and wait for ranks that never come.
+        for key in set(os.environ) - set(saved_env):
+            del os.environ[key]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,118 @@
+"""DDP on CPU processes (gloo), launched the ways users launch it: Lightning, torchrun, Hydra sweeps."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY, run_train_py
+
+DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+SMALL = ["model=lstm", *TINY, "trainer.max_steps=12", "trainer.val_check_interval=6"]
+pytestmark = pytest.mark.slow
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(tmp_path, cache_dir):
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    result = run_train_py(*SMALL, *DDP2, "data.batch_size=4", "data.eval_batch_size=4", run_dir=ddp, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_train_py(*SMALL, "data.batch_size=8", "data.eval_batch_size=8", run_dir=single, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = metrics(ddp), metrics(single)
+    assert (a["world_size"], b["world_size"]) == (2, 1)
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    wa = torch.load(a["last_ckpt"], weights_only=True)["state_dict"]
+    wb = torch.load(b["last_ckpt"], weights_only=True)["state_dict"]
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
+    # one folder for the run: rank 1 wrote nothing of its own into it
+    assert not list(ddp.glob("*ddp_process*")) and not (ddp.parent / "outputs").exists()
+
+
+def test_multirun_of_ddp_jobs_gives_one_sweep_with_one_job_per_point(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    result = run_train_py("-m", *SMALL, *DDP2, "model.n_embd=32,48", f"hydra.sweep.dir={sweep}",
+                          run_dir=tmp_path / "unused", cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    assert [metrics(j)["world_size"] for j in jobs] == [2, 2]
+    widths = [torch.load(metrics(j)["last_ckpt"], weights_only=True)["hyper_parameters"]["model"]["n_embd"] for j in jobs]
+    assert widths == [32, 48]
+    assert result.stdout.count("Metrics:") + result.stderr.count("Metrics:") == 2  # no job ran twice
+    assert not list(tmp_path.rglob("multirun")) and not list(tmp_path.rglob("multiruns"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_nodes_train_one_model(tmp_path, cache_dir):
+    run_dir, port = tmp_path / "run", _free_port()
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    nodes = [subprocess.Popen(
+        [torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",
+         f"--master_port={port}", str(ROOT / "train.py"), *SMALL, "trainer=ddp", "trainer.accelerator=cpu",
+         "trainer.devices=1", "trainer.num_nodes=2", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert metrics(run_dir)["world_size"] == 2 and metrics(run_dir)["steps"] == 12
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "model=lstm", *TINY, "trainer.max_steps=100000",
+           "trainer.val_check_interval=20", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoints" / "best-step20.ckpt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not reach step 20"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr, stderr[-2000:]
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert step >= 20
+    result = run_train_py("model=lstm", *TINY, f"trainer.max_steps={step + 10}", "trainer.val_check_interval=20",
+                          "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metrics(run_dir)["steps"] == step + 10
+
+
+def test_a_crashed_rank_fails_the_whole_job_quickly(tmp_path, cache_dir):
+    started = time.monotonic()
+    result = run_train_py(*SMALL, *DDP2, "trainer.max_steps=1000", "+callbacks.crash._target_=tests.helpers.CrashOnRank",
+                          run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=300,
+                          env={"PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert result.returncode != 0
+    assert time.monotonic() - started < 120
+    assert "injected failure on rank 1" in result.stderr
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer=fsdp"], "trainer=fsdp needs GPUs"),
+    (["trainer=gpu", "trainer.devices=2"], "trainer.devices=2 but this machine has"),
+    (["trainer=ddp", "trainer.accelerator=cpu", "trainer.num_nodes=2"], "trainer.num_nodes=2 needs a launcher"),
+])
+def test_bad_launch_settings_give_one_line(overrides, message, tmp_path, cache_dir):
+    if message.startswith("trainer.devices") and torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has two GPUs")
+    result = run_train_py(*SMALL, *overrides, run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
