@@ -8,10 +8,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmkit.generate import generate
+from lmkit.module import logging_step
 
 log = logging.getLogger("lmkit")
 
@@ -71,7 +71,8 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         self.tokens += batch[0].numel() * trainer.world_size
-        module.log("tokens_per_s", self.tokens_per_s, prog_bar=True)
+        if logging_step(trainer):
+            module.log("tokens_per_s", self.tokens_per_s, prog_bar=True)
 
     def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self._since is not None:
@@ -82,17 +83,18 @@ class Throughput(L.Callback):
         self.on_validation_start(trainer, module)
 
 
-class CheckpointOnSigterm(OnExceptionCheckpoint):
+class CheckpointOnSigterm(L.Callback):
     """On SIGTERM (what SLURM sends before pre-emption) save `last.ckpt`, so `resume=true` continues.
 
     Other exceptions save nothing: after a crash a peer rank may be gone, and the collective
-    checkpoint save would wait for it.
+    checkpoint save would wait for it. (Not Lightning's OnExceptionCheckpoint: its presence makes
+    every `fit` silently resume from the newest checkpoint in the folder.)
     """
+
+    def __init__(self, dirpath: str, filename: str = "last") -> None:
+        self.path = Path(dirpath) / f"{filename}.ckpt"
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            super().on_exception(trainer, module, exception)
-            log.warning("SIGTERM: saved %s at step %d; continue with resume=true", self.ckpt_path, trainer.global_step)
-
-    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
-        pass  # the parent deletes its file after a clean run; ours is last.ckpt, which must stay
+            trainer.save_checkpoint(self.path)
+            log.warning("SIGTERM: saved %s at step %d; continue with resume=true", self.path, trainer.global_step)

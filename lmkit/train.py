@@ -72,9 +72,10 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: same accuracy class as bf16 training
 
     model_cfg, tokenizer_spec = _container(cfg.model), _container(cfg.tokenizer)
+    compile_model = bool(model_cfg.pop("compile", False))
     init = _init_from(cfg.get("init_from"))
     if init is not None:  # fine-tuning: the pretrained model brings its shape and its tokenizer
-        model_cfg = {k: v for k, v in init.config["model"].items() if k != "vocab_size"}
+        model_cfg = {k: v for k, v in init.config["model"].items() if k not in ("vocab_size", "compile")}
         tokenizer_spec = {"kind": "json", "json": init.tokenizer.to_json()}
     data_cfg = _container(cfg.data)
     datamodule = instantiate(data_cfg, tokenizer=tokenizer_spec, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
@@ -82,7 +83,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     tokenizer = datamodule.tokenizer
     try:
         module = LanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
-                               data=data_cfg)
+                               data=data_cfg, compile=compile_model)
     except (ValueError, TypeError) as e:
         raise LmkitError(str(e)) from None
     module.tokenizer = tokenizer

@@ -86,7 +86,9 @@ class LMDataModule(L.LightningDataModule):
         rank, world = self._rank()
         # Batch i depends only on (seed, i): resuming at step s starts the stream at the batch s would see.
         start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
-        return TrainBatches(self.cache.split("train"), self.seq_len, self.batch_size, self.seed, rank, world, start)
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return TrainBatches(self.cache.split("train"), self.seq_len, self.batch_size, self.seed, rank, world, start,
+                            pin_memory=pin)
 
     def val_dataloader(self) -> EvalBatches:
         return EvalBatches(self.cache.split("val"), self.seq_len, self.eval_batch_size, self.val_windows, *self._rank())

@@ -17,8 +17,10 @@ import torch
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> Batch:
+def _gather(tokens: np.ndarray, starts: np.ndarray, seq_len: int, pin: bool = False) -> Batch:
     rows = torch.from_numpy(tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+    if pin:  # page-locked, so the copy to the GPU is asynchronous and overlaps the previous step
+        rows = rows.pin_memory()
     return rows[:, :-1], rows[:, 1:]
 
 
@@ -26,18 +28,20 @@ class TrainBatches:
     """An endless stream of random `(inputs, targets)` windows."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, start: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, start: int = 0, pin_memory: bool = False) -> None:
         if len(tokens) < seq_len + 1:
             raise ValueError(f"the training split has {len(tokens)} tokens, fewer than data.seq_len+1={seq_len + 1}")
         self.tokens, self.seq_len, self.batch_size = tokens, seq_len, batch_size
         self.seed, self.rank, self.world_size, self.start = seed, rank, world_size, start
+        self.pin_memory = pin_memory
 
     def __iter__(self) -> Iterator[Batch]:
         i = self.start
         high = len(self.tokens) - self.seq_len
         while True:
             starts = np.random.default_rng((self.seed, i)).integers(0, high, size=self.world_size * self.batch_size)
-            yield _gather(self.tokens, starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size], self.seq_len)
+            mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            yield _gather(self.tokens, mine, self.seq_len, self.pin_memory)
             i += 1
 
 

@@ -1,0 +1,42 @@
+"""One entry point for the benchmarks: `python bench/run.py [name ...]` (no name: all of them).
+
+    throughput   train.py (Lightning) vs a hand-written PyTorch loop, same work, alternated
+    quality      validation loss of the default run against nanoGPT's CPU recipe, whole process timed
+    generate     generation tokens/s at 50 and 500 new tokens, with and without the cache
+    scale        tokenizing 10 MB / 100 MB / 1 GB corpora (time, peak RSS); tokens/s as models grow
+    compression  size / perplexity / speed of compression recipes (needs the compression plugins)
+
+Each prints its table and writes bench/results/<name>.json. Run on an otherwise idle machine:
+on 2 cores a second busy process halves every number.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "generate.py", "scale": "scale.py",
+           "compression": None}
+
+
+def main() -> int:
+    names = sys.argv[1:] or [n for n, script in BENCHES.items() if script]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        print(f"error: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}", file=sys.stderr)
+        return 2
+    for name in names:
+        if BENCHES[name] is None:
+            print(f"error: the {name} benchmark needs the compression plugins, which lmkit does not ship yet",
+                  file=sys.stderr)
+            return 2
+        print(f"== {name}", flush=True)
+        out = HERE / "results" / f"{name}.json"
+        subprocess.run([sys.executable, str(HERE / BENCHES[name]), "--out", str(out)], check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,127 @@
+"""Lightning overhead: `python train.py` against a hand-written PyTorch loop doing the same work.
+
+    python bench/throughput.py [--steps 300] [--repeats 2] [--out bench/results/throughput.json]
+
+Same backbone module, batches (the same TrainBatches stream), AdamW settings, warm-up/cosine
+schedule and gradient clipping; each side runs in its own process, alternated, and reports
+training tokens/s from its first step to its last (evaluation excluded on both sides).
+On a GPU machine the rows run on cuda with bf16 autocast as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+SETUPS = {"transformer": ["model=transformer"], "lstm": ["model=lstm"]}
+
+
+def lightning_tokens_per_s(overrides: list[str], steps: int, device: str) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = ["trainer=gpu"] if device == "cuda" else []
+        cmd = [sys.executable, str(ROOT / "train.py"), *overrides, *trainer, f"trainer.max_steps={steps}",
+               f"trainer.val_check_interval={steps}", f"hydra.run.dir={tmp}", "data.test_windows=1"]
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return json.loads((Path(tmp) / "metrics.json").read_text())["tokens_per_s"]
+
+
+def raw_tokens_per_s(overrides: list[str], steps: int, device: str) -> float:
+    cmd = [sys.executable, __file__, "--raw", "--steps", str(steps), "--device", device, *overrides]
+    out = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def raw_loop(overrides: list[str], steps: int, device: str) -> None:
+    """The hand-written loop: what a person writes without a framework."""
+    import torch
+    import torch.nn.functional as F
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lmkit.backbones import build_backbone
+    from lmkit.data.datamodule import LMDataModule
+    from lmkit.data.windows import TrainBatches
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "paths.output_dir=unused"])
+    torch.manual_seed(cfg.seed)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    data.pop("_target_")
+    datamodule = LMDataModule(**data, tokenizer=OmegaConf.to_container(cfg.tokenizer), cache_dir=cfg.paths.cache_dir)
+    datamodule.prepare_data()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("compile", None)
+    model = build_backbone(vocab_size=datamodule.tokenizer.vocab_size, **model_cfg).to(device)
+    o = cfg.optim
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device == "cuda")
+    batches = iter(TrainBatches(datamodule.cache.split("train"), datamodule.seq_len, datamodule.batch_size, cfg.seed))
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
+    tokens, started = 0, None
+    for step in range(steps):
+        inputs, targets = (t.to(device, non_blocking=True) for t in next(batches))
+        if started is None:
+            started = time.perf_counter()
+        warm = min(1.0, (step + 1) / o.warmup_steps)
+        cos = o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for group in optimizer.param_groups:
+            group["lr"] = o.lr * (warm if step < o.warmup_steps else cos)
+        with autocast:
+            logits, _ = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        optimizer.step()
+        tokens += inputs.numel()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(json.dumps({"tokens_per_s": tokens / (time.perf_counter() - started), "loss": loss.item()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    args, overrides = parser.parse_known_args()
+    if args.raw:
+        return raw_loop(overrides, args.steps, args.device)
+    import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    rows = []
+    print(f"{'model':<12} {'device':<6} {'lightning tok/s':>16} {'raw loop tok/s':>15} {'ratio':>6}")
+    for device in devices:
+        for name, overrides in SETUPS.items():
+            lightning, raw = [], []
+            for _ in range(args.repeats):  # alternated, so drift on the machine hits both sides
+                lightning.append(lightning_tokens_per_s(overrides, args.steps, device))
+                raw.append(raw_tokens_per_s(overrides, args.steps, device))
+            row = {"model": name, "device": device, "steps": args.steps, "lightning_tok_s": round(max(lightning)),
+                   "raw_tok_s": round(max(raw)), "ratio": round(max(lightning) / max(raw), 3),
+                   "all_lightning": [round(x) for x in lightning], "all_raw": [round(x) for x in raw]}
+            rows.append(row)
+            print(f"{name:<12} {device:<6} {row['lightning_tok_s']:>16} {row['raw_tok_s']:>15} {row['ratio']:>6}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cores",
+                                        "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
