@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from lmkit.backbones import build_backbone
 from lmkit.checkpoint import read_checkpoint
 from lmkit.data.tokenizer import tokenizer_from_json
 from lmkit.errors import LmkitError
+from lmkit.files import atomic_directory
 from lmkit.model import LM
 
 FORMAT_VERSION = 1
@@ -120,17 +119,11 @@ def _load_checkpoint(path: Path) -> LM:
 def save(model: LM, out: str | Path, dtype: str | torch.dtype | None = None, overwrite: bool = False,
          extra: dict[str, Any] | None = None) -> Path:
     """Write `model` as an lmkit artifact at `out` (float32 unless `dtype` says otherwise)."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LmkitError(f"out={out} exists and is not empty: choose another folder or pass overwrite=true")
     dtype = parse_dtype(dtype) or torch.float32
     config = {**model.config, "format": "lmkit", "format_version": FORMAT_VERSION, "lmkit_version": lmkit.__version__,
               "torch_version": torch.__version__.split("+")[0], "dtype": str(dtype).removeprefix("torch."),
               "tokenizer": model._tokenizer.kind if model.has_tokenizer else None, **(extra or {})}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(Path(out), overwrite) as tmp:
         backbone = model.backbone
         if dtype != next(backbone.parameters()).dtype:
             backbone = copy.deepcopy(backbone).to(dtype)  # leave the caller's model as it was
@@ -139,12 +132,7 @@ def save(model: LM, out: str | Path, dtype: str | torch.dtype | None = None, ove
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_json(), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(config, backbone))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def model_card(config: dict[str, Any], backbone: torch.nn.Module) -> str:

@@ -8,8 +8,6 @@ records is which tensors HF stores as `Conv1D` weights ((in, out), the transpose
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.data.tokenizer import BPETokenizer, Tokenizer
 from lmkit.errors import LmkitError
+from lmkit.files import atomic_directory
 from lmkit.model import LM
 
 # Per block: lmkit name suffix -> whether HF stores it transposed (Conv1D).
@@ -96,9 +95,6 @@ def import_hf(src: str | Path) -> LM:
 
 def export_hf(model: LM, out: str | Path, overwrite: bool = False) -> Path:
     """Write a GPT-2-shaped lmkit model where `transformers.GPT2LMHeadModel.from_pretrained` loads it."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LmkitError(f"out={out} exists and is not empty: choose another folder or pass overwrite=true")
     backbone = model.backbone
     cfg = getattr(backbone, "config", None)
     if not isinstance(cfg, TransformerConfig):
@@ -118,17 +114,9 @@ def export_hf(model: LM, out: str | Path, overwrite: bool = False) -> Path:
         "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
         "attn_pdrop": 0.0, "tie_word_embeddings": True, "torch_dtype": "float32",
     }
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(Path(out), overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if model.has_tokenizer and model.tokenizer.kind == "bpe":
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_json(), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from lmkit.callbacks import TextSampler, Throughput
 from lmkit.checkpoint import check_compatible, read_checkpoint
 from lmkit.distributed import check_launch, ddp_children_run_this_job
 from lmkit.errors import LmkitError
+from lmkit.files import atomic_write_text
 from lmkit.module import LanguageModel
 
 log = logging.getLogger("lmkit")
@@ -127,7 +127,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "wall_s": round(time.perf_counter() - started, 2),
     }
     if trainer.is_global_zero:
-        _write_json(output_dir / "metrics.json", metrics)
+        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         sampler = next((c for c in callbacks if isinstance(c, TextSampler)), None)
         if sampler is not None:
             log.info("Sample from the final model:\n%s", sampler.sample(module))
@@ -141,10 +141,3 @@ def _float(value: Any) -> float | None:
 
 def _abspath(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)

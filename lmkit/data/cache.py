@@ -12,8 +12,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,6 +24,7 @@ from tqdm.auto import tqdm
 from lmkit.data.corpus import Corpus
 from lmkit.data.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_json
 from lmkit.errors import LmkitError
+from lmkit.files import atomic_directory
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -123,14 +122,8 @@ def build_or_open(corpus: Corpus, tokenizer: dict, split: list[float], cache_dir
     with _locked(path.with_suffix(".lock")):
         if (path / "meta.json").exists():  # another rank built it while we waited
             return TokenCache.open(path)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_directory(path, overwrite=True) as tmp:
             _build(corpus, corpus_hash, tokenizer, split, tmp)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return TokenCache.open(path)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from lmkit.data.tokenizer import Tokenizer
 from lmkit.data.windows import EvalBatches, TrainBatches
 from lmkit.distributed import local_rank
 from lmkit.errors import LmkitError
+from lmkit.files import atomic_write_text
 
 
 def shakespeare_file(cache_dir: Path) -> Path:
@@ -23,10 +23,7 @@ def shakespeare_file(cache_dir: Path) -> Path:
     if not path.exists() and local_rank() != 0:
         wait_for(path)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(shakespeare_text(), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, shakespeare_text())
     return path
 
 
