@@ -105,6 +105,7 @@ def export_hf(model: LM, out: str | Path, overwrite: bool = False) -> Path:
     if unsupported:
         raise LmkitError(f"format=hf needs a GPT-2-shaped Transformer; this one has {', '.join(unsupported)}")
     state = backbone.state_dict()
+    state["transformer.wte.weight"] = state["transformer.wte.weight"][: cfg.vocab_size]  # drop padding rows
     tensors = {name: (state[name].t() if transposed else state[name]).contiguous().float()
                for name, transposed in weight_map(cfg.n_layer).items()}
     hf_config: dict[str, Any] = {

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
@@ -103,7 +104,8 @@ class LanguageModel(L.LightningModule):
         kwargs = dict(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
         if o["name"] == "adamw":
             # fused unscales fp16 gradients inside step(), which would hide them from our clipping
-            fused = self.device.type == "cuda" and self.trainer.precision not in ("16-mixed", "16-true")
+            fused = (self.device.type == "cuda" and self.trainer.precision not in ("16-mixed", "16-true")
+                     and not isinstance(self.trainer.strategy, FSDPStrategy))
             optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
         elif o["name"] == "adamw8bit":
             import bitsandbytes as bnb
@@ -119,10 +121,14 @@ class LanguageModel(L.LightningModule):
         # Clipping here rather than through Trainer(gradient_clip_val): Lightning refuses that with a
         # fused AdamW under mixed precision, and under bf16 (no loss scaling) clipping is safe here.
         clip = self.hparams.optim.get("grad_clip")
-        if clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
-            if logging_step(self.trainer):
-                self.log("grad_norm", norm)
+        if not clip:
+            return
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # sharded gradients: FSDP computes the global norm
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+            return
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
+        if logging_step(self.trainer):
+            self.log("grad_norm", norm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The tokenizer travels in the checkpoint, so the checkpoint alone rebuilds model and tokenizer.

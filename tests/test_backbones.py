@@ -108,3 +108,15 @@ def test_backbones_import_only_torch():
     code = ("import sys, lmkit.backbones; "
             "bad = [m for m in ('lightning', 'hydra', 'omegaconf') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_padded_vocabulary_stays_inside_the_model():
+    torch.manual_seed(0)
+    model = Transformer(TransformerConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=16, max_seq_len=16, pad_vocab_to=64))
+    assert model.transformer.wte.weight.shape == (64, 16) and model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, V, (2, 8))
+    logits, _ = model(ids)
+    assert logits.shape == (2, 8, V)
+    state = model.init_state(2)
+    steps = [model(ids[:, t:t + 1], state)[0] for t in range(8)]
+    torch.testing.assert_close(torch.cat(steps, 1), logits, atol=1e-5, rtol=1e-5)

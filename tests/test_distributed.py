@@ -69,7 +69,11 @@ def test_torchrun_two_nodes_train_one_model(tmp_path, cache_dir):
          f"--master_port={port}", str(ROOT / "train.py"), *SMALL, "trainer=ddp", "trainer.accelerator=cpu",
          "trainer.devices=1", "trainer.num_nodes=2", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=300) for node in nodes]
+    # communicate() on one node while the other's pipes fill could stall it: read both in threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        outputs = list(pool.map(lambda node: node.communicate(timeout=300), nodes))
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert metrics(run_dir)["world_size"] == 2 and metrics(run_dir)["steps"] == 12
 
@@ -78,14 +82,21 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), "model=lstm", *TINY, "trainer.max_steps=100000",
            "trainer.val_check_interval=20", f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (run_dir / "checkpoints" / "best-step20.ckpt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "training did not reach step 20"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
-    assert "Traceback" not in stderr, stderr[-2000:]
+    log = tmp_path / "stderr.log"  # a file, not a pipe: an unread pipe fills up and stalls the child
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 180
+            # training is under way once the first validation has written a checkpoint (the best one
+            # is replaced within milliseconds, so look for any)
+            while not list((run_dir / "checkpoints").glob("*.ckpt")):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    assert "Traceback" not in log.read_text(), log.read_text()[-2000:]
     step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert step >= 20
     result = run_train_py("model=lstm", *TINY, f"trainer.max_steps={step + 10}", "trainer.val_check_interval=20",

@@ -169,3 +169,13 @@ def test_prompt_with_unknown_characters():
     with pytest.raises(LmkitError, match="'é€'"):
         model.generate("café €", max_new_tokens=2)
     assert model.clean_prompt("café €", "skip") == "caf "
+
+
+def test_hf_export_of_a_padded_vocabulary_drops_the_padding(tmp_path):
+    model = tiny_lm("transformer", pad_vocab_to=64)
+    assert model.backbone.transformer.wte.weight.shape[0] == 64
+    export_hf(model, tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, len(CHARS), (1, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), atol=1e-5, rtol=1e-5)

@@ -32,6 +32,11 @@ class TransformerConfig:
     mlp_ratio: int = 4
     tie_weights: bool = True
     layer_norm_eps: float = 1e-5
+    pad_vocab_to: int = 1  # embedding rows rounded up to a multiple of this (64 suits GPU matmuls)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -142,7 +147,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.max_seq_len: int | None = cfg.max_seq_len
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.n_embd),
+            wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias),
@@ -155,7 +160,7 @@ class Transformer(nn.Module):
             cos, sin = rope_tables(cfg.max_seq_len, cfg.n_embd // cfg.n_head, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
@@ -197,4 +202,7 @@ class Transformer(nn.Module):
             x = block(x, i, rope, state)
         if state is not None:
             state.pos += T
-        return self.lm_head(self.transformer.ln_f(x)), state
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # callers see the true vocabulary only
+        return logits, state
