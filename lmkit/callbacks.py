@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lmkit.errors import LmkitError
 from lmkit.generate import generate
 from lmkit.module import logging_step
 
@@ -25,6 +26,15 @@ class TextSampler(L.Callback):
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.path = Path(path) if path else None
         self.last: str | None = None
+        self.enabled = True
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        # Under FSDP, rank zero alone cannot run the sharded model; skip rather than hang.
+        self.enabled = not isinstance(trainer.strategy, FSDPStrategy)
+        if self.enabled and module.tokenizer is not None and not module.tokenizer.encode(self.prompt):
+            raise LmkitError(f"callbacks.text_sampler.prompt={self.prompt!r} encodes to no tokens")
 
     def sample(self, module: L.LightningModule) -> str:
         tok = module.tokenizer
@@ -41,7 +51,7 @@ class TextSampler(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
-        if not fitting or not trainer.is_global_zero or module.tokenizer is None:
+        if not fitting or not self.enabled or not trainer.is_global_zero or module.tokenizer is None:
             return
         self.last = self.sample(module)
         log.info("Sample at step %d:\n%s", trainer.global_step, self.last)

@@ -133,45 +133,50 @@ def _generate(args: list[str]) -> None:
 
 
 def _eval(args: list[str]) -> None:
+    import inspect
     import tempfile
 
     import lmkit
+    from lmkit.data.datamodule import LMDataModule
     from lmkit.evaluate import evaluate
 
     data_args = [x for x in args if x.split("=")[0].split(".")[0] == "data"]
     a = parse(EvalArgs, [x for x in args if x not in data_args], "eval")
-    model = lmkit.load(a.model, device=a.device)
     if a.split not in ("train", "val", "test"):
         raise LmkitError(f"split={a.split!r} is not one of train, val, test")
-    data = _data_config(data_args) if data_args else model.config.get("data")
+    model = lmkit.load(a.model, device=a.device)
+    cfg = _compose(data_args)
+    data = cfg["data"] if data_args else model.config.get("data")
     if not data:
         raise LmkitError(f"{a.model} records no training corpus: name one, e.g. data=text data.path=FILE")
+    # The recorded settings are plain values: build the datamodule directly, never through a class
+    # path (`_target_`) read from the model file, so evaluating a stranger's model runs no code of theirs.
+    known = set(inspect.signature(LMDataModule).parameters) - {"tokenizer", "cache_dir", "seed"}
+    settings = {k: v for k, v in data.items() if k in known}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_file = Path(tmp) / "tokenizer.json"
         tokenizer_file.write_text(model.tokenizer.to_json(), encoding="utf-8")
-        from hydra.utils import instantiate
-
-        datamodule = instantiate({**data, "tokenizer": {"kind": "file", "path": str(tokenizer_file)},
-                                  "cache_dir": _cache_dir(), "seed": 0}, _convert_="all")
+        datamodule = LMDataModule(**settings, tokenizer={"kind": "file", "path": str(tokenizer_file)},
+                                  cache_dir=cfg["paths"]["cache_dir"])
         datamodule.prepare_data()
         windows = a.max_windows or data.get(f"{a.split}_windows")  # as the training run's final pass read it
         result = evaluate(model, datamodule.cache.split(a.split), datamodule.seq_len, a.batch_size, windows)
     print(json.dumps({"split": a.split, **result}, indent=2))
 
 
-def _data_config(overrides: list[str]) -> dict[str, Any]:
+def _compose(overrides: list[str]) -> dict[str, Any]:
+    """The `data` and `paths` groups as train.py would compose them with these overrides."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
-    return OmegaConf.to_container(cfg.data, resolve=True)
-
-
-def _cache_dir() -> str:
-    import os
-
-    return os.environ.get("LMKIT_CACHE", ".cache/lmkit")
+        cfg = compose("train", overrides=[*overrides, "paths.output_dir=unused"])
+    try:
+        return {"data": OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True),
+                "paths": OmegaConf.to_container(cfg.paths, resolve=True)}
+    except OmegaConfBaseException as e:
+        raise LmkitError(f"lmkit eval: {str(e).splitlines()[0]}") from None
 
 
 def _import_hf(args: list[str]) -> None:
@@ -199,7 +204,8 @@ def _train(args: list[str]) -> None:
             metrics, _ = run(cfg)
         return metrics.get(cfg.get("optimized_metric") or "val_loss")
 
-    sys.argv = ["lmkit train", *args]
+    # Lightning re-launches DDP ranks as `python sys.argv[0] ...`: make that train.py itself.
+    sys.argv = [str(CONF_DIR.parent / "train.py"), *args]
     train()
 
 

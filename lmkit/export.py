@@ -5,7 +5,7 @@
     tokenizer.json     when the model has a tokenizer
     README.md          a model card
 
-Never pickle: loading a stranger's artifact cannot run code. Artifacts are written to a temporary
+Never pickle, never a class path read from a file: loading a stranger's artifact cannot run code. Artifacts are written to a temporary
 directory and renamed into place, so an interrupted export leaves nothing half-written.
 """
 
@@ -92,6 +92,8 @@ def _load_artifact(path: Path) -> LM:
         raise LmkitError(f"{weights} is corrupt, truncated or for another model ({reason})") from None
     tokenizer = None
     if config["tokenizer"] is not None:
+        if not (path / "tokenizer.json").is_file():
+            raise LmkitError(f"{path}: config.json names a {config['tokenizer']} tokenizer but tokenizer.json is missing")
         tokenizer = tokenizer_from_json((path / "tokenizer.json").read_text(encoding="utf-8"))
     return LM(backbone, tokenizer, config)
 

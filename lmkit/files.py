@@ -13,7 +13,10 @@ from lmkit.errors import LmkitError
 
 @contextmanager
 def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `out` to fill; when the block succeeds it becomes `out` in one rename."""
+    """Yield a temporary sibling of `out` to fill; when the block succeeds it is renamed to `out`.
+
+    Nothing half-written is ever at `out`; replacing an existing folder removes it first, so a crash
+    between the two steps leaves no folder rather than a mixed one."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise LmkitError(f"out={out} exists and is not empty: choose another folder or pass overwrite=true")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -21,8 +24,10 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if out.exists():
+        if out.is_dir():  # overwrite=true: the old folder goes just before the new one lands
             shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

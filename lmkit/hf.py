@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmkit.backbones import Transformer, TransformerConfig
-from lmkit.data.tokenizer import BPETokenizer, Tokenizer
+from lmkit.data.tokenizer import BPETokenizer, Tokenizer, byte_level
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
 from lmkit.model import LM
@@ -50,21 +50,27 @@ def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_hf_tokenizer(src: Path) -> Tokenizer | None:
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer, models
 
     if (src / "tokenizer.json").is_file():
         return BPETokenizer(HFTokenizer.from_file(str(src / "tokenizer.json")))
     if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
-        tok = HFTokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        return BPETokenizer(tok)
+        return BPETokenizer(byte_level(HFTokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))))
     return None
 
 
 def import_hf(src: str | Path) -> LM:
     """A GPT-2 directory as `save_pretrained` writes it -> an `LM` on lmkit's Transformer."""
-    src = Path(src)
+    try:
+        return _import_hf(Path(src))
+    except LmkitError:
+        raise
+    except Exception as e:  # safetensors, unpickling, JSON and key errors of a damaged directory
+        raise LmkitError(f"src={src} could not be read as a GPT-2 checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+
+
+def _import_hf(src: Path) -> LM:
     if not (src / "config.json").is_file():
         raise LmkitError(f"src={src} has no config.json: not a Hugging Face model directory")
     hf = json.loads((src / "config.json").read_text())

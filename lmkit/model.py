@@ -76,6 +76,8 @@ class LM(nn.Module):
         if max_new_tokens < 0 or num_samples < 1 or temperature < 0:
             raise LmkitError(f"max_new_tokens={max_new_tokens}, num_samples={num_samples} and "
                              f"temperature={temperature} must not be negative (num_samples at least 1)")
+        if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise LmkitError(f"top_k={top_k} must be at least 1 and top_p={top_p} in (0, 1]")
         ids = torch.tensor([self.encode(prompt)] * num_samples, device=self.device)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed) if seed is not None else generator.seed()

@@ -17,6 +17,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from lmkit.callbacks import TextSampler, Throughput
 from lmkit.checkpoint import check_compatible, read_checkpoint
@@ -29,12 +30,29 @@ log = logging.getLogger("lmkit")
 
 
 def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    """A plain dict; a required key left at `???` is a one-line error naming it."""
+    if not isinstance(node, DictConfig):
+        return node
+    try:
+        return OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as e:
+        raise LmkitError(f"{e.full_key} is required (e.g. {e.full_key}=...)") from None
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate`, with what the target raises turned into one line, not a traceback."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, LmkitError):
+            raise cause from None
+        raise LmkitError(str(cause or e).strip().splitlines()[0]) from None
 
 
 def _instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate each named entry of a config group that holds several (callbacks, logger)."""
-    return [instantiate(entry) for entry in (group or {}).values() if entry is not None and "_target_" in entry]
+    return [build(entry) for entry in (group or {}).values() if entry is not None and "_target_" in entry]
 
 
 def resume_checkpoint(resume: bool | str | None, output_dir: Path) -> Path | None:
@@ -67,6 +85,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and evaluate as `cfg` says. Returns `(metrics, objects)`; writes metrics.json on rank zero."""
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
+    check_launch(cfg.trainer)  # before any tokenization: a bad launch setting fails at once
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: same accuracy class as bf16 training
@@ -78,47 +97,46 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         model_cfg = {k: v for k, v in init.config["model"].items() if k not in ("vocab_size", "compile")}
         tokenizer_spec = {"kind": "json", "json": init.tokenizer.to_json()}
     data_cfg = _container(cfg.data)
-    datamodule = instantiate(data_cfg, tokenizer=tokenizer_spec, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
-                             _convert_="all")
+    datamodule = build(data_cfg, tokenizer=tokenizer_spec, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
+                       _convert_="all")
     tokenizer = datamodule.tokenizer
     try:
         module = LanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
                                data=data_cfg, compile=compile_model)
-    except (ValueError, TypeError) as e:
-        raise LmkitError(str(e)) from None
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise LmkitError(f"model: {e}") from None
     module.tokenizer = tokenizer
     if init is not None:
-        module.backbone.load_state_dict(init.backbone.state_dict())
+        module.backbone.load_state_dict(init.backbone.state_dict())  # same config, so the same shapes
         log.info("Initialised from %s", cfg.init_from)
     context = module.backbone.max_seq_len
     if context is not None and datamodule.seq_len > context:
         raise LmkitError(f"data.seq_len={datamodule.seq_len} exceeds the model's context model.max_seq_len={context}")
 
     ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
-    if ckpt_path is not None:
+    if ckpt_path is not None and ckpt_path.is_dir():  # an FSDP sharded checkpoint: Lightning checks it
+        log.info("Resuming from %s", ckpt_path)
+    elif ckpt_path is not None:
         check_compatible(ckpt_path, read_checkpoint(ckpt_path), model_cfg, tokenizer.vocab_size, tokenizer.to_json())
         log.info("Resuming from %s", ckpt_path)
 
-    check_launch(cfg.trainer)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
-    try:
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    except InstantiationException as e:  # Lightning's own checks, e.g. more devices than the machine has
-        raise LmkitError(f"trainer: {str(e.__cause__ or e).splitlines()[0]}") from None
+    trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     with ddp_children_run_this_job():
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         train_loss = _float(trainer.callback_metrics.get("train_loss"))
-        val = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-        test = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        # (an empty list when trainer.limit_val_batches / limit_test_batches is 0)
+        val = (trainer.validate(module, datamodule=datamodule, verbose=False) or [{}])[0]
+        test = (trainer.test(module, datamodule=datamodule, verbose=False) or [{}])[0]
 
     throughput = next((c for c in callbacks if isinstance(c, Throughput)), None)
     checkpoint = trainer.checkpoint_callback
     metrics = {
         "train_loss": train_loss,
-        "val_loss": val["val_loss"], "val_ppl": val["val_ppl"],
-        "test_loss": test["test_loss"], "test_ppl": test["test_ppl"],
+        "val_loss": val.get("val_loss"), "val_ppl": val.get("val_ppl"),
+        "test_loss": test.get("test_loss"), "test_ppl": test.get("test_ppl"),
         "tokens_per_s": throughput.tokens_per_s if throughput else None,
         "world_size": trainer.world_size,
         "best_ckpt": _abspath(checkpoint.best_model_path if checkpoint else None),
@@ -129,7 +147,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if trainer.is_global_zero:
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         sampler = next((c for c in callbacks if isinstance(c, TextSampler)), None)
-        if sampler is not None:
+        if sampler is not None and sampler.enabled:
             log.info("Sample from the final model:\n%s", sampler.sample(module))
         log.info("Metrics: %s", json.dumps(metrics))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}

@@ -12,3 +12,8 @@ class CrashOnRank(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             raise RuntimeError(f"injected failure on rank {self.rank}")
+
+
+def touch_marker(marker: str, **_) -> None:
+    """A `_target_` that leaves a trace when something instantiates it."""
+    open(marker, "w").close()

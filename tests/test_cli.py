@@ -120,3 +120,21 @@ def test_lmkit_train_command_takes_the_same_overrides(tmp_path, cache_dir):
                              "data=text", f"data.path={tmp_path}/none.txt"], capture_output=True, text=True)
     assert_clean_error(result, "no such file", "none.txt", run_dir=run_dir)
     assert "train" in subprocess.run([str(script), "--help"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["data=text"], "data.path is required"),
+    (["tokenizer=file", "tokenizer.path=nope.json"], "tokenizer.path: no such file: nope.json"),
+    (["data.seq_len=0"], "data.seq_len=0"),
+    (["optim.name=sgd"], "optim.name='sgd'"),
+])
+def test_bad_settings_give_one_line(overrides, fragment, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    result = run_train_py(*TINY_RUN, *overrides, run_dir=run_dir, cache_dir=cache_dir)
+    assert_clean_error(result, fragment, run_dir=run_dir)
+
+
+def test_log_every_n_steps_zero_and_no_validation_still_finish(make_cfg):
+    metrics, _ = run(make_cfg(*TINY_RUN, "trainer.log_every_n_steps=0", "trainer.limit_val_batches=0",
+                              "logger=none", "callbacks=none"))
+    assert metrics["steps"] == 20 and metrics["val_loss"] is None and metrics["test_loss"] is not None

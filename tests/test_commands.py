@@ -163,3 +163,22 @@ def test_prompt_characters_the_tokenizer_lacks(tmp_path):
                        cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.startswith("nave"), result.stderr[-2000:]
     one_error_line(lmkit_cmd("generate", f"model={tmp_path / 'art'}", "temprature=1", cwd=tmp_path), "temprature")
+
+
+def test_eval_never_instantiates_a_class_path_from_the_model_file(tmp_path, tiny_corpus):
+    """A stranger's config.json may name any `_target_`: lmkit eval must not call it."""
+    from lmkit.export import save
+    from tests.conftest import ROOT
+    from tests.test_inference import CHARS, tiny_lm
+
+    marker = tmp_path / "pwned"
+    model = tiny_lm()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(c for c in tiny_corpus.read_text() if c in CHARS))
+    model.config["data"] = {"_target_": "tests.helpers.touch_marker", "marker": str(marker), "source": "text",
+                            "path": str(corpus), "seq_len": 16, "split": [0.8, 0.1, 0.1]}
+    save(model, tmp_path / "art")
+    result = lmkit_cmd("eval", f"model={tmp_path / 'art'}", cwd=tmp_path,
+                       env={"PYTHONPATH": str(ROOT), "LMKIT_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not marker.exists() and json.loads(result.stdout)["loss"] > 0

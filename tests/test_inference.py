@@ -164,6 +164,13 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
             assert mass_before < 0.5  # the token is inside the smallest set covering top_p
 
 
+def test_sampling_settings_out_of_range_are_refused():
+    model = tiny_lm()
+    for bad in (dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(num_samples=0)):
+        with pytest.raises(LmkitError):
+            model.generate("AB", max_new_tokens=2, **bad)
+
+
 def test_prompt_with_unknown_characters():
     model = tiny_lm()
     with pytest.raises(LmkitError, match="'é€'"):

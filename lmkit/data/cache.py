@@ -62,6 +62,8 @@ def _validate_split(split: list[float]) -> list[float]:
 def cache_key(corpus_hash: str, tokenizer: dict, split: list[float]) -> str:
     spec = {"v": FORMAT_VERSION, "corpus": corpus_hash, "tokenizer": tokenizer, "split": split}
     if tokenizer.get("path"):  # a saved tokenizer: its contents matter, not its name
+        if not Path(tokenizer["path"]).is_file():
+            raise LmkitError(f"tokenizer.path: no such file: {tokenizer['path']}")
         spec["tokenizer"] = dict(tokenizer, path=hashlib.blake2b(Path(tokenizer["path"]).read_bytes()).hexdigest())
     return hashlib.blake2b(json.dumps(spec, sort_keys=True).encode(), digest_size=12).hexdigest()
 

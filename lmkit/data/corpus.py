@@ -82,7 +82,7 @@ class Corpus:
         if not jsonl:
             return text
         docs = []
-        for n, line in enumerate(text.splitlines()):
+        for line in text.split("\n"):  # not splitlines(): JSON strings may hold U+2028 and friends
             if not line.strip():
                 continue
             try:

@@ -66,7 +66,7 @@ class LMDataModule(L.LightningDataModule):
         if self.cache is None:
             self.cache = build_or_open(self.corpus(), self.tokenizer_spec, self.split, self.cache_dir,
                                        build=local_rank() == 0)
-            for name in ("val", "test"):
+            for name in ("train", "val", "test"):
                 n = len(self.cache.split(name))
                 if n < self.seq_len + 1:
                     raise LmkitError(f"the {name} split has {n} tokens, fewer than data.seq_len+1={self.seq_len + 1}: "

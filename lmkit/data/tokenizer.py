@@ -66,6 +66,15 @@ class CharTokenizer:
         return json.dumps({"lmkit_tokenizer": "char", "version": 1, "chars": self.chars}, ensure_ascii=False)
 
 
+def byte_level(tok):
+    """GPT-2's byte-level pre-tokenizer and decoder on a `tokenizers.Tokenizer`."""
+    from tokenizers import decoders, pre_tokenizers
+
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
 class BPETokenizer:
     """Byte-level BPE (GPT-2 style): any text encodes, nothing is unknown."""
 
@@ -77,11 +86,9 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
-        from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
 
-        tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
+        tok = byte_level(HFTokenizer(models.BPE()))
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer=trainer)
