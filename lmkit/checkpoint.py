@@ -15,7 +15,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise LmkitError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: checking a resume checkpoint reads its hyper-parameters, not every optimizer tensor,
+        # before Lightning loads it for real
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a bad file
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LmkitError(f"checkpoint {path} is corrupt or truncated ({reason[:160]})") from None
