@@ -133,12 +133,8 @@ def _generate(args: list[str]) -> None:
 
 
 def _eval(args: list[str]) -> None:
-    import inspect
-    import tempfile
-
     import lmkit
-    from lmkit.data.datamodule import LMDataModule
-    from lmkit.evaluate import evaluate
+    from lmkit.evaluate import evaluate, own_datamodule
 
     data_args = [x for x in args if x.split("=")[0].split(".")[0] == "data"]
     a = parse(EvalArgs, [x for x in args if x not in data_args], "eval")
@@ -146,21 +142,10 @@ def _eval(args: list[str]) -> None:
         raise LmkitError(f"split={a.split!r} is not one of train, val, test")
     model = lmkit.load(a.model, device=a.device)
     cfg = _compose(data_args)
-    data = cfg["data"] if data_args else model.config.get("data")
-    if not data:
-        raise LmkitError(f"{a.model} records no training corpus: name one, e.g. data=text data.path=FILE")
-    # The recorded settings are plain values: build the datamodule directly, never through a class
-    # path (`_target_`) read from the model file, so evaluating a stranger's model runs no code of theirs.
-    known = set(inspect.signature(LMDataModule).parameters) - {"tokenizer", "cache_dir", "seed"}
-    settings = {k: v for k, v in data.items() if k in known}
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer_file = Path(tmp) / "tokenizer.json"
-        tokenizer_file.write_text(model.tokenizer.to_json(), encoding="utf-8")
-        datamodule = LMDataModule(**settings, tokenizer={"kind": "file", "path": str(tokenizer_file)},
-                                  cache_dir=cfg["paths"]["cache_dir"])
-        datamodule.prepare_data()
-        windows = a.max_windows or data.get(f"{a.split}_windows")  # as the training run's final pass read it
-        result = evaluate(model, datamodule.cache.split(a.split), datamodule.seq_len, a.batch_size, windows)
+    datamodule = own_datamodule(model, cfg["paths"]["cache_dir"], cfg["data"] if data_args else None)
+    datamodule.prepare_data()
+    windows = a.max_windows or getattr(datamodule, f"{a.split}_windows", None)  # as the training run read it
+    result = evaluate(model, datamodule.cache.split(a.split), datamodule.seq_len, a.batch_size, windows)
     print(json.dumps({"split": a.split, **result}, indent=2))
 
 

@@ -11,7 +11,27 @@ import torch
 import torch.nn.functional as F
 
 from lmkit.data.windows import EvalBatches
+from lmkit.errors import LmkitError
 from lmkit.model import LM
+
+
+def own_datamodule(model: LM, cache_dir: str, data: dict[str, Any] | None = None, seed: int = 0):
+    """The data module over `data`, or over the corpus `model` recorded it was trained on.
+
+    The recorded settings are plain values: the data module is built directly, never through a
+    class path (`_target_`) read from the model file, so a stranger's model runs no code of theirs.
+    The model's own tokenizer is passed inline."""
+    import inspect
+
+    from lmkit.data.datamodule import LMDataModule
+
+    data = data or model.config.get("data")
+    if not data:
+        raise LmkitError("the model records no training corpus: name one, e.g. data=text data.path=FILE")
+    known = set(inspect.signature(LMDataModule).parameters) - {"tokenizer", "cache_dir", "seed"}
+    settings = {k: v for k, v in data.items() if k in known}
+    return LMDataModule(**settings, tokenizer={"kind": "json", "json": model.tokenizer.to_json()},
+                        cache_dir=cache_dir, seed=seed)
 
 
 @torch.no_grad()

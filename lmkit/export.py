@@ -1,8 +1,10 @@
 """The lmkit artifact: a directory that rebuilds a model with torch, safetensors and tokenizers alone.
 
-    config.json        format version, backbone kind and options, tokenizer kind, dtype, provenance
-    model.safetensors  every tensor (a tied head is stored once)
+    config.json        format version, backbone kind and options, tokenizer kind, dtype, provenance,
+                       and the compression steps applied (`compression`: plugin name, settings, layout)
+    model.safetensors  every tensor (a tied head is stored once; compressed tensors as plugins pack them)
     tokenizer.json     when the model has a tokenizer
+    report.json        what each compression step cost and bought (written by lmkit.compress)
     README.md          a model card
 
 Never pickle, never a class path read from a file: loading a stranger's artifact cannot run code. Artifacts are written to a temporary
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 import lmkit
 from lmkit.backbones import build_backbone
@@ -27,6 +29,7 @@ from lmkit.data.tokenizer import tokenizer_from_json
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
 from lmkit.model import LM
+from lmkit.plugins import make
 
 FORMAT_VERSION = 1
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -82,12 +85,18 @@ def _load_artifact(path: Path) -> LM:
     if missing:
         raise LmkitError(f"{path / 'config.json'} lacks {', '.join(missing)}")
     backbone = _build(config["model"], str(path / "config.json")).to(parse_dtype(config["dtype"]))
+    steps = [(make(r["plugin"], r.get("settings")), r) for r in config.get("compression") or []]
+    for plugin, record in steps:  # the compressed structure; the stored tensors fill it below
+        backbone = plugin.restore(backbone, record)
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise LmkitError(f"{path} has no model.safetensors")
     try:
-        load_model(backbone, weights, strict=True)
-    except (SafetensorError, OSError, RuntimeError) as e:
+        tensors = load_file(weights)
+        for plugin, record in reversed(steps):
+            tensors = plugin.unpack(tensors, record)
+        load_tensors(backbone, tensors)
+    except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as e:
         reason = str(e).splitlines()[0][:160]
         raise LmkitError(f"{weights} is corrupt, truncated or for another model ({reason})") from None
     tokenizer = None
@@ -119,22 +128,64 @@ def _load_checkpoint(path: Path) -> LM:
 
 
 def save(model: LM, out: str | Path, dtype: str | torch.dtype | None = None, overwrite: bool = False,
-         extra: dict[str, Any] | None = None) -> Path:
-    """Write `model` as an lmkit artifact at `out` (float32 unless `dtype` says otherwise)."""
+         extra: dict[str, Any] | None = None, files: dict[str, bytes] | None = None,
+         readme_extra: str | None = None) -> Path:
+    """Write `model` as an lmkit artifact at `out` (float32 unless `dtype` says otherwise).
+
+    `files` are written beside the model in the same atomic step (report.json, report.png)."""
     dtype = parse_dtype(dtype) or torch.float32
     config = {**model.config, "format": "lmkit", "format_version": FORMAT_VERSION, "lmkit_version": lmkit.__version__,
-              "torch_version": torch.__version__.split("+")[0], "dtype": str(dtype).removeprefix("torch."),
+              "torch_version": torch.__version__.split("+")[0], "dtype": dtype_name(dtype),
               "tokenizer": model._tokenizer.kind if model.has_tokenizer else None, **(extra or {})}
     with atomic_directory(Path(out), overwrite) as tmp:
         backbone = model.backbone
-        if dtype != next(backbone.parameters()).dtype:
+        if config.get("compression"):
+            if dtype != torch.float32:
+                raise LmkitError(f"dtype={dtype_name(dtype)}: a compressed model keeps the dtypes its plugins chose")
+        elif dtype != next(backbone.parameters()).dtype:
             backbone = copy.deepcopy(backbone).to(dtype)  # leave the caller's model as it was
-        save_model(backbone, str(tmp / "model.safetensors"), metadata={"format": "lmkit"})
+        write_tensors(backbone, tmp / "model.safetensors", config.get("compression") or [])
         if model.has_tokenizer:
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_json(), encoding="utf-8")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(config, backbone))
+        (tmp / "README.md").write_text(model_card(config, backbone) + (readme_extra or ""))
+        for name, content in (files or {}).items():
+            (tmp / name).write_bytes(content)
     return Path(out)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def unique_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each shared tensor once (a tied head is the embedding: stored once)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    tensors = {}
+    for name, tensor in module.state_dict().items():
+        key = (tensor.data_ptr(), tensor.nbytes, tuple(tensor.shape))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.contiguous()
+    return tensors
+
+
+def write_tensors(backbone: torch.nn.Module, path: Path, compression: list[dict[str, Any]]) -> None:
+    tensors = unique_tensors(backbone)
+    for record in compression:
+        tensors = make(record["plugin"], record.get("settings")).pack(tensors, record)
+    save_file(tensors, str(path), metadata={"format": "lmkit"})
+
+
+def load_tensors(backbone: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` into `backbone` in place; names it lacks must be aliases of ones it has (tied)."""
+    missing, unexpected = backbone.load_state_dict(tensors, strict=False)
+    own = backbone.state_dict()
+    loaded = {(t.data_ptr(), t.nbytes) for name, t in own.items() if name in tensors}
+    untied = [name for name in missing if (own[name].data_ptr(), own[name].nbytes) not in loaded]
+    if untied or unexpected:
+        raise ValueError(f"missing {untied[:3]}, unexpected {unexpected[:3]}")
 
 
 def model_card(config: dict[str, Any], backbone: torch.nn.Module) -> str:

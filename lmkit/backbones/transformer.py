@@ -179,7 +179,7 @@ class Transformer(nn.Module):
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.config
-        ref = self.transformer.wte.weight
+        ref = self.transformer.ln_f.weight  # a float tensor even when the embedding is quantized
         return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.max_seq_len, cfg.n_embd // cfg.n_head,
                        device or ref.device, dtype or ref.dtype)
 

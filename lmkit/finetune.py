@@ -1,0 +1,42 @@
+"""A short fine-tune of an `LM` in place on its own training data: how compression plugins recover.
+
+Same LanguageModel, data pipeline and optimizer as training, driven by a plain single-device
+Lightning Trainer with no logging, checkpoints or validation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+
+from lmkit.evaluate import own_datamodule
+from lmkit.model import LM
+from lmkit.module import LanguageModel
+
+log = logging.getLogger("lmkit")
+
+# When the model does not record the optimizer it was trained with (an imported GPT-2).
+FALLBACK_OPTIM = {"name": "adamw", "lr": 3e-4, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0,
+                  "warmup_steps": 0, "min_lr_ratio": 0.1, "grad_clip": 1.0}
+
+
+def finetune(model: LM, steps: int, lr: float | None, callbacks: list[Any], cache_dir: str, seed: int = 1337) -> None:
+    """Train `model.backbone` for `steps` steps; `lr` None: a tenth of the model's training lr."""
+    if steps <= 0:
+        return
+    optim = dict(model.config.get("optim") or FALLBACK_OPTIM)
+    optim["lr"] = lr if lr is not None else optim["lr"] / 10
+    optim.update(warmup_steps=min(steps // 10, 50), decay_steps=steps)
+    datamodule = own_datamodule(model, cache_dir, seed=seed)
+    settings = {k: v for k, v in model.config["model"].items() if k != "vocab_size"}
+    module = LanguageModel(model=settings, optim=optim, vocab_size=model.config["model"]["vocab_size"])
+    module.backbone = model.backbone  # train the given weights, not the fresh ones the constructor built
+    module.tokenizer = model.tokenizer
+    trainer = L.Trainer(max_steps=steps, accelerator=model.device.type, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
+    log.info("Fine-tuning %d steps at lr %.2g", steps, optim["lr"])
+    trainer.fit(module, datamodule=datamodule)
+    model.backbone.eval()

@@ -1,0 +1,139 @@
+"""The compression plugin contract, and the registry that finds plugins through entry points.
+
+A plugin is a small class with up to four hooks, each optional:
+
+    callbacks(module)          Lightning callbacks for training time (a pruning schedule, ...)
+    apply(model, context)      the post-training transform: quantize, prune, shrink; returns the model
+    restore(backbone, record)  on load: turn a freshly built dense backbone into the compressed
+                               structure (the stored tensors are then loaded into it)
+    pack(tensors, record) /    how its tensors are written to and read back from model.safetensors
+    unpack(tensors, record)    (a pruned weight as a bitmask and its non-zero values, ...)
+
+`record` is what the plugin put in `config.json` for its step (`{"plugin": name, "settings": ...}`
+plus anything `apply` added), so loading rebuilds the exact model from plain JSON and tensors.
+Plugins are found by name through the entry-point group `lmkit.plugins`: a name in a file only
+ever selects one of the installed plugins, it never names code to import. Loading must not need
+Lightning or Hydra, so a plugin imports Lightning inside `callbacks` or `apply` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from lmkit.errors import LmkitError
+
+if TYPE_CHECKING:
+    from lmkit.model import LM
+
+ENTRY_POINT_GROUP = "lmkit.plugins"
+
+
+@dataclass
+class CompressContext:
+    """What the core offers a plugin's `apply`: the run's settings and a fine-tuning loop."""
+
+    cache_dir: str  # the token cache (for fine-tuning and evaluation on the model's own corpus)
+    seed: int = 1337
+    log: Any = print  # where progress lines go
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def finetune(self, model: LM, steps: int, lr: float | None = None, callbacks: list | None = None) -> None:
+        """Train `model` in place for `steps` steps on its own training data (imports Lightning)."""
+        from lmkit.finetune import finetune
+
+        finetune(model, steps, lr, callbacks or [], self.cache_dir, self.seed)
+
+
+class Plugin:
+    """Base class: set `name` and `summary`, override the hooks you need.
+
+    Settings arrive as keyword arguments: from `conf/compression/<name>.yaml` plus overrides when
+    compressing, from `config.json` when loading. Unknown settings are an error (a typo must not
+    silently fall back to a default).
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line, shown by `lmkit plugins`
+    defaults: ClassVar[dict[str, Any]] = {}
+    quantizes: ClassVar[bool] = False  # a quantized model is final: no plugin may follow one
+
+    def __init__(self, **settings: Any) -> None:
+        unknown = sorted(set(settings) - set(self.defaults))
+        if unknown:
+            raise LmkitError(f"compression.{self.name}: unknown setting {', '.join(unknown)} "
+                             f"(settings: {', '.join(self.defaults) or 'none'})")
+        self.settings = {**self.defaults, **settings}
+        self.check()
+
+    def check(self) -> None:
+        """Raise LmkitError for settings out of range."""
+
+    def callbacks(self, module: Any) -> list[Any]:
+        return []
+
+    def apply(self, model: LM, context: CompressContext) -> dict[str, Any]:
+        """Transform `model` in place; return what `restore`/`unpack` will need (merged into the record)."""
+        return {}
+
+    def restore(self, backbone: nn.Module, record: dict[str, Any]) -> nn.Module:
+        return backbone
+
+    def pack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return tensors
+
+    def unpack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return tensors
+
+
+@cache
+def installed() -> dict[str, Any]:
+    """Entry points of every installed plugin, by name (not yet imported)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def plugin_class(name: str) -> type[Plugin]:
+    eps = installed()
+    if name not in eps:
+        raise LmkitError(f"unknown compression plugin {name!r}; installed: {', '.join(sorted(eps)) or 'none'}")
+    cls = eps[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+        raise LmkitError(f"the entry point {name!r} ({eps[name].value}) is not an lmkit.plugins.Plugin subclass")
+    return cls
+
+
+def make(name: str, settings: dict[str, Any] | None = None) -> Plugin:
+    return plugin_class(name)(**(settings or {}))
+
+
+def recipe(spec: dict[str, dict[str, Any] | None] | None) -> list[Plugin]:
+    """`{name: settings}` in order (the `compression` config group) -> plugins, checked as a chain."""
+    plugins = [make(name, settings) for name, settings in (spec or {}).items()]
+    check_chain([p.name for p in plugins])
+    return plugins
+
+
+def check_chain(names: list[str], already: list[str] | None = None) -> None:
+    """Quantized weights are final: nothing may follow a quantizing plugin (int8 then prune, int8 twice)."""
+    chain = [*(already or []), *names]
+    for i, name in enumerate(chain[:-1]):
+        if plugin_class(name).quantizes:
+            later = chain[i + 1]
+            raise LmkitError(f"compression: {later} cannot follow {name} ({name} quantizes the weights, so "
+                             f"the model is final; put {later} before {name}, or start from the unquantized model)")
+
+
+def swap_modules(root: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace each submodule for which `convert` returns a module; recurse into the others."""
+    replaced = convert(root)
+    if replaced is not None:
+        return replaced
+    for name, child in list(root.named_children()):
+        setattr(root, name, swap_modules(child, convert))
+    return root

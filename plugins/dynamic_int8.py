@@ -1,0 +1,107 @@
+"""`dynamic_int8`: int8 weights with activations quantized on the fly, for fast CPU inference.
+
+Each linear layer (and each input/recurrent projection of an unrolled `nn.LSTM`/`nn.GRU`) runs
+PyTorch's fbgemm int8 kernel (`torch.ops.quantized.linear_dynamic`): the activations are quantized
+per call, multiplied in int8 and rescaled. Weights are stored as int8 with one absmax per row
+(`SCB`, as bitsandbytes names it) and prepacked for the kernel on first use, so the artifact holds
+plain tensors. A tied embedding gathers from the head's int8 rows.
+
+Why these kernels (2 CPU threads, batch 1, measured by bench/compression.py kernels):
+torchao's `quantize_(Int8DynamicActivationInt8WeightConfig())` ran 6-10x slower than fp32 on
+this CPU for every width, and `quantize_dynamic` on `nn.LSTM` was no faster than fp32 at any
+width; the unrolled LSTM over fbgemm linears is what pays. int8 loses to fp32 below ~384 wide and
+wins above (a 1024-wide MLP: 7x).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmkit.backbones.unrolled import UnrolledRNN
+from lmkit.errors import LmkitError
+from lmkit.plugins import CompressContext, Plugin, swap_modules
+from plugins.int8 import Int8Embedding
+
+
+def row_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows and each row's absmax (symmetric: q = round(127 w / absmax))."""
+    absmax = weight.detach().abs().amax(dim=1).float().clamp(min=1e-8)
+    q = torch.round(weight.detach().float() * (127 / absmax[:, None])).clamp(-127, 127).to(torch.int8)
+    return q, absmax
+
+
+class DynamicInt8Linear(nn.Module):
+    def __init__(self, weight: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)  # int8 (out, in)
+        self.register_buffer("SCB", SCB)  # absmax of each row
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self._packed: tuple[Any, tuple[int, ...]] | None = None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> DynamicInt8Linear:
+        q, absmax = row_quantize(linear.weight)
+        bias = linear.bias.detach().float().clone() if linear.bias is not None else None
+        return cls(q, absmax, bias)
+
+    def _prepacked(self) -> Any:
+        # Packed once, and again only if the stored tensors changed (load_state_dict copies in place).
+        version = (self.weight._version, self.SCB._version, self.bias._version if self.bias is not None else 0)
+        if self._packed is None or self._packed[1] != version:
+            scales = (self.SCB / 127).double()
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.weight, scales, torch.zeros_like(scales, dtype=torch.int64), 0)
+            bias = self.bias.detach() if self.bias is not None else None
+            self._packed = (torch.ops.quantized.linear_prepack(qweight, bias), version)
+        return self._packed[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # reduce_range: 7-bit activations, as quantize_dynamic uses on x86 (no int16 overflow in fbgemm)
+        y = torch.ops.quantized.linear_dynamic(x.float().reshape(-1, self.in_features), self._prepacked(), True)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize(backbone: nn.Module) -> nn.Module:
+    """Swap every Linear and LSTM/GRU for fbgemm int8 and every Embedding for int8 rows, keeping ties."""
+    # id of a float weight -> (the weight, its int8 rows, their absmax): tied layers share one. The
+    # weight is kept so its id cannot be reused by a temporary (UnrolledRNN builds a Linear per projection).
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if id(weight) not in rows:
+            rows[id(weight)] = (weight, *row_quantize(weight))
+        return rows[id(weight)][1:]
+
+    def linear(module: nn.Linear) -> DynamicInt8Linear:
+        bias = module.bias.detach().float().clone() if module.bias is not None else None
+        return DynamicInt8Linear(*int8_rows(module.weight), bias)
+
+    def convert(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, nn.Linear):
+            return linear(module)
+        if isinstance(module, (nn.LSTM, nn.GRU)):
+            return UnrolledRNN(module, linear)
+        if isinstance(module, nn.Embedding):
+            return Int8Embedding(*int8_rows(module.weight), module.weight.dtype)
+        return None
+
+    return swap_modules(backbone, convert).train(backbone.training)
+
+
+class DynamicInt8(Plugin):
+    name = "dynamic_int8"
+    summary = "int8 weights, activations quantized per call (fbgemm): faster CPU inference from ~384 wide, ~0.26x bytes"
+    quantizes = True
+
+    def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
+        if model.device.type != "cpu":
+            raise LmkitError(f"compression=dynamic_int8 runs on CPU (fbgemm); the model is on {model.device}")
+        model.backbone = quantize(model.backbone)
+        return {}
+
+    def restore(self, backbone: nn.Module, record: dict[str, Any]) -> nn.Module:
+        return quantize(backbone)  # the stored int8 tensors then overwrite these

@@ -1,0 +1,104 @@
+"""`int8`: bitsandbytes LLM.int8 for every weight matrix, embeddings and recurrent weights included.
+
+Each matrix is stored as int8 with one absmax scale per row (bitsandbytes' `SCB`): about a
+quarter of the fp32 bytes. Linear layers become `bnb.nn.Linear8bitLt` (activation columns above
+`threshold` take a higher-precision path: LLM.int8's outlier decomposition); an `nn.LSTM`/`nn.GRU`
+is unrolled so that its input projection of all time steps is one int8 matmul and its recurrent
+weights are int8 per step; an embedding gathers int8 rows and rescales them, sharing the int8
+weight and scales with a tied output head. This buys memory, not speed: bitsandbytes' int8
+matmul is slower than fp32/fp16 at these widths, on CPU and GPU alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmkit.backbones.unrolled import UnrolledRNN
+from lmkit.errors import LmkitError
+from lmkit.plugins import CompressContext, Plugin, swap_modules
+
+
+# bitsandbytes logs "inputs will be cast from float32 to float16" on every int8 matmul of float32
+# inputs: that cast is how LLM.int8 quantizes activations, not news worth a line per layer per step.
+logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+
+
+class Int8Embedding(nn.Module):
+    """An embedding whose rows are int8 with one scale each (shared with a tied int8 head)."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        if isinstance(weight, nn.Parameter):  # shared with a bitsandbytes head
+            self.weight = weight  # int8 (num_embeddings, dim)
+        else:
+            self.register_buffer("weight", weight)
+        self.register_buffer("SCB", scales)  # absmax of each row, as bitsandbytes names it
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight).to(self.dtype)
+        return rows * (self.SCB[ids] / 127).unsqueeze(-1).to(self.dtype)
+
+
+def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
+    """Swap every Linear, Embedding and LSTM/GRU of `backbone` for its int8 form, keeping ties."""
+    import bitsandbytes as bnb
+
+    # id of a float weight -> (that weight, its Int8Params): tied layers share one. The weight is kept
+    # so its id cannot be reused by a temporary (UnrolledRNN builds a Linear per projection).
+    quantized: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
+
+    def int8_weight(weight: torch.Tensor) -> nn.Parameter:
+        if id(weight) not in quantized:
+            param = bnb.nn.Int8Params(weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+            quantized[id(weight)] = (weight, param.to(weight.device))  # .to() is where bitsandbytes quantizes
+        return quantized[id(weight)][1]
+
+    def linear(module: nn.Linear) -> nn.Module:
+        layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                    has_fp16_weights=False, threshold=threshold, device=module.weight.device)
+        layer.weight = int8_weight(module.weight)
+        if module.bias is not None:
+            layer.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        return layer
+
+    def convert(module: nn.Module) -> nn.Module | None:
+        if isinstance(module, nn.Linear):
+            return linear(module)
+        if isinstance(module, nn.Embedding):
+            weight = int8_weight(module.weight)
+            return Int8Embedding(weight, weight.SCB, module.weight.dtype)
+        if isinstance(module, (nn.LSTM, nn.GRU)):
+            return UnrolledRNN(module, linear)
+        return None
+
+    # New modules start in training mode, where Linear8bitLt re-quantizes its (already int8) weight.
+    return swap_modules(backbone, convert).train(backbone.training)
+
+
+class Int8(Plugin):
+    name = "int8"
+    summary = "bitsandbytes LLM.int8: int8 weights with per-row scales everywhere (embeddings, LSTM too); ~0.26x bytes"
+    defaults = {"threshold": 6.0}  # LLM.int8 outlier threshold: activation columns above it stay in float (0: none)
+    quantizes = True
+
+    def check(self) -> None:
+        if self.settings["threshold"] < 0:
+            raise LmkitError(f"compression.int8.threshold={self.settings['threshold']} must be >= 0")
+
+    def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
+        model.backbone = quantize(model.backbone, self.settings["threshold"])
+        return {}
+
+    def restore(self, backbone: nn.Module, record: dict[str, Any]) -> nn.Module:
+        return quantize(backbone, self.settings["threshold"])  # the stored int8 tensors then overwrite these
+
+    def pack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        # bitsandbytes' `weight_format` flag is always row-major (0) now, and its loader assumes that
+        # when the flag is absent: a tied head, stored as the embedding, has no weight for it to go with.
+        return {name: t for name, t in tensors.items() if not name.endswith(".weight_format")}
