@@ -2,10 +2,13 @@
 
     lmkit train     [overrides]                       same as python train.py
     lmkit export    model=PATH out=DIR [format=lmkit|hf] [dtype=fp32|bf16|fp16] [overwrite=true]
+                    [compression=[prune,int8] compression.prune.amount=0.7 eval_windows=N gen_tokens=100]
     lmkit generate  model=PATH prompt="ROMEO:" [max_new_tokens=200 temperature=0.8 top_k=50 top_p=0.95
                     num_samples=1 seed=1 stream=true]
     lmkit eval      model=PATH [data=text data.path=...]
     lmkit import-hf src=HF_DIR out=DIR
+    lmkit plugins                                     the installed compression plugins
+    lmkit report    DIR [DIR ...] [out=pareto.png]    compare compressed exports of one model
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ class ExportArgs:
     format: str = "lmkit"  # lmkit | hf
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (format=lmkit)
     overwrite: bool = False
+    eval_windows: Optional[int] = None  # with compression: test windows per perplexity (default: the data config's)
+    gen_tokens: int = 100  # with compression: tokens generated to time generation (0: skip)
+    seed: int = 1337  # with compression: seeds the recovery fine-tunes
 
 
 @dataclass
@@ -94,15 +100,34 @@ def _export(args: list[str]) -> None:
     from lmkit.export import load, save
     from lmkit.hf import export_hf
 
-    a = parse(ExportArgs, args, "export")
-    model = load(a.model)
-    if a.format == "lmkit":
-        out = save(model, a.out, dtype=a.dtype, overwrite=a.overwrite)
-    elif a.format == "hf":
-        out = export_hf(model, a.out, overwrite=a.overwrite)
-    else:
+    group_args = [x for x in args if x.split("=")[0].split(".")[0] == "compression"]
+    a = parse(ExportArgs, [x for x in args if x not in group_args], "export")
+    if a.format not in ("lmkit", "hf"):
         raise LmkitError(f"format={a.format!r} is not one of lmkit, hf")
+    model = load(a.model)
+    if group_args:
+        from lmkit.compress import compress_and_export
+        from lmkit.plugins import CompressContext
+
+        if a.format != "lmkit" or a.dtype != "fp32":
+            raise LmkitError("compression writes format=lmkit with the dtypes its plugins choose (drop format/dtype)")
+        cfg = _compose(group_args)
+        context = CompressContext(cache_dir=cfg["paths"]["cache_dir"], seed=a.seed)
+        report = compress_and_export(model, cfg["compression"] or {}, a.out, context, a.overwrite,
+                                     eval_windows=a.eval_windows, gen_tokens=a.gen_tokens)
+        print(report_summary(report))
+        out = a.out
+    elif a.format == "lmkit":
+        out = save(model, a.out, dtype=a.dtype, overwrite=a.overwrite)
+    else:
+        out = export_hf(model, a.out, overwrite=a.overwrite)
     print(f"wrote {out}")
+
+
+def report_summary(report: dict[str, Any]) -> str:
+    from lmkit.compress import rows, table
+
+    return table(rows(report), report["before"]).rstrip()
 
 
 def _generate(args: list[str]) -> None:
@@ -150,18 +175,53 @@ def _eval(args: list[str]) -> None:
 
 
 def _compose(overrides: list[str]) -> dict[str, Any]:
-    """The `data` and `paths` groups as train.py would compose them with these overrides."""
+    """The `data`, `compression` and `paths` groups as train.py would compose them with these overrides."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*overrides, "paths.output_dir=unused"])
     try:
-        return {"data": OmegaConf.to_container(cfg.data, resolve=True, throw_on_missing=True),
-                "paths": OmegaConf.to_container(cfg.paths, resolve=True)}
-    except OmegaConfBaseException as e:
-        raise LmkitError(f"lmkit eval: {str(e).splitlines()[0]}") from None
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=[*overrides, "paths.output_dir=unused"])
+        return {key: OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=True) if cfg.get(key) else None
+                for key in ("data", "compression", "paths")}
+    except (HydraException, OmegaConfBaseException) as e:
+        message = str(e).splitlines()[0]
+        if "compression/" in message:
+            from lmkit.plugins import installed
+
+            message += f" (installed plugins: {', '.join(sorted(installed()))})"
+        raise LmkitError(f"lmkit: {message}") from None
+
+
+def _plugins(args: list[str]) -> None:
+    from lmkit.plugins import installed, plugin_class
+
+    if args:
+        raise LmkitError(f"lmkit plugins takes no arguments, got {' '.join(args)}")
+    for name, entry_point in sorted(installed().items()):
+        try:
+            summary = plugin_class(name).summary
+        except Exception as e:  # a broken third-party plugin must not hide the others
+            summary = f"(cannot load {entry_point.value}: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        print(f"{name:<18} {summary}")
+
+
+def _report(args: list[str]) -> None:
+    from lmkit.compress import gather, pareto, plot, table
+    from lmkit.files import atomic_write_bytes
+
+    dirs = [x for x in args if "=" not in x]
+    options = dict(x.split("=", 1) for x in args if "=" in x)
+    if not dirs or set(options) - {"out"}:
+        raise LmkitError("usage: lmkit report DIR [DIR ...] [out=pareto.png]")
+    points, base = gather(dirs)
+    print(table(points, base), end="")
+    print("Pareto front (smallest first): " + ", ".join(label for label, _ in pareto(points)))
+    if "out" in options:
+        atomic_write_bytes(Path(options["out"]), plot(points, "size vs perplexity", frontier=True))
+        print(f"wrote {options['out']}")
 
 
 def _import_hf(args: list[str]) -> None:
@@ -194,7 +254,8 @@ def _train(args: list[str]) -> None:
     train()
 
 
-COMMANDS = {"train": _train, "export": _export, "generate": _generate, "eval": _eval, "import-hf": _import_hf}
+COMMANDS = {"train": _train, "export": _export, "generate": _generate, "eval": _eval, "import-hf": _import_hf,
+            "plugins": _plugins, "report": _report}
 
 
 def main() -> None:

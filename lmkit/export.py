@@ -123,7 +123,8 @@ def _load_checkpoint(path: Path) -> LM:
     tokenizer = tokenizer_from_json(tok_json) if tok_json else None
     config = {"format": "lmkit", "format_version": FORMAT_VERSION, "model": model_cfg,
               "tokenizer": tokenizer.kind if tokenizer else None, "dtype": "float32",
-              "data": hp.get("data"), "source": {"checkpoint": str(path.resolve()), "step": checkpoint.get("global_step")}}
+              "data": hp.get("data"), "optim": hp.get("optim"),
+              "source": {"checkpoint": str(path.resolve()), "step": checkpoint.get("global_step")}}
     return LM(backbone, tokenizer, config)
 
 

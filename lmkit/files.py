@@ -11,14 +11,19 @@ from pathlib import Path
 from lmkit.errors import LmkitError
 
 
+def check_free(out: Path, overwrite: bool = False) -> None:
+    """Refuse to replace a non-empty folder unless asked (checked before long work, and again on write)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise LmkitError(f"out={out} exists and is not empty: choose another folder or pass overwrite=true")
+
+
 @contextmanager
 def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out` to fill; when the block succeeds it is renamed to `out`.
 
     Nothing half-written is ever at `out`; replacing an existing folder removes it first, so a crash
     between the two steps leaves no folder rather than a mixed one."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise LmkitError(f"out={out} exists and is not empty: choose another folder or pass overwrite=true")
+    check_free(out, overwrite)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -33,8 +38,12 @@ def atomic_directory(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

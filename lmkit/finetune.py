@@ -38,5 +38,6 @@ def finetune(model: LM, steps: int, lr: float | None, callbacks: list[Any], cach
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
     log.info("Fine-tuning %d steps at lr %.2g", steps, optim["lr"])
+    model.backbone.train()
     trainer.fit(module, datamodule=datamodule)
     model.backbone.eval()

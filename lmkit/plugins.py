@@ -120,13 +120,19 @@ def recipe(spec: dict[str, dict[str, Any] | None] | None) -> list[Plugin]:
 
 
 def check_chain(names: list[str], already: list[str] | None = None) -> None:
-    """Quantized weights are final: nothing may follow a quantizing plugin (int8 then prune, int8 twice)."""
-    chain = [*(already or []), *names]
+    """Quantized weights are final: nothing may follow a quantizing plugin (int8 then prune, int8 twice).
+
+    `already`: the steps the model was compressed with before (recorded in its config.json)."""
+    done = already or []
+    chain = [*done, *names]
     for i, name in enumerate(chain[:-1]):
         if plugin_class(name).quantizes:
             later = chain[i + 1]
-            raise LmkitError(f"compression: {later} cannot follow {name} ({name} quantizes the weights, so "
-                             f"the model is final; put {later} before {name}, or start from the unquantized model)")
+            if i < len(done):
+                raise LmkitError(f"compression: {later} cannot run on this model: it is already quantized by {name} "
+                                 "(start from the unquantized checkpoint)")
+            raise LmkitError(f"compression: {later} cannot follow {name} ({name} quantizes the weights, so the "
+                             f"model is final{'' if later == name else f'; put {later} before {name}'})")
 
 
 def swap_modules(root: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:

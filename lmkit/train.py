@@ -25,6 +25,7 @@ from lmkit.distributed import check_launch, ddp_children_run_this_job
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_write_text
 from lmkit.module import LanguageModel
+from lmkit.plugins import recipe
 
 log = logging.getLogger("lmkit")
 
@@ -86,6 +87,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     check_launch(cfg.trainer)  # before any tokenization: a bad launch setting fails at once
+    compression = _container(cfg.get("compression")) or {}
+    plugins = recipe(compression)  # an unknown plugin or a bad setting fails now, not after training
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: same accuracy class as bf16 training
@@ -121,6 +124,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("Resuming from %s", ckpt_path)
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    callbacks += [callback for plugin in plugins for callback in plugin.callbacks(module)]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -144,6 +148,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "steps": trainer.global_step,
         "wall_s": round(time.perf_counter() - started, 2),
     }
+    if plugins and trainer.is_global_zero:
+        metrics.update(_compress(module, compression, output_dir, cfg))
     if trainer.is_global_zero:
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         sampler = next((c for c in callbacks if isinstance(c, TextSampler)), None)
@@ -151,6 +157,26 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             log.info("Sample from the final model:\n%s", sampler.sample(module))
         log.info("Metrics: %s", json.dumps(metrics))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
+
+
+def _compress(module: LanguageModel, compression: dict[str, Any], output_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    """Compress the trained model as `compression` says and export it to `output_dir/model`."""
+    from lmkit.compress import compress_and_export
+    from lmkit.model import LM
+    from lmkit.plugins import CompressContext
+
+    hp = module.hparams
+    model_cfg = {**hp.model, "vocab_size": hp.vocab_size}
+    source = {"run": str(output_dir.resolve()), "step": module.trainer.global_step}
+    model = LM(module.backbone, module.tokenizer, {"model": model_cfg, "data": hp.data, "optim": hp.optim,
+                                                   "source": source})
+    out = output_dir / "model"
+    report = compress_and_export(model, compression, out, CompressContext(cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
+                                                                          log=log.info), overwrite=True)
+    log.info("Compressed model written to %s", out)
+    after = report["after"]
+    return {"export_dir": str(out.resolve()), "export_bytes": after["bytes"], "export_ppl": after["perplexity"],
+            "export_bytes_ratio": report["after_vs_before"]["bytes"]}
 
 
 def _float(value: Any) -> float | None:

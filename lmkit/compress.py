@@ -1,0 +1,223 @@
+"""Compress a model with an ordered list of plugins, measure each step, export the result with its report.
+
+    compress_and_export(model, {"prune": {...}, "int8": {...}}, out, context)
+
+Before the first step and after each one: bytes of model.safetensors (really written), parameter
+count, non-zeros, sparsity, perplexity on the model's own test split, and generation tokens/s at
+batch 1. The artifact gets `report.json`, `report.png` (size against perplexity) and a table in
+its README.md, all in the same atomic write as the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmkit.errors import LmkitError
+from lmkit.evaluate import evaluate, own_datamodule
+from lmkit.export import save, unique_tensors, write_tensors
+from lmkit.files import check_free
+from lmkit.generate import stream_tokens
+from lmkit.model import LM
+from lmkit.plugins import CompressContext, check_chain, recipe
+
+log = logging.getLogger("lmkit")
+
+BOOKKEEPING = ("SCB", "weight_format")  # per-row scales and format flags: not parameters of the model
+
+
+def count_parameters(model: LM) -> tuple[int, int]:
+    """(parameters, non-zero parameters), each shared tensor once, quantization scales excluded."""
+    tensors = [t for name, t in unique_tensors(model.backbone).items() if name.rsplit(".", 1)[-1] not in BOOKKEEPING]
+    return sum(t.numel() for t in tensors), sum(int((t != 0).sum()) for t in tensors)
+
+
+def weights_digest(model: LM) -> str:
+    """A digest of every weight: two reports compare only if they compressed the same model."""
+    digest = hashlib.blake2b(digest_size=12)
+    for name, tensor in sorted(unique_tensors(model.backbone).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def stored_bytes(model: LM) -> int:
+    """Size of model.safetensors as `lmkit.export.save` would write it now."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        write_tensors(model.backbone, path, model.config.get("compression") or [])
+        return path.stat().st_size
+
+
+@torch.no_grad()
+def generation_speed(model: LM, new_tokens: int) -> float:
+    """Tokens/s generating `new_tokens` at batch 1 from a one-token prompt (after a short warm-up)."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
+    generator = torch.Generator(device=model.device).manual_seed(0)
+    for _ in stream_tokens(model.backbone, ids, 4, 1.0, None, None, generator, True):
+        pass
+    started = time.perf_counter()
+    for _ in stream_tokens(model.backbone, ids, new_tokens, 1.0, None, None, generator, True):
+        pass
+    return new_tokens / (time.perf_counter() - started)
+
+
+def measure(model: LM, tokens: Any, seq_len: int, windows: int | None, gen_tokens: int) -> dict[str, Any]:
+    params, nonzero = count_parameters(model)
+    result = evaluate(model, tokens, seq_len, max_windows=windows) if tokens is not None else {}
+    return {"bytes": stored_bytes(model), "parameters": params, "nonzero": nonzero,
+            "sparsity": round(1 - nonzero / params, 4), "loss": result.get("loss"),
+            "perplexity": result.get("perplexity"),
+            "tokens_per_s": round(generation_speed(model, gen_tokens), 1) if gen_tokens else None}
+
+
+def compress(model: LM, spec: dict[str, dict[str, Any] | None], context: CompressContext,
+             eval_windows: int | None = None, gen_tokens: int = 100) -> tuple[LM, dict[str, Any]]:
+    """Apply the plugins of `spec` in order to a copy of `model`; returns it and the report."""
+    done = [r["plugin"] for r in model.config.get("compression") or []]
+    plugins = recipe(spec)
+    check_chain([p.name for p in plugins], already=done)
+    model = copy.deepcopy(model).eval()
+    model.config = copy.deepcopy(model.config)
+    dense_shape = copy.deepcopy(model.config["model"])
+    fingerprint = weights_digest(model)
+    tokens, seq_len = None, 0
+    if model.config.get("data") and model.has_tokenizer:
+        datamodule = own_datamodule(model, context.cache_dir, seed=context.seed)
+        datamodule.prepare_data()
+        tokens, seq_len = datamodule.cache.split("test"), datamodule.seq_len
+        eval_windows = eval_windows or datamodule.test_windows
+    else:
+        log.warning("the model records no training corpus: the report has no perplexity")
+    measure_now = lambda: measure(model, tokens, seq_len, eval_windows, gen_tokens)  # noqa: E731
+    before = measure_now()
+    steps = []
+    for plugin in plugins:
+        context.log(f"compression: {plugin.name} {json.dumps(plugin.settings)}")
+        record = {"plugin": plugin.name, "settings": plugin.settings, **plugin.apply(model, context)}
+        model.config["compression"] = [*(model.config.get("compression") or []), record]
+        steps.append({"plugin": plugin.name, "settings": plugin.settings, **measure_now()})
+    report = {"model": dense_shape, "dense_digest": fingerprint, "source": model.config.get("source"),
+              "data": model.config.get("data"), "recipe": [p.name for p in plugins],
+              "before": before, "steps": steps, "after": steps[-1] if steps else before}
+    report["after_vs_before"] = ratios(before, report["after"])
+    return model, report
+
+
+def ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+    def ratio(key: str) -> float | None:
+        return round(after[key] / before[key], 4) if after.get(key) and before.get(key) else None
+
+    return {"bytes": ratio("bytes"), "parameters": ratio("parameters"), "perplexity": ratio("perplexity"),
+            "tokens_per_s": ratio("tokens_per_s")}
+
+
+def compress_and_export(model: LM, spec: dict[str, dict[str, Any] | None], out: str | Path,
+                        context: CompressContext, overwrite: bool = False, **measure_options: Any) -> dict[str, Any]:
+    """Compress, then write the artifact, report.json, report.png and the README table atomically."""
+    check_free(Path(out), overwrite)  # before minutes of fine-tuning, not after
+    compressed, report = compress(model, spec, context, **measure_options)
+    files = {"report.json": (json.dumps(report, indent=2) + "\n").encode(), "report.png": report_png(report)}
+    save(compressed, out, overwrite=overwrite, files=files, readme_extra=report_markdown(report))
+    return report
+
+
+def rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, measures) for the dense model and after each step."""
+    out, names = [("dense", report["before"])], []
+    for step in report["steps"]:
+        names.append(step["plugin"])
+        out.append(("+".join(names), step))
+    return out
+
+
+def table(rows_: list[tuple[str, dict[str, Any]]], base: dict[str, Any]) -> str:
+    """A Markdown table of size, sparsity, perplexity and speed, ratios against `base`."""
+    lines = ["| model | bytes | x dense | params | sparsity | perplexity | change | tokens/s | x dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, m in rows_:
+        ppl, speed = m.get("perplexity"), m.get("tokens_per_s")
+        change = f"{100 * (ppl / base['perplexity'] - 1):+.2f}%" if ppl and base.get("perplexity") else "-"
+        speedup = f"{speed / base['tokens_per_s']:.2f}" if speed and base.get("tokens_per_s") else "-"
+        lines.append(f"| {label} | {m['bytes']:,} | {m['bytes'] / base['bytes']:.3f} | {m['parameters']:,} | "
+                     f"{m['sparsity']:.1%} | {f'{ppl:.4f}' if ppl else '-'} | {change} | "
+                     f"{f'{speed:,.0f}' if speed else '-'} | {speedup} |")
+    return "\n".join(lines) + "\n"
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    return ("\n## Compression\n\nRecipe: " + " -> ".join(report["recipe"]) + " (settings in config.json). "
+            "Perplexity on the training corpus' test split; tokens/s generating at batch 1 on the "
+            "export machine.\n\n" + table(rows(report), report["before"]))
+
+
+def plot(points: list[tuple[str, dict[str, Any]]], title: str, frontier: bool = False) -> bytes:
+    """A PNG of perplexity against size, one labelled point per model (and the Pareto front)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    xs = [m["bytes"] / 1e6 for _, m in points]
+    ys = [m.get("perplexity") or math.nan for _, m in points]
+    ax.scatter(xs, ys)
+    for (label, _), x, y in zip(points, xs, ys):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if frontier:
+        front = pareto(points)
+        ax.plot([m["bytes"] / 1e6 for _, m in front], [m["perplexity"] for _, m in front], "--", alpha=0.6)
+    ax.set_xlabel("model.safetensors (MB)")
+    ax.set_ylabel("test perplexity")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def report_png(report: dict[str, Any]) -> bytes:
+    return plot(rows(report), f"{report['model']['kind']}: " + " -> ".join(report["recipe"]))
+
+
+def pareto(points: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str, Any]]]:
+    """The points no other point beats on both size and perplexity, smallest first."""
+    scored = sorted((p for p in points if p[1].get("perplexity")), key=lambda p: (p[1]["bytes"], p[1]["perplexity"]))
+    front, best = [], math.inf
+    for point in scored:
+        if point[1]["perplexity"] < best:
+            front.append(point)
+            best = point[1]["perplexity"]
+    return front
+
+
+def gather(dirs: list[str | Path]) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, Any]]:
+    """The rows of several exports of the same model: its dense baseline once, then each export."""
+    reports = []
+    for d in dirs:
+        path = Path(d) / "report.json"
+        if not path.is_file():
+            raise LmkitError(f"{d} has no report.json (export it with compression=...)")
+        try:
+            reports.append((Path(d), json.loads(path.read_text())))
+        except json.JSONDecodeError as e:
+            raise LmkitError(f"{path} is not valid JSON ({e})") from None
+    first_dir, first = reports[0]
+    for d, r in reports[1:]:
+        if r.get("dense_digest") != first.get("dense_digest"):
+            raise LmkitError(f"{d} and {first_dir} were compressed from different models: a report compares "
+                             "recipes on one model")
+    points = [("dense", first["before"])] + [(d.name, r["after"]) for d, r in reports]
+    return points, first["before"]
