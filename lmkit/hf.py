@@ -103,10 +103,13 @@ def export_hf(model: LM, out: str | Path, overwrite: bool = False) -> Path:
     """Write a GPT-2-shaped lmkit model where `transformers.GPT2LMHeadModel.from_pretrained` loads it."""
     backbone = model.backbone
     cfg = getattr(backbone, "config", None)
+    if model.config.get("compression"):
+        raise LmkitError("format=hf writes dense GPT-2 weights; this model is compressed (export it as format=lmkit)")
     if not isinstance(cfg, TransformerConfig):
         raise LmkitError(f"format=hf writes GPT-2 models; this model is a {model.config['model']['kind']}")
     unsupported = [f"{k}={getattr(cfg, k)!r}" for k, ok in
-                   (("position", "learned"), ("bias", True), ("mlp_ratio", 4), ("tie_weights", True))
+                   (("position", "learned"), ("bias", True), ("mlp_ratio", 4), ("tie_weights", True),
+                    ("layer_heads", None), ("layer_ffn", None))
                    if getattr(cfg, k) != ok]
     if unsupported:
         raise LmkitError(f"format=hf needs a GPT-2-shaped Transformer; this one has {', '.join(unsupported)}")

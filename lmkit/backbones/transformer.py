@@ -33,6 +33,18 @@ class TransformerConfig:
     tie_weights: bool = True
     layer_norm_eps: float = 1e-5
     pad_vocab_to: int = 1  # embedding rows rounded up to a multiple of this (64 suits GPU matmuls)
+    layer_heads: list[int] | None = None  # per-layer attention heads (structured pruning); None: n_head everywhere
+    layer_ffn: list[int] | None = None  # per-layer MLP width (structured pruning); None: mlp_ratio * n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def heads(self, layer: int) -> int:
+        return self.layer_heads[layer] if self.layer_heads else self.n_head
+
+    def ffn(self, layer: int) -> int:
+        return self.layer_ffn[layer] if self.layer_ffn else self.mlp_ratio * self.n_embd
 
     @property
     def padded_vocab_size(self) -> int:
@@ -45,16 +57,20 @@ class TransformerConfig:
             raise ValueError(f"model.position={self.position!r} is not one of learned, sinusoidal, rope")
         if self.position == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
+        for key in ("layer_heads", "layer_ffn"):
+            value = getattr(self, key)
+            if value is not None and (len(value) != self.n_layer or min(value) < 1):
+                raise ValueError(f"model.{key}={value} needs {self.n_layer} positive entries (one per layer)")
 
 
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` positions."""
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int,
+    def __init__(self, heads: list[int], batch: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype) -> None:
-        shape = (batch, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        """`heads`: the number of attention heads of each layer."""
+        self.k = [torch.zeros(batch, h, max_len, head_dim, device=device, dtype=dtype) for h in heads]
+        self.v = [torch.zeros(batch, h, max_len, head_dim, device=device, dtype=dtype) for h in heads]
         self.pos = 0  # positions already filled
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,19 +104,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, n_head: int) -> None:
         super().__init__()
-        self.n_head = cfg.n_head
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)  # q, k, v fused as in GPT-2
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.n_head, self.head_dim = n_head, cfg.head_dim
+        inner = n_head * cfg.head_dim  # n_embd, unless structured pruning removed heads
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * inner, bias=cfg.bias)  # q, k, v fused as in GPT-2
+        self.c_proj = nn.Linear(inner, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, layer: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))
+        B, T, _ = x.shape
+        inner = self.n_head * self.head_dim
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+                   for t in self.c_attn(x).split(inner, dim=2))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         mask, causal = None, T > 1
@@ -112,15 +130,15 @@ class CausalSelfAttention(nn.Module):
                 causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, inner)))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, width: int) -> None:
         super().__init__()
-        self.c_fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=cfg.bias)
+        self.c_fc = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
         self.gelu = nn.GELU(approximate=cfg.gelu)
-        self.c_proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,12 +146,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, layer: int) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, cfg.heads(layer))
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, cfg.ffn(layer))
 
     def forward(self, x: torch.Tensor, layer: int, rope, cache: KVCache | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), layer, rope, cache)
@@ -148,7 +166,7 @@ class Transformer(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+            h=nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer)),
             ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias),
         ))
         if cfg.position == "learned":
@@ -180,7 +198,7 @@ class Transformer(nn.Module):
                    dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.config
         ref = self.transformer.ln_f.weight  # a float tensor even when the embedding is quantized
-        return KVCache(cfg.n_layer, batch_size, cfg.n_head, cfg.max_seq_len, cfg.n_embd // cfg.n_head,
+        return KVCache([cfg.heads(i) for i in range(cfg.n_layer)], batch_size, cfg.max_seq_len, cfg.head_dim,
                        device or ref.device, dtype or ref.dtype)
 
     def forward(self, ids: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:

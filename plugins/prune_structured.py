@@ -1,0 +1,141 @@
+"""`prune_structured`: remove whole FFN neurons, attention heads or recurrent hidden units.
+
+The least important units (by weight magnitude: the norm of what a unit reads times the norm of
+what it writes) are cut out and the layers rebuilt smaller, so the model has fewer parameters and
+runs faster with ordinary dense kernels. A short recovery fine-tune follows.
+
+- Transformer: in each layer, `amount` of the MLP neurons and (with `heads`) of the attention
+  heads, at least one of each kept. The new widths are per-layer config keys (`layer_ffn`,
+  `layer_heads`), so the artifact is an ordinary model with a different config.json.
+- LSTM/GRU: `nn.LSTM` needs one hidden size for all layers, so every layer keeps the same number
+  of units (its own most important ones). With a tied head and no projection the last layer's
+  units are the embedding's dimensions: those are cut from the embedding, the head and the first
+  layer's input too. Recurrent weights grow with width squared, so the kept width is
+  sqrt(1 - amount) of the old one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmkit.backbones import build_backbone
+from lmkit.errors import LmkitError
+from lmkit.plugins import CompressContext, Plugin
+
+
+def keep_top(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the `keep` highest scores, in their original order."""
+    return scores.topk(keep).indices.sort().values
+
+
+def gate_rows(units: torch.Tensor, hidden: int, gates: int) -> torch.Tensor:
+    """Rows of a stacked-gate weight (gates * hidden, ...) that belong to `units`."""
+    return torch.cat([g * hidden + units for g in range(gates)])
+
+
+@torch.no_grad()
+def shrink_transformer(state: dict[str, torch.Tensor], cfg: dict[str, Any], amount: float,
+                       heads: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    n_layer, d = cfg["n_layer"], cfg["n_embd"] // cfg["n_head"]
+    layer_heads, layer_ffn = [], []
+    for i in range(n_layer):
+        p = f"transformer.h.{i}."
+        # MLP neurons: what each reads (c_fc row) times what it writes (c_proj column)
+        fc, proj = state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"]
+        neuron_scores = fc.norm(dim=1) * proj.norm(dim=0)
+        kept = keep_top(neuron_scores, max(1, round(fc.size(0) * (1 - amount))))
+        state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"] = fc[kept], proj[:, kept]
+        if p + "mlp.c_fc.bias" in state:
+            state[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"][kept]
+        layer_ffn.append(len(kept))
+        # attention heads: the norm of a head's q, k, v rows times that of its output columns
+        attn, out = state[p + "attn.c_attn.weight"], state[p + "attn.c_proj.weight"]
+        n_head = out.size(1) // d
+        inner = n_head * d
+        per_head = lambda t: t.reshape(n_head, -1).norm(dim=1)  # noqa: E731
+        head_scores = (sum(per_head(attn[j * inner:(j + 1) * inner]) ** 2 for j in range(3)).sqrt()
+                       * per_head(out.t().contiguous()))
+        kept_heads = keep_top(head_scores, max(1, round(n_head * (1 - amount))) if heads else n_head)
+        cols = torch.cat([h * d + torch.arange(d) for h in kept_heads.tolist()])
+        rows = torch.cat([j * inner + cols for j in range(3)])
+        state[p + "attn.c_attn.weight"], state[p + "attn.c_proj.weight"] = attn[rows], out[:, cols]
+        if p + "attn.c_attn.bias" in state:
+            state[p + "attn.c_attn.bias"] = state[p + "attn.c_attn.bias"][rows]
+        layer_heads.append(len(kept_heads))
+    return state, {**cfg, "layer_heads": layer_heads, "layer_ffn": layer_ffn}
+
+
+@torch.no_grad()
+def shrink_rnn(state: dict[str, torch.Tensor], cfg: dict[str, Any], amount: float,
+               tied_to_embedding: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    n_layer = cfg.get("n_layer", 2)
+    gates = 4 if cfg.get("cell", "lstm") == "lstm" else 3
+    hidden = state["rnn.weight_hh_l0"].size(1)
+    keep = max(1, round(hidden * math.sqrt(1 - amount)))
+    units = []
+    for layer in range(n_layer):
+        w_ih, w_hh = state[f"rnn.weight_ih_l{layer}"], state[f"rnn.weight_hh_l{layer}"]
+        reads = (w_ih.reshape(gates, hidden, -1).norm(dim=(0, 2)) ** 2 + w_hh.reshape(gates, hidden, -1).norm(dim=(0, 2)) ** 2)
+        nxt = state[f"rnn.weight_ih_l{layer + 1}"] if layer + 1 < n_layer else (
+            state["proj.weight"] if "proj.weight" in state else state["head.weight"])
+        writes = w_hh.norm(dim=0) ** 2 + nxt.norm(dim=0) ** 2
+        if layer == n_layer - 1 and tied_to_embedding:  # these units are the embedding's dimensions
+            writes = writes + state["embedding.weight"].norm(dim=0) ** 2 + state["rnn.weight_ih_l0"].norm(dim=0) ** 2
+        units.append(keep_top(reads.sqrt() * writes.sqrt(), keep))
+    for layer, kept in enumerate(units):
+        rows = gate_rows(kept, hidden, gates)
+        state[f"rnn.weight_hh_l{layer}"] = state[f"rnn.weight_hh_l{layer}"][rows][:, kept]
+        for name in (f"rnn.bias_ih_l{layer}", f"rnn.bias_hh_l{layer}"):
+            if name in state:
+                state[name] = state[name][rows]
+        w_ih = state[f"rnn.weight_ih_l{layer}"][rows]
+        inputs = units[layer - 1] if layer > 0 else (units[-1] if tied_to_embedding else None)
+        state[f"rnn.weight_ih_l{layer}"] = w_ih[:, inputs] if inputs is not None else w_ih
+    last = units[-1]
+    if tied_to_embedding:
+        state["embedding.weight"] = state["embedding.weight"][:, last]
+        state["head.weight"] = state["embedding.weight"]
+        return state, {**cfg, "n_embd": keep, "hidden_size": None}
+    reader = "proj.weight" if "proj.weight" in state else "head.weight"
+    state[reader] = state[reader][:, last]
+    new_cfg = {**cfg, "hidden_size": keep}
+    if cfg.get("tie_weights", True) and keep == cfg["n_embd"]:
+        raise LmkitError(f"compression.prune_structured: {keep} hidden units would equal model.n_embd and drop "
+                         "the projection a tied head needs; choose another amount")
+    return state, new_cfg
+
+
+class PruneStructured(Plugin):
+    name = "prune_structured"
+    summary = "removes FFN neurons, attention heads and LSTM hidden units; a smaller dense model, faster everywhere"
+    defaults = {"amount": 0.3, "heads": True, "finetune_steps": 200, "finetune_lr": None}
+
+    def check(self) -> None:
+        s = self.settings
+        if not 0 <= s["amount"] < 1:
+            raise LmkitError(f"compression.prune_structured.amount={s['amount']} must be in [0, 1)")
+        if s["finetune_steps"] < 0:
+            raise LmkitError(f"compression.prune_structured.finetune_steps={s['finetune_steps']} must be >= 0")
+
+    def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
+        cfg = dict(model.config["model"])
+        state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        if cfg["kind"] == "transformer":
+            state, cfg = shrink_transformer(state, cfg, self.settings["amount"], self.settings["heads"])
+        elif cfg["kind"] == "lstm":
+            backbone = model.backbone
+            tied = backbone.proj is None and backbone.head.weight is backbone.embedding.weight
+            state, cfg = shrink_rnn(state, cfg, self.settings["amount"], tied)
+        else:
+            raise LmkitError(f"compression.prune_structured does not know the {cfg['kind']} backbone")
+        options = {k: v for k, v in cfg.items() if k not in ("kind", "vocab_size")}
+        smaller = build_backbone(cfg["kind"], cfg["vocab_size"], **options).to(model.device)
+        smaller.load_state_dict(state, strict=True)
+        model.backbone = smaller.eval()
+        model.config["model"] = cfg
+        context.finetune(model, self.settings["finetune_steps"], self.settings["finetune_lr"])
+        return {"finetuned_steps": self.settings["finetune_steps"]}
