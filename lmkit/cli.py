@@ -2,7 +2,8 @@
 
     lmkit train     [overrides]                       same as python train.py
     lmkit export    model=PATH out=DIR [format=lmkit|hf] [dtype=fp32|bf16|fp16] [overwrite=true]
-                    [compression=[prune,int8] compression.prune.amount=0.7 eval_windows=N gen_tokens=100]
+                    [compression=[prune,int8] compression.prune.amount=0.7 eval_windows=N gen_tokens=100
+                    paths.cache_dir=DIR]
     lmkit generate  model=PATH prompt="ROMEO:" [max_new_tokens=200 temperature=0.8 top_k=50 top_p=0.95
                     num_samples=1 seed=1 stream=true]
     lmkit eval      model=PATH [data=text data.path=...]
@@ -14,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,20 +102,20 @@ def _export(args: list[str]) -> None:
     from lmkit.export import load, save
     from lmkit.hf import export_hf
 
-    group_args = [x for x in args if x.split("=")[0].split(".")[0] == "compression"]
+    group_args = [x for x in args if x.lstrip("+~").split("=")[0].split(".")[0] in ("compression", "paths")]
     a = parse(ExportArgs, [x for x in args if x not in group_args], "export")
     if a.format not in ("lmkit", "hf"):
         raise LmkitError(f"format={a.format!r} is not one of lmkit, hf")
+    cfg = _compose(group_args) if group_args else {}
     model = load(a.model)
-    if group_args:
+    if cfg.get("compression"):
         from lmkit.compress import compress_and_export
         from lmkit.plugins import CompressContext
 
         if a.format != "lmkit" or a.dtype != "fp32":
             raise LmkitError("compression writes format=lmkit with the dtypes its plugins choose (drop format/dtype)")
-        cfg = _compose(group_args)
         context = CompressContext(cache_dir=cfg["paths"]["cache_dir"], seed=a.seed)
-        report = compress_and_export(model, cfg["compression"] or {}, a.out, context, a.overwrite,
+        _, report = compress_and_export(model, cfg["compression"] or {}, a.out, context, a.overwrite,
                                      eval_windows=a.eval_windows, gen_tokens=a.gen_tokens)
         print(report_summary(report))
         out = a.out
@@ -188,10 +190,11 @@ def _compose(overrides: list[str]) -> dict[str, Any]:
                 for key in ("data", "compression", "paths")}
     except (HydraException, OmegaConfBaseException) as e:
         message = str(e).splitlines()[0]
-        if "compression/" in message:
+        missing = re.search(r"Could not find 'compression/([^']+)'", message)
+        if missing:
             from lmkit.plugins import installed
 
-            message += f" (installed plugins: {', '.join(sorted(installed()))})"
+            raise LmkitError(f"unknown compression plugin {missing[1]!r}; installed: {', '.join(sorted(installed()))}")
         raise LmkitError(f"lmkit: {message}") from None
 
 

@@ -106,7 +106,7 @@ def compress(model: LM, spec: dict[str, dict[str, Any] | None], context: Compres
         context.log(f"compression: {plugin.name} {json.dumps(plugin.settings)}")
         record = {"plugin": plugin.name, "settings": plugin.settings, **plugin.apply(model, context)}
         model.config["compression"] = [*(model.config.get("compression") or []), record]
-        steps.append({"plugin": plugin.name, "settings": plugin.settings, **measure_now()})
+        steps.append({**record, **measure_now()})
     report = {"model": dense_shape, "dense_digest": fingerprint, "source": model.config.get("source"),
               "data": model.config.get("data"), "recipe": [p.name for p in plugins],
               "before": before, "steps": steps, "after": steps[-1] if steps else before}
@@ -123,13 +123,14 @@ def ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | N
 
 
 def compress_and_export(model: LM, spec: dict[str, dict[str, Any] | None], out: str | Path,
-                        context: CompressContext, overwrite: bool = False, **measure_options: Any) -> dict[str, Any]:
+                        context: CompressContext, overwrite: bool = False,
+                        **measure_options: Any) -> tuple[LM, dict[str, Any]]:
     """Compress, then write the artifact, report.json, report.png and the README table atomically."""
     check_free(Path(out), overwrite)  # before minutes of fine-tuning, not after
     compressed, report = compress(model, spec, context, **measure_options)
     files = {"report.json": (json.dumps(report, indent=2) + "\n").encode(), "report.png": report_png(report)}
     save(compressed, out, overwrite=overwrite, files=files, readme_extra=report_markdown(report))
-    return report
+    return compressed, report
 
 
 def rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -171,8 +171,8 @@ def _compress(module: LanguageModel, compression: dict[str, Any], output_dir: Pa
     model = LM(module.backbone, module.tokenizer, {"model": model_cfg, "data": hp.data, "optim": hp.optim,
                                                    "source": source})
     out = output_dir / "model"
-    report = compress_and_export(model, compression, out, CompressContext(cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
-                                                                          log=log.info), overwrite=True)
+    context = CompressContext(cache_dir=cfg.paths.cache_dir, seed=cfg.seed, log=log.info)
+    _, report = compress_and_export(model, compression, out, context, overwrite=True)
     log.info("Compressed model written to %s", out)
     after = report["after"]
     return {"export_dir": str(out.resolve()), "export_bytes": after["bytes"], "export_ppl": after["perplexity"],
