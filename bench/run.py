@@ -4,7 +4,7 @@
     quality      validation loss of the default run against nanoGPT's CPU recipe, whole process timed
     generate     generation tokens/s at 50 and 500 new tokens, with and without the cache
     scale        tokenizing 10 MB / 100 MB / 1 GB corpora (time, peak RSS); tokens/s as models grow
-    compression  size / perplexity / speed of compression recipes (needs the compression plugins)
+    compression  size / perplexity / speed of each compression recipe; where int8 kernels pay, by width
 
 Each prints its table and writes bench/results/<name>.json. Run on an otherwise idle machine:
 on 2 cores a second busy process halves every number.
@@ -18,20 +18,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "generate.py", "scale": "scale.py",
-           "compression": None}
+           "compression": "compression.py"}
 
 
 def main() -> int:
-    names = sys.argv[1:] or [n for n, script in BENCHES.items() if script]
+    names = sys.argv[1:] or list(BENCHES)
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         print(f"error: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}", file=sys.stderr)
         return 2
     for name in names:
-        if BENCHES[name] is None:
-            print(f"error: the {name} benchmark needs the compression plugins, which lmkit does not ship yet",
-                  file=sys.stderr)
-            return 2
         print(f"== {name}", flush=True)
         out = HERE / "results" / f"{name}.json"
         subprocess.run([sys.executable, str(HERE / BENCHES[name]), "--out", str(out)], check=True)

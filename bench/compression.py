@@ -1,0 +1,131 @@
+"""Compression trade-offs: size, perplexity and CPU generation speed of each recipe, and where int8 pays.
+
+    python bench/compression.py [--out bench/results/compression.json] [--lstm CKPT] [--transformer CKPT]
+
+1. recipes: the default LSTM (`python train.py`) and Transformer (`python train.py model=transformer`),
+   trained here unless checkpoints are given, each compressed by every recipe below exactly as
+   `lmkit export model=CKPT compression=...` does it; perplexity on the whole test split,
+   generation tokens/s at batch 1, bytes of model.safetensors.
+2. widths: generation tokens/s of fp32 against dynamic_int8 (and bitsandbytes int8) for random
+   models 128 to 1024 wide, both backbones: the crossover where int8 kernels start to pay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lmkit
+from lmkit.backbones import build_backbone
+from lmkit.compress import compress, table
+from lmkit.generate import stream_tokens
+from lmkit.model import LM
+from lmkit.plugins import CompressContext, make
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = {
+    "int8": {"int8": {}},
+    "dynamic_int8": {"dynamic_int8": {}},
+    "prune one-shot": {"prune": {"finetune_steps": 0}},
+    "prune": {"prune": {}},
+    "prune+int8 one-shot": {"prune": {"finetune_steps": 0}, "int8": {}},
+    "prune+int8": {"prune": {}, "int8": {}},
+    "prune_structured": {"prune_structured": {}},
+    "prune_structured+dynamic_int8": {"prune_structured": {}, "dynamic_int8": {}},
+}
+WIDTHS = (128, 256, 384, 512, 768, 1024)
+
+
+def train(model: str, run_dir: Path, cache_dir: str) -> Path:
+    cmd = [sys.executable, str(ROOT / "train.py"), f"model={model}", f"hydra.run.dir={run_dir}",
+           f"paths.cache_dir={cache_dir}", "trainer.enable_progress_bar=false"]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, capture_output=True)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+def recipes(checkpoints: dict[str, Path], cache_dir: str) -> dict[str, dict]:
+    results = {}
+    context = CompressContext(cache_dir=cache_dir)
+    for kind, ckpt in checkpoints.items():
+        dense = lmkit.load(ckpt)
+        labelled = []
+        for label, spec in RECIPES.items():
+            started = time.perf_counter()
+            _, report = compress(dense, spec, context, gen_tokens=200)
+            report["seconds"] = round(time.perf_counter() - started, 1)
+            results[f"{kind} {label}"] = report
+            labelled.append((label, report["after"]))
+            print(f"  {kind} {label}: {report['after_vs_before']} ({report['seconds']} s)", flush=True)
+        base = results[f"{kind} int8"]["before"]
+        print(f"\n{kind} ({ckpt})\n" + table([("dense", base), *labelled], base), flush=True)
+    return results
+
+
+@torch.no_grad()
+def speed(backbone: torch.nn.Module, new_tokens: int = 100, repeats: int = 3) -> float:
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+    for _ in stream_tokens(backbone, ids, 5, 1.0, None, None, generator, True):
+        pass
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in stream_tokens(backbone, ids, new_tokens, 1.0, None, None, generator, True):
+            pass
+        best = min(best, time.perf_counter() - started)
+    return new_tokens / best
+
+
+def widths() -> list[dict]:
+    out = []
+    print(f"\n{'model':<22} {'fp32 tok/s':>10} {'dynamic_int8':>13} {'x':>6} {'int8 (bnb)':>11} {'x':>6}")
+    for kind in ("transformer", "lstm"):
+        for width in WIDTHS:
+            options = (dict(n_layer=4, n_head=max(1, width // 64), n_embd=width, max_seq_len=256)
+                       if kind == "transformer" else dict(n_layer=1, n_embd=width))
+            torch.manual_seed(0)
+            row = {"model": f"{kind} {options['n_layer']}x{width}"}
+            for recipe in ("fp32", "dynamic_int8", "int8"):
+                backbone = build_backbone(kind, 80, **options).eval()
+                model = LM(backbone, None, {"model": {"kind": kind, "vocab_size": 80, **options}})
+                if recipe != "fp32":
+                    make(recipe).apply(model, CompressContext(cache_dir=""))
+                row[recipe] = round(speed(model.backbone), 1)
+            row["dynamic_int8_x"] = round(row["dynamic_int8"] / row["fp32"], 2)
+            row["int8_x"] = round(row["int8"] / row["fp32"], 2)
+            out.append(row)
+            print(f"{row['model']:<22} {row['fp32']:>10} {row['dynamic_int8']:>13} {row['dynamic_int8_x']:>6} "
+                  f"{row['int8']:>11} {row['int8_x']:>6}", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--lstm", type=Path, help="checkpoint of the default LSTM (default: train it)")
+    parser.add_argument("--transformer", type=Path, help="checkpoint of the default Transformer (default: train it)")
+    parser.add_argument("--cache-dir", default=os.environ.get("LMKIT_CACHE", ".cache/lmkit"))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoints = {kind: getattr(args, kind) or train(kind, Path(tmp) / kind, args.cache_dir)
+                       for kind in ("lstm", "transformer")}
+        result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "recipes": recipes(checkpoints, args.cache_dir),
+                  "widths": widths()}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
