@@ -8,6 +8,11 @@
    generation tokens/s at batch 1, bytes of model.safetensors.
 2. widths: generation tokens/s of fp32 against dynamic_int8 (and bitsandbytes int8) for random
    models 128 to 1024 wide, both backbones: the crossover where int8 kernels start to pay.
+3. kernels: one batch-1 step of a GPT MLP (w -> 4w -> w) and of an LSTM layer in fp32, through
+   torchao's `quantize_(Int8DynamicActivationInt8WeightConfig())`, through
+   `torch.ao.quantization.quantize_dynamic`, and as dynamic_int8 builds it: why it uses what it uses.
+
+`--only recipes|widths|kernels` runs one part (the JSON then holds that part only).
 """
 
 from __future__ import annotations
@@ -109,19 +114,79 @@ def widths() -> list[dict]:
     return out
 
 
+def step_time(module: torch.nn.Module, x: torch.Tensor, repeats: int = 200) -> float:
+    """Microseconds per call (after a warm-up)."""
+    with torch.no_grad():
+        for _ in range(10):
+            module(x)
+        started = time.perf_counter()
+        for _ in range(repeats):
+            module(x)
+    return (time.perf_counter() - started) / repeats * 1e6
+
+
+def kernels() -> list[dict]:
+    import copy
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+    from lmkit.backbones.unrolled import UnrolledRNN
+    from plugins.dynamic_int8 import DynamicInt8Linear
+
+    warnings.filterwarnings("ignore")
+    out = []
+    print(f"\n{'width':>5} | {'MLP fp32 us':>11} {'torchao':>8} {'quantize_dynamic':>16} {'dynamic_int8':>12} | "
+          f"{'LSTM fp32 us':>12} {'quantize_dynamic':>16} {'dynamic_int8':>12}")
+    for width in WIDTHS:
+        torch.manual_seed(0)
+        mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(),
+                                  torch.nn.Linear(4 * width, width)).eval()
+        x = torch.randn(1, 1, width)
+        torchao_mlp = copy.deepcopy(mlp)
+        quantize_(torchao_mlp, Int8DynamicActivationInt8WeightConfig())
+        ours_mlp = torch.nn.Sequential(DynamicInt8Linear.from_float(mlp[0]), torch.nn.GELU(),
+                                       DynamicInt8Linear.from_float(mlp[2]))
+        lstm = torch.nn.LSTM(width, width, batch_first=True).eval()
+        row = {"width": width,
+               "mlp_fp32_us": step_time(mlp, x), "mlp_torchao_us": step_time(torchao_mlp, x),
+               "mlp_quantize_dynamic_us": step_time(quantize_dynamic(
+                   copy.deepcopy(mlp), {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8), x),
+               "mlp_dynamic_int8_us": step_time(ours_mlp, x),
+               "lstm_fp32_us": step_time(lstm, x),
+               "lstm_quantize_dynamic_us": step_time(quantize_dynamic(
+                   copy.deepcopy(lstm), {torch.nn.LSTM: per_channel_dynamic_qconfig}, dtype=torch.qint8), x),
+               "lstm_dynamic_int8_us": step_time(UnrolledRNN(lstm, DynamicInt8Linear.from_float), x)}
+        row = {k: round(v, 1) if k != "width" else v for k, v in row.items()}
+        out.append(row)
+        print(f"{width:>5} | {row['mlp_fp32_us']:>11} {row['mlp_torchao_us']:>8} {row['mlp_quantize_dynamic_us']:>16} "
+              f"{row['mlp_dynamic_int8_us']:>12} | {row['lstm_fp32_us']:>12} {row['lstm_quantize_dynamic_us']:>16} "
+              f"{row['lstm_dynamic_int8_us']:>12}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--lstm", type=Path, help="checkpoint of the default LSTM (default: train it)")
     parser.add_argument("--transformer", type=Path, help="checkpoint of the default Transformer (default: train it)")
     parser.add_argument("--cache-dir", default=os.environ.get("LMKIT_CACHE", ".cache/lmkit"))
+    parser.add_argument("--only", choices=("recipes", "widths", "kernels"))
+    parser.add_argument("--train-dir", type=Path, help="keep the trained runs here (default: a temporary folder)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoints = {kind: getattr(args, kind) or train(kind, Path(tmp) / kind, args.cache_dir)
-                       for kind in ("lstm", "transformer")}
-        result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "recipes": recipes(checkpoints, args.cache_dir),
-                  "widths": widths()}
+    result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
+              "threads": torch.get_num_threads()}
+    if args.only in (None, "recipes"):
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = args.train_dir or Path(tmp)
+            checkpoints = {kind: getattr(args, kind) or train(kind, runs / kind, args.cache_dir)
+                           for kind in ("lstm", "transformer")}
+            result["recipes"] = recipes(checkpoints, args.cache_dir)
+    if args.only in (None, "widths"):
+        result["widths"] = widths()
+    if args.only in (None, "kernels"):
+        result["kernels"] = kernels()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

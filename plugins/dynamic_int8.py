@@ -4,7 +4,7 @@ Each linear layer (and each input/recurrent projection of an unrolled `nn.LSTM`/
 PyTorch's fbgemm int8 kernel (`torch.ops.quantized.linear_dynamic`): the activations are quantized
 per call, multiplied in int8 and rescaled. Weights are stored as int8 with one absmax per row
 (`SCB`, as bitsandbytes names it) and prepacked for the kernel on first use, so the artifact holds
-plain tensors. A tied embedding gathers from the head's int8 rows.
+plain tensors; scales, biases and norms are rounded to fp16 and stored so, as `int8` does. A tied embedding gathers from the head's int8 rows.
 
 Why these kernels (2 CPU threads, batch 1, measured by bench/compression.py kernels):
 torchao's `quantize_(Int8DynamicActivationInt8WeightConfig())` ran 6-10x slower than fp32 on
@@ -23,7 +23,7 @@ import torch.nn as nn
 from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin, swap_modules
-from plugins.int8 import Int8Embedding
+from plugins.int8 import Int8Embedding, half_where_lossless, round_to_half
 
 
 def row_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +89,9 @@ def quantize(backbone: nn.Module) -> nn.Module:
             return Int8Embedding(*int8_rows(module.weight), module.weight.dtype)
         return None
 
-    return swap_modules(backbone, convert).train(backbone.training)
+    backbone = swap_modules(backbone, convert).train(backbone.training)
+    round_to_half(backbone)  # scales, biases and norms: stored as fp16, exactly what runs
+    return backbone
 
 
 class DynamicInt8(Plugin):
@@ -105,3 +107,6 @@ class DynamicInt8(Plugin):
 
     def restore(self, backbone: nn.Module, record: dict[str, Any]) -> nn.Module:
         return quantize(backbone)  # the stored int8 tensors then overwrite these
+
+    def pack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return half_where_lossless(tensors)

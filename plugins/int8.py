@@ -1,7 +1,9 @@
 """`int8`: bitsandbytes LLM.int8 for every weight matrix, embeddings and recurrent weights included.
 
 Each matrix is stored as int8 with one absmax scale per row (bitsandbytes' `SCB`): about a
-quarter of the fp32 bytes. Linear layers become `bnb.nn.Linear8bitLt` (activation columns above
+quarter of the fp32 bytes. What stays in float (the scales, biases and norm gains) is rounded to
+fp16 precision when quantizing and stored as fp16: LLM.int8 computes in fp16 anyway, and the
+model in memory is exactly the model on disk. Linear layers become `bnb.nn.Linear8bitLt` (activation columns above
 `threshold` take a higher-precision path: LLM.int8's outlier decomposition); an `nn.LSTM`/`nn.GRU`
 is unrolled so that its input projection of all time steps is one int8 matmul and its recurrent
 weights are int8 per step; an embedding gathers int8 rows and rescales them, sharing the int8
@@ -78,7 +80,26 @@ def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
         return None
 
     # New modules start in training mode, where Linear8bitLt re-quantizes its (already int8) weight.
-    return swap_modules(backbone, convert).train(backbone.training)
+    backbone = swap_modules(backbone, convert).train(backbone.training)
+    round_to_half(backbone)
+    return backbone
+
+
+@torch.no_grad()
+def round_to_half(backbone: nn.Module) -> None:
+    """Round every float32 tensor (scales, biases, norms) to the nearest fp16 value, in place."""
+    for tensor in backbone.state_dict().values():  # detached views: copy_ writes the module's storage
+        if tensor.dtype == torch.float32 and tensor.abs().max() < torch.finfo(torch.float16).max:
+            tensor.copy_(tensor.half().float())
+
+
+def half_where_lossless(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float32 tensors whose values fp16 holds exactly, as fp16 (loading copies them back into float32)."""
+    out = {}
+    for name, t in tensors.items():
+        half = t.half() if t.dtype == torch.float32 else None
+        out[name] = half if half is not None and torch.equal(half.float(), t) else t
+    return out
 
 
 class Int8(Plugin):
@@ -101,4 +122,4 @@ class Int8(Plugin):
     def pack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         # bitsandbytes' `weight_format` flag is always row-major (0) now, and its loader assumes that
         # when the flag is absent: a tied head, stored as the embedding, has no weight for it to go with.
-        return {name: t for name, t in tensors.items() if not name.endswith(".weight_format")}
+        return half_where_lossless({name: t for name, t in tensors.items() if not name.endswith(".weight_format")})
