@@ -3,7 +3,8 @@
 A plugin is a small class with up to four hooks, each optional:
 
     callbacks(module)          Lightning callbacks for training time (a pruning schedule, ...)
-    apply(model, context)      the post-training transform: quantize, prune, shrink; returns the model
+    apply(model, context)      the post-training transform of `model` (an lmkit.model.LM) in place:
+                               quantize, prune, shrink; returns extra details for its record
     restore(backbone, record)  on load: turn a freshly built dense backbone into the compressed
                                structure (the stored tensors are then loaded into it)
     pack(tensors, record) /    how its tensors are written to and read back from model.safetensors
@@ -19,7 +20,7 @@ Lightning or Hydra, so a plugin imports Lightning inside `callbacks` or `apply` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -41,8 +42,7 @@ class CompressContext:
 
     cache_dir: str  # the token cache (for fine-tuning and evaluation on the model's own corpus)
     seed: int = 1337
-    log: Any = print  # where progress lines go
-    extra: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], Any] = print  # where progress lines go
 
     def finetune(self, model: LM, steps: int, lr: float | None = None, callbacks: list | None = None) -> None:
         """Train `model` in place for `steps` steps on its own training data (imports Lightning)."""

@@ -40,7 +40,7 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("weight", weight)  # int8 (out, in)
         self.register_buffer("SCB", SCB)  # absmax of each row
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._packed: tuple[Any, tuple[int, ...]] | None = None
+        self._packed: Any = None  # fbgemm's prepacked weight, built on first use
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> DynamicInt8Linear:
@@ -48,21 +48,18 @@ class DynamicInt8Linear(nn.Module):
         bias = linear.bias.detach().float().clone() if linear.bias is not None else None
         return cls(q, absmax, bias)
 
-    def _prepacked(self) -> Any:
-        # Packed once, and again only if the stored tensors changed (load_state_dict copies in place).
-        version = (self.weight._version, self.SCB._version, self.bias._version if self.bias is not None else 0)
-        if self._packed is None or self._packed[1] != version:
-            scales = (self.SCB / 127).double()
-            qweight = torch._make_per_channel_quantized_tensor(
-                self.weight, scales, torch.zeros_like(scales, dtype=torch.int64), 0)
-            bias = self.bias.detach() if self.bias is not None else None
-            self._packed = (torch.ops.quantized.linear_prepack(qweight, bias), version)
-        return self._packed[0]
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._packed = None  # new weights: pack again on the next call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:  # packed once: per call, the kernel is all that runs
+            scales = (self.SCB.float() / 127).double()
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.weight, scales, torch.zeros_like(scales, dtype=torch.int64), 0)
+            self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
         # reduce_range: 7-bit activations, as quantize_dynamic uses on x86 (no int16 overflow in fbgemm)
-        y = torch.ops.quantized.linear_dynamic(x.float().reshape(-1, self.in_features), self._prepacked(), True)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
 
 
 def quantize(backbone: nn.Module) -> nn.Module:

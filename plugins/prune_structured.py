@@ -2,21 +2,20 @@
 
 The least important units (by weight magnitude: the norm of what a unit reads times the norm of
 what it writes) are cut out and the layers rebuilt smaller, so the model has fewer parameters and
-runs faster with ordinary dense kernels. A short recovery fine-tune follows.
+runs faster with ordinary dense kernels. `amount` is the fraction of the model's parameters to
+remove (at least): the plan is the smallest cut that gets there. A short recovery fine-tune follows.
 
-- Transformer: in each layer, `amount` of the MLP neurons and (with `heads`) of the attention
-  heads, at least one head kept. Kept widths round down to a multiple of 8 (fast kernels). The new widths are per-layer config keys (`layer_ffn`,
+- Transformer: the same fraction of the MLP neurons and (with `heads`) of the attention heads in
+  every layer, at least one head kept; embeddings stay. Kept widths are multiples of 8 (fast kernels). The new widths are per-layer config keys (`layer_ffn`,
   `layer_heads`), so the artifact is an ordinary model with a different config.json.
 - LSTM/GRU: `nn.LSTM` needs one hidden size for all layers, so every layer keeps the same number
   of units (its own most important ones). With a tied head and no projection the last layer's
   units are the embedding's dimensions: those are cut from the embedding, the head and the first
-  layer's input too. Recurrent weights grow with width squared, so the kept width is
-  sqrt(1 - amount) of the old one.
+  layer's input too.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -44,20 +43,18 @@ def gate_rows(units: torch.Tensor, hidden: int, gates: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def shrink_transformer(state: dict[str, torch.Tensor], cfg: dict[str, Any], amount: float,
-                       heads: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def shrink_transformer(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Cut each layer down to `cfg["layer_ffn"]` neurons and `cfg["layer_heads"]` heads, the most important."""
     n_layer, d = cfg["n_layer"], cfg["n_embd"] // cfg["n_head"]
-    layer_heads, layer_ffn = [], []
     for i in range(n_layer):
         p = f"transformer.h.{i}."
         # MLP neurons: what each reads (c_fc row) times what it writes (c_proj column)
         fc, proj = state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"]
         neuron_scores = fc.norm(dim=1) * proj.norm(dim=0)
-        kept = keep_top(neuron_scores, min(fc.size(0), multiple_of_8(fc.size(0) * (1 - amount))))
+        kept = keep_top(neuron_scores, cfg["layer_ffn"][i])
         state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"] = fc[kept], proj[:, kept]
         if p + "mlp.c_fc.bias" in state:
             state[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"][kept]
-        layer_ffn.append(len(kept))
         # attention heads: the norm of a head's q, k, v rows times that of its output columns
         attn, out = state[p + "attn.c_attn.weight"], state[p + "attn.c_proj.weight"]
         n_head = out.size(1) // d
@@ -65,27 +62,26 @@ def shrink_transformer(state: dict[str, torch.Tensor], cfg: dict[str, Any], amou
         per_head = lambda t: t.reshape(n_head, -1).norm(dim=1)  # noqa: E731
         head_scores = (sum(per_head(attn[j * inner:(j + 1) * inner]) ** 2 for j in range(3)).sqrt()
                        * per_head(out.t().contiguous()))
-        kept_heads = keep_top(head_scores, max(1, round(n_head * (1 - amount))) if heads else n_head)
+        kept_heads = keep_top(head_scores, cfg["layer_heads"][i])
         cols = torch.cat([h * d + torch.arange(d) for h in kept_heads.tolist()])
         rows = torch.cat([j * inner + cols for j in range(3)])
         state[p + "attn.c_attn.weight"], state[p + "attn.c_proj.weight"] = attn[rows], out[:, cols]
         if p + "attn.c_attn.bias" in state:
             state[p + "attn.c_attn.bias"] = state[p + "attn.c_attn.bias"][rows]
-        layer_heads.append(len(kept_heads))
-    return state, {**cfg, "layer_heads": layer_heads, "layer_ffn": layer_ffn}
+    return state
 
 
 @torch.no_grad()
-def shrink_rnn(state: dict[str, torch.Tensor], cfg: dict[str, Any], amount: float,
-               tied_to_embedding: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    n_layer = cfg.get("n_layer", 2)
+def shrink_rnn(state: dict[str, torch.Tensor], cfg: dict[str, Any], keep: int,
+               tied_to_embedding: bool) -> dict[str, torch.Tensor]:
+    """Keep the `keep` most important hidden units of every layer (the embedding's dimensions too when tied)."""
+    n_layer = cfg["n_layer"]
     gates = 4 if cfg.get("cell", "lstm") == "lstm" else 3
     hidden = state["rnn.weight_hh_l0"].size(1)
-    keep = min(hidden, multiple_of_8(hidden * math.sqrt(1 - amount)))
     units = []
     for layer in range(n_layer):
         w_ih, w_hh = state[f"rnn.weight_ih_l{layer}"], state[f"rnn.weight_hh_l{layer}"]
-        reads = (w_ih.reshape(gates, hidden, -1).norm(dim=(0, 2)) ** 2 + w_hh.reshape(gates, hidden, -1).norm(dim=(0, 2)) ** 2)
+        reads = w_ih.reshape(gates, hidden, -1).norm(dim=(0, 2)) ** 2 + w_hh.reshape(gates, hidden, -1).norm(dim=(0, 2)) ** 2
         nxt = state[f"rnn.weight_ih_l{layer + 1}"] if layer + 1 < n_layer else (
             state["proj.weight"] if "proj.weight" in state else state["head.weight"])
         writes = w_hh.norm(dim=0) ** 2 + nxt.norm(dim=0) ** 2
@@ -105,14 +101,43 @@ def shrink_rnn(state: dict[str, torch.Tensor], cfg: dict[str, Any], amount: floa
     if tied_to_embedding:
         state["embedding.weight"] = state["embedding.weight"][:, last]
         state["head.weight"] = state["embedding.weight"]
-        return state, {**cfg, "n_embd": keep, "hidden_size": None}
-    reader = "proj.weight" if "proj.weight" in state else "head.weight"
-    state[reader] = state[reader][:, last]
-    new_cfg = {**cfg, "hidden_size": keep}
-    if cfg.get("tie_weights", True) and keep == cfg["n_embd"]:
-        raise LmkitError(f"compression.prune_structured: {keep} hidden units would equal model.n_embd and drop "
-                         "the projection a tied head needs; choose another amount")
-    return state, new_cfg
+    else:
+        reader = "proj.weight" if "proj.weight" in state else "head.weight"
+        state[reader] = state[reader][:, last]
+    return state
+
+
+def count_parameters(cfg: dict[str, Any]) -> int:
+    """Parameters of the model `cfg` describes (built on the meta device: no memory, no time)."""
+    options = {k: v for k, v in cfg.items() if k not in ("kind", "vocab_size")}
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_backbone(cfg["kind"], cfg["vocab_size"], **options).parameters())
+
+
+def transformer_plan(cfg: dict[str, Any], budget: int, heads: bool) -> dict[str, Any]:
+    """The smallest uniform cut (neurons and heads) that brings the model within `budget` parameters."""
+    n_layer, n_head = cfg["n_layer"], cfg["n_head"]
+    ffn = cfg.get("layer_ffn") or [cfg.get("mlp_ratio", 4) * cfg["n_embd"]] * n_layer
+    head_counts = cfg.get("layer_heads") or [n_head] * n_layer
+    for percent in range(0, 96):
+        cut = percent / 100
+        plan = {**cfg, "layer_ffn": [min(f, multiple_of_8(f * (1 - cut))) for f in ffn],
+                "layer_heads": [max(1, round(h * (1 - cut))) if heads else h for h in head_counts]}
+        if count_parameters(plan) <= budget:
+            return plan
+    raise LmkitError("compression.prune_structured: the amount asks for more than cutting 95% of every layer removes")
+
+
+def rnn_plan(cfg: dict[str, Any], budget: int, tied_to_embedding: bool) -> tuple[dict[str, Any], int]:
+    """The widest hidden size (a multiple of 8) whose model fits in `budget` parameters."""
+    hidden = cfg.get("hidden_size") or cfg["n_embd"]
+    for keep in [hidden, *range(hidden // 8 * 8, 7, -8)]:
+        plan = {**cfg, "n_embd": keep, "hidden_size": None} if tied_to_embedding else {**cfg, "hidden_size": keep}
+        if not tied_to_embedding and cfg.get("tie_weights", True) and keep == cfg["n_embd"]:
+            continue  # the tied head needs its projection, which hidden == n_embd would drop
+        if count_parameters(plan) <= budget:
+            return plan, keep
+    raise LmkitError("compression.prune_structured: the amount asks for fewer than 8 hidden units")
 
 
 class PruneStructured(Plugin):
@@ -130,12 +155,15 @@ class PruneStructured(Plugin):
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
         cfg = dict(model.config["model"])
         state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+        budget = int((1 - self.settings["amount"]) * count_parameters(cfg))
         if cfg["kind"] == "transformer":
-            state, cfg = shrink_transformer(state, cfg, self.settings["amount"], self.settings["heads"])
+            cfg = transformer_plan(cfg, budget, self.settings["heads"])
+            state = shrink_transformer(state, cfg)
         elif cfg["kind"] == "lstm":
             backbone = model.backbone
             tied = backbone.proj is None and backbone.head.weight is backbone.embedding.weight
-            state, cfg = shrink_rnn(state, cfg, self.settings["amount"], tied)
+            cfg, keep = rnn_plan(cfg, budget, tied)
+            state = shrink_rnn(state, cfg, keep, tied)
         else:
             raise LmkitError(f"compression.prune_structured does not know the {cfg['kind']} backbone")
         options = {k: v for k, v in cfg.items() if k not in ("kind", "vocab_size")}
