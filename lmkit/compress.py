@@ -148,22 +148,28 @@ def rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
 def table(rows_: list[tuple[str, dict[str, Any]]], base: dict[str, Any]) -> str:
     """A Markdown table of size, sparsity, perplexity and speed, ratios against `base`."""
-    lines = ["| model | bytes | x dense | params | sparsity | perplexity | change | tokens/s | x dense |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | bytes | x dense | params | sparsity | perplexity | change | generate tok/s | x dense "
+             "| forward tok/s | x dense |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def speed(m: dict[str, Any], key: str) -> str:
+        if not m.get(key):
+            return "- | -"
+        return f"{m[key]:,.0f} | " + (f"{m[key] / base[key]:.2f}" if base.get(key) else "-")
+
     for label, m in rows_:
-        ppl, speed = m.get("perplexity"), m.get("tokens_per_s")
+        ppl = m.get("perplexity")
         change = f"{100 * (ppl / base['perplexity'] - 1):+.2f}%" if ppl and base.get("perplexity") else "-"
-        speedup = f"{speed / base['tokens_per_s']:.2f}" if speed and base.get("tokens_per_s") else "-"
         lines.append(f"| {label} | {m['bytes']:,} | {m['bytes'] / base['bytes']:.3f} | {m['parameters']:,} | "
                      f"{m['sparsity']:.1%} | {f'{ppl:.4f}' if ppl else '-'} | {change} | "
-                     f"{f'{speed:,.0f}' if speed else '-'} | {speedup} |")
+                     f"{speed(m, 'tokens_per_s')} | {speed(m, 'eval_tokens_per_s')} |")
     return "\n".join(lines) + "\n"
 
 
 def report_markdown(report: dict[str, Any]) -> str:
     return ("\n## Compression\n\nRecipe: " + " -> ".join(report["recipe"]) + " (settings in config.json). "
-            "Perplexity on the training corpus' test split; tokens/s generating at batch 1 on the "
-            "export machine.\n\n" + table(rows(report), report["before"]))
+            "Perplexity on the training corpus' test split; tokens/s on the export machine, generating at "
+            "batch 1 and reading the test split (forward).\n\n" + table(rows(report), report["before"]))
 
 
 def plot(points: list[tuple[str, dict[str, Any]]], title: str, frontier: bool = False) -> bytes:
@@ -224,5 +230,7 @@ def gather(dirs: list[str | Path]) -> tuple[list[tuple[str, dict[str, Any]]], di
         if r.get("dense_digest") != first.get("dense_digest"):
             raise LmkitError(f"{d} and {first_dir} were compressed from different models: a report compares "
                              "recipes on one model")
-    points = [("dense", first["before"])] + [(d.name, r["after"]) for d, r in reports]
+    labels = ["+".join(r["recipe"]) for _, r in reports]
+    labels = [label if labels.count(label) == 1 else f"{label} ({d})" for label, (d, _) in zip(labels, reports)]
+    points = [("dense", first["before"])] + [(label, r["after"]) for label, (_, r) in zip(labels, reports)]
     return points, first["before"]

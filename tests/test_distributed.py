@@ -127,3 +127,15 @@ def test_bad_launch_settings_give_one_line(overrides, message, tmp_path, cache_d
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_ddp_run_compresses_once_on_rank_zero(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    result = run_train_py(*SMALL, *DDP2, "compression=[prune,int8]", "compression.prune.finetune_steps=4",
+                          run_dir=run_dir, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = metrics(run_dir)
+    assert m["world_size"] == 2 and m["export_bytes_ratio"] < 0.3
+    assert (result.stdout + result.stderr).count("compression: int8") == 1  # one rank compressed; the other only trained
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]  # no stray temp folders
+    assert (run_dir / "model" / "report.json").is_file()
