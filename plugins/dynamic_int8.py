@@ -4,13 +4,23 @@ Each linear layer (and each input/recurrent projection of an unrolled `nn.LSTM`/
 PyTorch's fbgemm int8 kernel (`torch.ops.quantized.linear_dynamic`): the activations are quantized
 per call, multiplied in int8 and rescaled. Weights are stored as int8 with one absmax per row
 (`SCB`, as bitsandbytes names it) and prepacked for the kernel on first use, so the artifact holds
-plain tensors; scales, biases and norms are rounded to fp16 and stored so, as `int8` does. A tied embedding gathers from the head's int8 rows.
+plain tensors; scales, biases and norms are rounded to fp16 and stored so, as `int8` does. A tied
+embedding gathers from the head's int8 rows.
 
-Why these kernels (2 CPU threads, batch 1, measured by bench/compression.py kernels):
-torchao's `quantize_(Int8DynamicActivationInt8WeightConfig())` ran 6-10x slower than fp32 on
-this CPU for every width, and `quantize_dynamic` on `nn.LSTM` was no faster than fp32 at any
-width; the unrolled LSTM over fbgemm linears is what pays. int8 loses to fp32 below ~384 wide and
-wins above (a 1024-wide MLP: 7x).
+Why these kernels (bench/compression.py, 2 CPU threads, one batch-1 step, microseconds):
+
+    width                   128    256    384    512    768   1024
+    MLP  fp32                72    108    162    241   1207   2210
+    MLP  torchao quantize_  814    979   1236   1634   2642   4073   Int8DynamicActivationInt8WeightConfig
+    MLP  quantize_dynamic   137    142    156    172    217    283
+    MLP  dynamic_int8       111    117    129    146    190    249   these linears
+    LSTM fp32               220    404    687   1207   3212   5922
+    LSTM quantize_dynamic   220    402    683   1208   3201   5938   no gain at any width
+    LSTM dynamic_int8       196    207    215    235    282    338   unrolled over these linears
+
+torchao's int8 path has no fast CPU kernel here, and torch.ao's quantized LSTM is no faster than
+fp32, so both layer types go through fbgemm linears. Whole-model generation gains from about 256
+wide and reaches 1.5x from 384 (bench widths table); below 256 fp32 is faster.
 """
 
 from __future__ import annotations
