@@ -128,7 +128,11 @@ def pack(tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
 
 def unpack(mask: torch.Tensor, values: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
     shape = tuple(shape.tolist())
+    if mask.numel() != math.ceil(math.prod(shape) / 8):  # checked before allocating what a file claims
+        raise ValueError(f"a bitmask of {mask.numel()} bytes does not fit the shape {shape}")
     keep = np.unpackbits(mask.numpy(), count=math.prod(shape)).astype(bool)
+    if int(keep.sum()) != values.numel():
+        raise ValueError(f"{values.numel()} stored values for {int(keep.sum())} non-zeros")
     dense = torch.zeros(math.prod(shape), dtype=values.dtype)
     dense[torch.from_numpy(keep)] = values
     return dense.view(shape)
