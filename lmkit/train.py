@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -124,6 +125,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("Resuming from %s", ckpt_path)
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar") is False:  # the flag wins over the bar in the callbacks group
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks += [callback for plugin in plugins for callback in plugin.callbacks(module)]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
