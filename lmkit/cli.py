@@ -194,6 +194,9 @@ def _compose(overrides: list[str]) -> dict[str, Any]:
         if missing:
             from lmkit.plugins import installed
 
+            if missing[1] in installed():  # a plugin installed without a file in conf/compression/
+                raise LmkitError(f"compression={missing[1]}: the plugin has no conf/compression/{missing[1]}.yaml; "
+                                 f"select it with +compression.{missing[1]}={{}} (or +compression.{missing[1]}.KEY=...)")
             raise LmkitError(f"unknown compression plugin {missing[1]!r}; installed: {', '.join(sorted(installed()))}")
         raise LmkitError(f"lmkit: {message}") from None
 
@@ -223,6 +226,8 @@ def _report(args: list[str]) -> None:
     print(table(points, base), end="")
     print("Pareto front (smallest first): " + ", ".join(label for label, _ in pareto(points)))
     if "out" in options:
+        if Path(options["out"]).is_dir():
+            raise LmkitError(f"out={options['out']} is a folder: name the PNG file to write")
         atomic_write_bytes(Path(options["out"]), plot(points, "size vs perplexity", frontier=True))
         print(f"wrote {options['out']}")
 

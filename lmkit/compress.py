@@ -25,22 +25,13 @@ import torch
 
 from lmkit.errors import LmkitError
 from lmkit.evaluate import evaluate, own_datamodule
-from lmkit.export import save, unique_tensors, write_tensors
+from lmkit.export import count_parameters, save, unique_tensors, write_tensors
 from lmkit.files import check_free
 from lmkit.generate import stream_tokens
 from lmkit.model import LM
 from lmkit.plugins import CompressContext, check_chain, recipe
 
 log = logging.getLogger("lmkit")
-
-BOOKKEEPING = ("SCB", "weight_format")  # per-row scales and format flags: not parameters of the model
-
-
-def count_parameters(model: LM) -> tuple[int, int]:
-    """(parameters, non-zero parameters), each shared tensor once, quantization scales excluded."""
-    tensors = [t for name, t in unique_tensors(model.backbone).items() if name.rsplit(".", 1)[-1] not in BOOKKEEPING]
-    return sum(t.numel() for t in tensors), sum(int((t != 0).sum()) for t in tensors)
-
 
 def weights_digest(model: LM) -> str:
     """A digest of every weight: two reports compare only if they compressed the same model."""
@@ -76,7 +67,7 @@ def generation_speed(model: LM, new_tokens: int, repeats: int = 3) -> float:
 
 
 def measure(model: LM, tokens: Any, seq_len: int, windows: int | None, gen_tokens: int) -> dict[str, Any]:
-    params, nonzero = count_parameters(model)
+    params, nonzero = count_parameters(model.backbone)
     result = evaluate(model, tokens, seq_len, max_windows=windows) if tokens is not None else {}
     return {"bytes": stored_bytes(model), "parameters": params, "nonzero": nonzero,
             "sparsity": round(1 - nonzero / params, 4), "loss": result.get("loss"),
@@ -91,18 +82,25 @@ def compress(model: LM, spec: dict[str, dict[str, Any] | None], context: Compres
     done = [r["plugin"] for r in model.config.get("compression") or []]
     plugins = recipe(spec)
     check_chain([p.name for p in plugins], already=done)
-    model = copy.deepcopy(model).eval()
-    model.config = copy.deepcopy(model.config)
+    has_corpus = bool(model.config.get("data")) and model.has_tokenizer
+    tuning = [p.name for p in plugins if p.finetunes and p.settings.get("finetune_steps")]
+    if tuning and not has_corpus:
+        raise LmkitError(f"compression: {', '.join(tuning)} fine-tunes on the model's training corpus, and this "
+                         f"model records none (or no tokenizer): set compression.{tuning[0]}.finetune_steps=0")
+    if any(p.name == "dynamic_int8" for p in plugins) and model.device.type != "cpu":
+        raise LmkitError(f"compression=dynamic_int8 runs on CPU (fbgemm); the model is on {model.device}")
+    # float32 in, so that what is measured is what the artifact (float32 plus its plugins' dtypes) holds
+    model = copy.deepcopy(model).float().eval()
     dense_shape = copy.deepcopy(model.config["model"])
     fingerprint = weights_digest(model)
     tokens, seq_len = None, 0
-    if model.config.get("data") and model.has_tokenizer:
+    if has_corpus:
         datamodule = own_datamodule(model, context.cache_dir, seed=context.seed)
         datamodule.prepare_data()
         tokens, seq_len = datamodule.cache.split("test"), datamodule.seq_len
         eval_windows = eval_windows or datamodule.test_windows
     else:
-        log.warning("the model records no training corpus: the report has no perplexity")
+        log.warning("the model records no training corpus or no tokenizer: the report has no perplexity")
     measure_now = lambda: measure(model, tokens, seq_len, eval_windows, gen_tokens)  # noqa: E731
     before = measure_now()
     steps = []
@@ -111,7 +109,8 @@ def compress(model: LM, spec: dict[str, dict[str, Any] | None], context: Compres
         record = {"plugin": plugin.name, "settings": plugin.settings, **plugin.apply(model, context)}
         model.config["compression"] = [*(model.config.get("compression") or []), record]
         steps.append({**record, **measure_now()})
-    report = {"model": dense_shape, "dense_digest": fingerprint, "source": model.config.get("source"),
+    report = {"model": dense_shape, "dense_digest": fingerprint, "compressed_before": done,
+              "source": model.config.get("source"),
               "data": model.config.get("data"), "recipe": [p.name for p in plugins],
               "before": before, "steps": steps, "after": steps[-1] if steps else before}
     report["after_vs_before"] = ratios(before, report["after"])
@@ -138,8 +137,8 @@ def compress_and_export(model: LM, spec: dict[str, dict[str, Any] | None], out: 
 
 
 def rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(label, measures) for the dense model and after each step."""
-    out, names = [("dense", report["before"])], []
+    """(label, measures) for the model as given and after each step."""
+    out, names = [("dense" if not report.get("compressed_before") else "before", report["before"])], []
     for step in report["steps"]:
         names.append(step["plugin"])
         out.append(("+".join(names), step))
@@ -222,9 +221,13 @@ def gather(dirs: list[str | Path]) -> tuple[list[tuple[str, dict[str, Any]]], di
         if not path.is_file():
             raise LmkitError(f"{d} has no report.json (export it with compression=...)")
         try:
-            reports.append((Path(d), json.loads(path.read_text())))
-        except json.JSONDecodeError as e:
-            raise LmkitError(f"{path} is not valid JSON ({e})") from None
+            report = json.loads(path.read_text())
+            if not isinstance(report, dict) or any(k not in report for k in ("recipe", "before", "after")) or \
+                    any("bytes" not in report[k] or "parameters" not in report[k] for k in ("before", "after")):
+                raise ValueError("it lacks recipe, before or after")
+        except ValueError as e:
+            raise LmkitError(f"{path} is not an lmkit compression report ({e})") from None
+        reports.append((Path(d), report))
     first_dir, first = reports[0]
     for d, r in reports[1:]:
         if r.get("dense_digest") != first.get("dense_digest"):

@@ -58,6 +58,13 @@ def load(path: str | Path, device: str | torch.device | None = None, dtype: str 
     else:
         raise LmkitError(f"{path} is neither an lmkit model directory (with config.json) nor a checkpoint file")
     dtype = parse_dtype(dtype)
+    compression = [r["plugin"] for r in model.config.get("compression") or []]
+    if compression and dtype is not None:
+        raise LmkitError(f"dtype={dtype_name(dtype)}: {path} is compressed ({'+'.join(compression)}) and keeps "
+                         "the dtypes its plugins chose")
+    if compression and device is not None and torch.device(device).type != "cpu":
+        raise LmkitError(f"device={device}: compressed artifacts ({'+'.join(compression)}) load on the CPU here "
+                         "(dynamic_int8 is CPU-only; int8 on a GPU is untested)")
     return model.to(device=device, dtype=dtype).eval() if dtype else model.to(device=device).eval()
 
 
@@ -85,19 +92,24 @@ def _load_artifact(path: Path) -> LM:
     if missing:
         raise LmkitError(f"{path / 'config.json'} lacks {', '.join(missing)}")
     backbone = _build(config["model"], str(path / "config.json")).to(parse_dtype(config["dtype"]))
-    steps = [(make(r["plugin"], r.get("settings")), r) for r in config.get("compression") or []]
-    for plugin, record in steps:  # the compressed structure; the stored tensors fill it below
-        backbone = plugin.restore(backbone, record)
+    records = config.get("compression") or []
+    if not isinstance(records, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("plugin"), str) and isinstance(r.get("settings", {}), dict)
+            for r in records):
+        raise LmkitError(f"{path / 'config.json'}: `compression` must be a list of {{plugin, settings}} records")
+    steps = [(make(r["plugin"], r.get("settings")), r) for r in records]
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise LmkitError(f"{path} has no model.safetensors")
     try:
+        for plugin, record in steps:  # the compressed structure; the stored tensors fill it below
+            backbone = plugin.restore(backbone, record)
         tensors = load_file(weights)
         for plugin, record in reversed(steps):
             tensors = plugin.unpack(tensors, record)
         load_tensors(backbone, tensors)
-    except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as e:
-        reason = str(e).splitlines()[0][:160]
+    except (SafetensorError, OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise LmkitError(f"{weights} is corrupt, truncated or for another model ({reason})") from None
     tokenizer = None
     if config["tokenizer"] is not None:
@@ -189,13 +201,24 @@ def load_tensors(backbone: torch.nn.Module, tensors: dict[str, torch.Tensor]) ->
         raise ValueError(f"missing {untied[:3]}, unexpected {unexpected[:3]}")
 
 
+BOOKKEEPING = ("SCB", "weight_format")  # quantization scales and format flags: not parameters of the model
+
+
+def count_parameters(backbone: torch.nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters): each shared tensor once, quantization scales excluded."""
+    tensors = [t for name, t in unique_tensors(backbone).items() if name.rsplit(".", 1)[-1] not in BOOKKEEPING]
+    return sum(t.numel() for t in tensors), sum(int((t != 0).sum()) for t in tensors)
+
+
 def model_card(config: dict[str, Any], backbone: torch.nn.Module) -> str:
     m = config["model"]
-    n_params = sum(p.numel() for p in backbone.parameters())
+    n_params = count_parameters(backbone)[0]
     shape = ", ".join(f"{k}={v}" for k, v in m.items() if k not in ("kind",))
     tok = config["tokenizer"] or "none (token ids only)"
+    steps = " -> ".join(r["plugin"] for r in config.get("compression") or [])
+    dtype = f"{config['dtype']}, compressed: {steps}" if steps else config["dtype"]
     return (f"# lmkit {m['kind']} language model\n\n"
-            f"- parameters: {n_params:,}\n- shape: {shape}\n- tokenizer: {tok}\n- dtype: {config['dtype']}\n"
+            f"- parameters: {n_params:,}\n- shape: {shape}\n- tokenizer: {tok}\n- dtype: {dtype}\n"
             f"- trained on: {json.dumps(config.get('data'))}\n- source: {json.dumps(config.get('source'))}\n\n"
             "## Use\n\n```python\nimport lmkit\n\nmodel = lmkit.load(\"PATH\")\n"
             "print(model.generate(\"ROMEO:\", max_new_tokens=200, temperature=0.8, top_k=50))\n```\n\n"

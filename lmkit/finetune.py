@@ -17,8 +17,9 @@ from lmkit.module import LanguageModel
 
 log = logging.getLogger("lmkit")
 
-# When the model does not record the optimizer it was trained with (an imported GPT-2).
-FALLBACK_OPTIM = {"name": "adamw", "lr": 3e-4, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.0,
+# When the model does not record the optimizer it was trained with (an artifact exported before lmkit
+# recorded it): conf/optim/adamw.yaml's settings.
+FALLBACK_OPTIM = {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1,
                   "warmup_steps": 0, "min_lr_ratio": 0.1, "grad_clip": 1.0}
 
 

@@ -63,12 +63,16 @@ class Plugin:
     summary: ClassVar[str]  # one line, shown by `lmkit plugins`
     defaults: ClassVar[dict[str, Any]] = {}
     quantizes: ClassVar[bool] = False  # a quantized model is final: no plugin may follow one
+    sparsifies: ClassVar[bool] = False  # leaves zeros that a later fine-tune would fill back in
+    finetunes: ClassVar[bool] = False  # trains the model in `apply`
 
     def __init__(self, **settings: Any) -> None:
         unknown = sorted(set(settings) - set(self.defaults))
         if unknown:
             raise LmkitError(f"compression.{self.name}: unknown setting {', '.join(unknown)} "
                              f"(settings: {', '.join(self.defaults) or 'none'})")
+        for key, value in settings.items():
+            check_type(f"compression.{self.name}.{key}", value, self.defaults[key])
         self.settings = {**self.defaults, **settings}
         self.check()
 
@@ -90,6 +94,22 @@ class Plugin:
 
     def unpack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         return tensors
+
+
+def check_type(key: str, value: Any, default: Any) -> None:
+    """A setting must have its default's type (a number for a number; anything for a None default)."""
+    if default is None or value is None and default is None:
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        ok, kind = isinstance(value, type(default)), f"a {type(default).__name__}"
+    if not ok:
+        raise LmkitError(f"{key}={value!r} must be {kind}")
 
 
 @cache
@@ -126,13 +146,17 @@ def check_chain(names: list[str], already: list[str] | None = None) -> None:
     done = already or []
     chain = [*done, *names]
     for i, name in enumerate(chain[:-1]):
-        if plugin_class(name).quantizes:
-            later = chain[i + 1]
-            if i < len(done):
+        earlier = plugin_class(name)
+        for later in chain[i + 1:]:
+            if earlier.quantizes and i < len(done):
                 raise LmkitError(f"compression: {later} cannot run on this model: it is already quantized by {name} "
                                  "(start from the unquantized checkpoint)")
-            raise LmkitError(f"compression: {later} cannot follow {name} ({name} quantizes the weights, so the "
-                             f"model is final{'' if later == name else f'; put {later} before {name}'})")
+            if earlier.quantizes:
+                raise LmkitError(f"compression: {later} cannot follow {name} ({name} quantizes the weights, so the "
+                                 f"model is final{'' if later == name else f'; put {later} before {name}'})")
+            if earlier.sparsifies and plugin_class(later).finetunes:
+                raise LmkitError(f"compression: {later} cannot follow {name} ({later} fine-tunes, which would fill "
+                                 f"{name}'s zeros back in; put {later} before {name})")
 
 
 def swap_modules(root: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:

@@ -77,6 +77,8 @@ def _init_from(path: str | None):
     from lmkit.export import load
 
     model = load(path)
+    if model.config.get("compression"):
+        raise LmkitError(f"init_from={path} is a compressed model; fine-tune from the checkpoint it was exported from")
     if not model.has_tokenizer:
         raise LmkitError(f"init_from={path} has no tokenizer to train with: import it with its vocab.json and "
                          "merges.txt (or tokenizer.json) beside the checkpoint")
@@ -90,6 +92,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_launch(cfg.trainer)  # before any tokenization: a bad launch setting fails at once
     compression = _container(cfg.get("compression")) or {}
     plugins = recipe(compression)  # an unknown plugin or a bad setting fails now, not after training
+    if plugins and "fsdp" in str(cfg.trainer.get("strategy")).lower():
+        raise LmkitError("compression after an FSDP run: the model is sharded; compress its checkpoint with "
+                         "lmkit export model=.../last.ckpt compression=...")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: same accuracy class as bf16 training
@@ -151,10 +156,12 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "steps": trainer.global_step,
         "wall_s": round(time.perf_counter() - started, 2),
     }
+    if trainer.is_global_zero:  # written before compressing, and again with the export's figures after
+        atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if plugins and trainer.is_global_zero:
         metrics.update(_compress(module, compression, output_dir, cfg))
-    if trainer.is_global_zero:
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if trainer.is_global_zero:
         sampler = next((c for c in callbacks if isinstance(c, TextSampler)), None)
         if sampler is not None and sampler.enabled:
             log.info("Sample from the final model:\n%s", sampler.sample(module))

@@ -8,7 +8,9 @@ model in memory is exactly the model on disk. Linear layers become `bnb.nn.Linea
 is unrolled so that its input projection of all time steps is one int8 matmul and its recurrent
 weights are int8 per step; an embedding gathers int8 rows and rescales them, sharing the int8
 weight and scales with a tied output head. This buys memory, not speed: bitsandbytes' int8
-matmul is slower than fp32/fp16 at these widths, on CPU and GPU alike.
+matmul is slower than fp32 on this CPU at every width we measured up to 512 (bench/run.py
+compression), and reported slower than fp16 on an H100 at these widths (DESIGN.md). Artifacts
+load on CPU; the GPU path is bitsandbytes' own and untested here.
 """
 
 from __future__ import annotations
@@ -33,18 +35,16 @@ logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
 class Int8Embedding(nn.Module):
     """An embedding whose rows are int8 with one scale each (shared with a tied int8 head)."""
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
         super().__init__()
         if isinstance(weight, nn.Parameter):  # shared with a bitsandbytes head
             self.weight = weight  # int8 (num_embeddings, dim)
         else:
             self.register_buffer("weight", weight)
         self.register_buffer("SCB", scales)  # absmax of each row, as bitsandbytes names it
-        self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids, self.weight).to(self.dtype)
-        return rows * (self.SCB[ids] / 127).unsqueeze(-1).to(self.dtype)
+        return F.embedding(ids, self.weight).float() * (self.SCB[ids].float() / 127).unsqueeze(-1)
 
 
 def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
@@ -57,8 +57,10 @@ def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
 
     def int8_weight(weight: torch.Tensor) -> nn.Parameter:
         if id(weight) not in quantized:
-            param = bnb.nn.Int8Params(weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-            quantized[id(weight)] = (weight, param.to(weight.device))  # .to() is where bitsandbytes quantizes
+            # Quantized here rather than by Int8Params.to(), which does it only on a move from CPU.
+            rows, scales, _ = bnb.functional.int8_vectorwise_quant(weight.detach().half())
+            param = bnb.nn.Int8Params(rows, requires_grad=False, has_fp16_weights=False, CB=rows, SCB=scales)
+            quantized[id(weight)] = (weight, param)
         return quantized[id(weight)][1]
 
     def linear(module: nn.Linear) -> nn.Module:
@@ -66,7 +68,7 @@ def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
                                     has_fp16_weights=False, threshold=threshold, device=module.weight.device)
         layer.weight = int8_weight(module.weight)
         if module.bias is not None:
-            layer.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+            layer.bias = nn.Parameter(module.bias.detach().float().clone(), requires_grad=False)
         return layer
 
     def convert(module: nn.Module) -> nn.Module | None:
@@ -74,7 +76,7 @@ def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
             return linear(module)
         if isinstance(module, nn.Embedding):
             weight = int8_weight(module.weight)
-            return Int8Embedding(weight, weight.SCB, module.weight.dtype)
+            return Int8Embedding(weight, weight.SCB)
         if isinstance(module, (nn.LSTM, nn.GRU)):
             return UnrolledRNN(module, linear)
         return None

@@ -90,8 +90,8 @@ def make_schedule(select: Any, amount: float, scope: str, ramp: float, every: in
             self.params = select(pl_module.backbone)
             self.end = int(ramp * trainer.max_steps)
             self.masks: dict[str, torch.Tensor] = {}
-            if self.end == 0:
-                self._prune(amount)
+            if self.end == 0 or trainer.global_step > 0:  # at once, or where a resumed run had got to
+                self._prune(cubic_amount(trainer.global_step, 0, self.end, amount))
 
         def _prune(self, current: float) -> None:
             self.masks = magnitude_masks(self.params, current, scope)
@@ -140,6 +140,8 @@ def unpack(mask: torch.Tensor, values: torch.Tensor, shape: torch.Tensor) -> tor
 
 class Prune(Plugin):
     name = "prune"
+    sparsifies = True
+    finetunes = True
     summary = "magnitude pruning (global or per layer, LSTM weights too), recovery fine-tune, compact bitmask storage"
     defaults = {"amount": 0.5, "scope": "global", "embeddings": False, "biases": False,
                 "finetune_steps": 200, "finetune_lr": None, "ramp": 0.5, "during_training": False, "every": 10}

@@ -107,7 +107,7 @@ def shrink_rnn(state: dict[str, torch.Tensor], cfg: dict[str, Any], keep: int,
     return state
 
 
-def count_parameters(cfg: dict[str, Any]) -> int:
+def planned_parameters(cfg: dict[str, Any]) -> int:
     """Parameters of the model `cfg` describes (built on the meta device: no memory, no time)."""
     options = {k: v for k, v in cfg.items() if k not in ("kind", "vocab_size")}
     with torch.device("meta"):
@@ -123,7 +123,7 @@ def transformer_plan(cfg: dict[str, Any], budget: int, heads: bool) -> dict[str,
         cut = percent / 100
         plan = {**cfg, "layer_ffn": [min(f, multiple_of_8(f * (1 - cut))) for f in ffn],
                 "layer_heads": [max(1, round(h * (1 - cut))) if heads else h for h in head_counts]}
-        if count_parameters(plan) <= budget:
+        if planned_parameters(plan) <= budget:
             return plan
     raise LmkitError("compression.prune_structured: the amount asks for more than cutting 95% of every layer removes")
 
@@ -135,13 +135,14 @@ def rnn_plan(cfg: dict[str, Any], budget: int, tied_to_embedding: bool) -> tuple
         plan = {**cfg, "n_embd": keep, "hidden_size": None} if tied_to_embedding else {**cfg, "hidden_size": keep}
         if not tied_to_embedding and cfg.get("tie_weights", True) and keep == cfg["n_embd"]:
             continue  # the tied head needs its projection, which hidden == n_embd would drop
-        if count_parameters(plan) <= budget:
+        if planned_parameters(plan) <= budget:
             return plan, keep
     raise LmkitError("compression.prune_structured: the amount asks for fewer than 8 hidden units")
 
 
 class PruneStructured(Plugin):
     name = "prune_structured"
+    finetunes = True
     summary = "removes FFN neurons, attention heads and LSTM hidden units; a smaller dense model, faster everywhere"
     defaults = {"amount": 0.3, "heads": True, "finetune_steps": 200, "finetune_lr": None}
 
@@ -155,7 +156,7 @@ class PruneStructured(Plugin):
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
         cfg = dict(model.config["model"])
         state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-        budget = int((1 - self.settings["amount"]) * count_parameters(cfg))
+        budget = int((1 - self.settings["amount"]) * planned_parameters(cfg))
         if cfg["kind"] == "transformer":
             cfg = transformer_plan(cfg, budget, self.settings["heads"])
             state = shrink_transformer(state, cfg)

@@ -186,6 +186,9 @@ def test_bad_compression_input_is_one_line_and_writes_nothing(trained, exports, 
         "unknown compression plugin": ["compression=nosuch"],
         "must be in [0, 1)": ["compression=prune", "compression.prune.amount=1.5"],
         "cannot follow int8": ["compression=[int8,prune]"],
+        "would fill prune's zeros back in": ["compression=[prune,prune_structured]"],
+        "compression.prune.amount='abc' must be a number": ["compression=prune", "compression.prune.amount=abc"],
+        "compression.prune.embeddings='no' must be true or false": ["compression=prune", "compression.prune.embeddings=no"],
     }
     for expected, args in cases.items():
         result = cli("export", f"model={ckpt}", f"out={out}", *args)
@@ -193,6 +196,8 @@ def test_bad_compression_input_is_one_line_and_writes_nothing(trained, exports, 
         assert not out.exists()
     requantize = cli("export", f"model={exports['lstm', 'int8']['out']}", f"out={out}", "compression=int8")
     assert requantize.returncode == 2 and "already quantized by int8" in requantize.stderr
+    with pytest.raises(LmkitError, match="keeps the dtypes its plugins chose"):
+        lmkit.load(exports["lstm", "int8"]["out"], dtype="bf16")
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     for f in exports["lstm", "prune+int8"]["out"].iterdir():
