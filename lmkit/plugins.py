@@ -98,7 +98,7 @@ class Plugin:
 
 def check_type(key: str, value: Any, default: Any) -> None:
     """A setting must have its default's type (a number for a number; anything for a None default)."""
-    if default is None or value is None and default is None:
+    if default is None:
         return
     if isinstance(default, bool):
         ok, kind = isinstance(value, bool), "true or false"
