@@ -143,7 +143,7 @@ def rnn_plan(cfg: dict[str, Any], budget: int, tied_to_embedding: bool) -> tuple
 class PruneStructured(Plugin):
     name = "prune_structured"
     finetunes = True
-    summary = "removes FFN neurons, attention heads and LSTM hidden units; a smaller dense model, faster everywhere"
+    summary = "removes FFN neurons, attention heads and LSTM hidden units: a smaller dense model, no sparse kernels needed"
     defaults = {"amount": 0.3, "heads": True, "finetune_steps": 200, "finetune_lr": None}
 
     def check(self) -> None:
