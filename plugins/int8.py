@@ -91,7 +91,7 @@ def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
 def round_to_half(backbone: nn.Module) -> None:
     """Round every float32 tensor (scales, biases, norms) to the nearest fp16 value, in place."""
     for tensor in backbone.state_dict().values():  # detached views: copy_ writes the module's storage
-        if tensor.dtype == torch.float32 and tensor.abs().max() < torch.finfo(torch.float16).max:
+        if tensor.dtype == torch.float32 and tensor.numel() and tensor.abs().max() < torch.finfo(torch.float16).max:
             tensor.copy_(tensor.half().float())
 
 
