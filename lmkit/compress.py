@@ -33,6 +33,7 @@ from lmkit.plugins import CompressContext, check_chain, recipe
 
 log = logging.getLogger("lmkit")
 
+
 def weights_digest(model: LM) -> str:
     """A digest of every weight: two reports compare only if they compressed the same model."""
     digest = hashlib.blake2b(digest_size=12)
@@ -87,8 +88,8 @@ def compress(model: LM, spec: dict[str, dict[str, Any] | None], context: Compres
     if tuning and not has_corpus:
         raise LmkitError(f"compression: {', '.join(tuning)} fine-tunes on the model's training corpus, and this "
                          f"model records none (or no tokenizer): set compression.{tuning[0]}.finetune_steps=0")
-    if any(p.name == "dynamic_int8" for p in plugins) and model.device.type != "cpu":
-        raise LmkitError(f"compression=dynamic_int8 runs on CPU (fbgemm); the model is on {model.device}")
+    for plugin in plugins:  # before minutes of measuring and fine-tuning
+        plugin.check_model(model)
     # float32 in, so that what is measured is what the artifact (float32 plus its plugins' dtypes) holds
     model = copy.deepcopy(model).float().eval()
     dense_shape = copy.deepcopy(model.config["model"])

@@ -10,6 +10,10 @@ A plugin is a small class with up to four hooks, each optional:
     pack(tensors, record) /    how its tensors are written to and read back from model.safetensors
     unpack(tensors, record)    (a pruned weight as a bitmask and its non-zero values, ...)
 
+plus `check()` for its settings and `check_model(model)` before any work starts, and three flags
+that order a recipe: nothing follows a plugin that `quantizes`, and nothing that `finetunes`
+follows one that `sparsifies` (the fine-tune would fill the zeros back in).
+
 `record` is what the plugin put in `config.json` for its step (`{"plugin": name, "settings": ...}`
 plus anything `apply` added), so loading rebuilds the exact model from plain JSON and tensors.
 Plugins are found by name through the entry-point group `lmkit.plugins`: a name in a file only
@@ -78,6 +82,9 @@ class Plugin:
 
     def check(self) -> None:
         """Raise LmkitError for settings out of range."""
+
+    def check_model(self, model: LM) -> None:
+        """Raise LmkitError if this plugin cannot compress `model` (called before any work starts)."""
 
     def callbacks(self, module: Any) -> list[Any]:
         return []

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from lmkit.backbones.unrolled import UnrolledRNN
+from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin, swap_modules
 from plugins.int8 import Int8Embedding, half_where_lossless, round_to_half
 
@@ -104,6 +105,10 @@ class DynamicInt8(Plugin):
     name = "dynamic_int8"
     summary = "int8 weights, activations quantized per call (fbgemm): CPU inference, faster from ~256-384 wide; ~0.26x bytes"
     quantizes = True
+
+    def check_model(self, model: Any) -> None:
+        if model.device.type != "cpu":
+            raise LmkitError(f"compression=dynamic_int8 runs on CPU (fbgemm); the model is on {model.device}")
 
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
         model.backbone = quantize(model.backbone)
