@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 
 from lmkit.evaluate import own_datamodule
 from lmkit.model import LM
@@ -23,8 +24,11 @@ FALLBACK_OPTIM = {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8
                   "warmup_steps": 0, "min_lr_ratio": 0.1, "grad_clip": 1.0}
 
 
-def finetune(model: LM, steps: int, lr: float | None, callbacks: list[Any], cache_dir: str, seed: int = 1337) -> None:
-    """Train `model.backbone` for `steps` steps; `lr` None: a tenth of the model's training lr."""
+def finetune(model: LM, steps: int, lr: float | None, callbacks: list[Any], cache_dir: str, seed: int = 1337,
+             device: str | None = None) -> None:
+    """Train `model.backbone` for `steps` steps on `device` (default: where it is), then put it back.
+
+    `lr` None: a tenth of the learning rate the model was trained with."""
     if steps <= 0:
         return
     optim = dict(model.config.get("optim") or FALLBACK_OPTIM)
@@ -35,10 +39,11 @@ def finetune(model: LM, steps: int, lr: float | None, callbacks: list[Any], cach
     module = LanguageModel(model=settings, optim=optim, vocab_size=model.config["model"]["vocab_size"])
     module.backbone = model.backbone  # train the given weights, not the fresh ones the constructor built
     module.tokenizer = model.tokenizer
-    trainer = L.Trainer(max_steps=steps, accelerator=model.device.type, devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-    log.info("Fine-tuning %d steps at lr %.2g", steps, optim["lr"])
+    home, target = model.device, torch.device(device) if device else model.device
+    trainer = L.Trainer(max_steps=steps, accelerator=target.type, devices=[target.index or 0] if target.type == "cuda"
+                        else 1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
+    log.info("Fine-tuning %d steps at lr %.2g on %s", steps, optim["lr"], target)
     model.backbone.train()
     trainer.fit(module, datamodule=datamodule)
-    model.backbone.eval()
+    model.backbone.to(home).eval()  # Lightning leaves it on the CPU after fit; measure and export where it was

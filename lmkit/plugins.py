@@ -47,12 +47,13 @@ class CompressContext:
     cache_dir: str  # the token cache (for fine-tuning and evaluation on the model's own corpus)
     seed: int = 1337
     log: Callable[[str], Any] = print  # where progress lines go
+    train_device: str | None = None  # where fine-tunes run (train.py: the run's device); None: the model's
 
     def finetune(self, model: LM, steps: int, lr: float | None = None, callbacks: list | None = None) -> None:
         """Train `model` in place for `steps` steps on its own training data (imports Lightning)."""
         from lmkit.finetune import finetune
 
-        finetune(model, steps, lr, callbacks or [], self.cache_dir, self.seed)
+        finetune(model, steps, lr, callbacks or [], self.cache_dir, self.seed, self.train_device)
 
 
 class Plugin:

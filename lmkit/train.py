@@ -181,7 +181,10 @@ def _compress(module: LanguageModel, compression: dict[str, Any], output_dir: Pa
     model = LM(module.backbone, module.tokenizer, {"model": model_cfg, "data": hp.data, "optim": hp.optim,
                                                    "source": source})
     out = output_dir / "model"
-    context = CompressContext(cache_dir=cfg.paths.cache_dir, seed=cfg.seed, log=log.info)
+    # Lightning has moved the model to the CPU after fit: it is measured there (the report's CPU
+    # figures), while recovery fine-tunes go back to the device the run trained on.
+    context = CompressContext(cache_dir=cfg.paths.cache_dir, seed=cfg.seed, log=log.info,
+                              train_device=str(module.trainer.strategy.root_device))
     _, report = compress_and_export(model, compression, out, context, overwrite=True)
     log.info("Compressed model written to %s", out)
     after = report["after"]
