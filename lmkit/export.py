@@ -91,6 +91,14 @@ def _load_artifact(path: Path) -> LM:
     missing += [f"model.{k}" for k in ("kind", "vocab_size") if k not in config.get("model", {})]
     if missing:
         raise LmkitError(f"{path / 'config.json'} lacks {', '.join(missing)}")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise LmkitError(f"{path} has no model.safetensors")
+    with torch.device("meta"):  # sizes first: config.json must not make us allocate what the file cannot fill
+        planned = sum(p.numel() for p in _build(config["model"], str(path / "config.json")).parameters())
+    if planned > 8 * weights.stat().st_size + 2**20:  # even all-zero tensors cost a bit each, as a bitmask
+        raise LmkitError(f"{path / 'config.json'} describes a model of {planned:,} parameters, more than "
+                         f"{weights.name} ({weights.stat().st_size:,} bytes) can hold")
     backbone = _build(config["model"], str(path / "config.json")).to(parse_dtype(config["dtype"]))
     records = config.get("compression") or []
     if not isinstance(records, list) or not all(
@@ -98,9 +106,6 @@ def _load_artifact(path: Path) -> LM:
             for r in records):
         raise LmkitError(f"{path / 'config.json'}: `compression` must be a list of {{plugin, settings}} records")
     steps = [(make(r["plugin"], r.get("settings")), r) for r in records]
-    weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise LmkitError(f"{path} has no model.safetensors")
     try:
         for plugin, record in steps:  # the compressed structure; the stored tensors fill it below
             backbone = plugin.restore(backbone, record)

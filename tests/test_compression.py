@@ -211,6 +211,10 @@ def test_bad_compression_input_is_one_line_and_writes_nothing(trained, exports, 
     (corrupt / "config.json").write_text(json.dumps(unknown))
     with pytest.raises(LmkitError, match="unknown compression plugin 'os.system'"):
         lmkit.load(corrupt)
+    unknown["model"]["vocab_size"] = 10**9  # sizes are checked against the file before anything is allocated
+    (corrupt / "config.json").write_text(json.dumps(unknown))
+    with pytest.raises(LmkitError, match="more than model.safetensors"):
+        lmkit.load(corrupt)
 
 
 THIRD_PARTY = '''
