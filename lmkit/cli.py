@@ -115,8 +115,8 @@ def _export(args: list[str]) -> None:
         if a.format != "lmkit" or a.dtype != "fp32":
             raise LmkitError("compression writes format=lmkit with the dtypes its plugins choose (drop format/dtype)")
         context = CompressContext(cache_dir=cfg["paths"]["cache_dir"], seed=a.seed)
-        _, report = compress_and_export(model, cfg["compression"] or {}, a.out, context, a.overwrite,
-                                     eval_windows=a.eval_windows, gen_tokens=a.gen_tokens)
+        _, report = compress_and_export(model, cfg["compression"], a.out, context, a.overwrite,
+                                        eval_windows=a.eval_windows, gen_tokens=a.gen_tokens)
         print(report_summary(report))
         out = a.out
     elif a.format == "lmkit":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lmkit.data.windows import EvalBatches
 from lmkit.errors import LmkitError
+from lmkit.export import count_parameters
 from lmkit.model import LM
 
 
@@ -56,7 +57,7 @@ def evaluate(model: LM, tokens: np.ndarray, seq_len: int, batch_size: int = 32,
     loss = nll / count
     result = {"loss": loss, "perplexity": math.exp(loss), "tokens": count,
               "tokens_per_s": count / elapsed if elapsed else None,
-              "parameters": sum(p.numel() for p in model.parameters())}
+              "parameters": count_parameters(model.backbone)[0]}  # int8 weights held as buffers count too
     if per_char:
         result["bits_per_char"] = loss / math.log(2)
     elif n_bytes:

@@ -99,13 +99,13 @@ def _load_artifact(path: Path) -> LM:
     if planned > 8 * weights.stat().st_size + 2**20:  # even all-zero tensors cost a bit each, as a bitmask
         raise LmkitError(f"{path / 'config.json'} describes a model of {planned:,} parameters, more than "
                          f"{weights.name} ({weights.stat().st_size:,} bytes) can hold")
-    backbone = _build(config["model"], str(path / "config.json")).to(parse_dtype(config["dtype"]))
     records = config.get("compression") or []
     if not isinstance(records, list) or not all(
             isinstance(r, dict) and isinstance(r.get("plugin"), str) and isinstance(r.get("settings", {}), dict)
             for r in records):
         raise LmkitError(f"{path / 'config.json'}: `compression` must be a list of {{plugin, settings}} records")
     steps = [(make(r["plugin"], r.get("settings")), r) for r in records]
+    backbone = _build(config["model"], str(path / "config.json")).to(parse_dtype(config["dtype"]))
     try:
         for plugin, record in steps:  # the compressed structure; the stored tensors fill it below
             backbone = plugin.restore(backbone, record)

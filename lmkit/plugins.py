@@ -175,3 +175,18 @@ def swap_modules(root: nn.Module, convert: Callable[[nn.Module], nn.Module | Non
     for name, child in list(root.named_children()):
         setattr(root, name, swap_modules(child, convert))
     return root
+
+
+def once_per_tensor(make: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    """`make(tensor)`, computed once per tensor object: layers that share (tie) a weight share the result.
+
+    Each tensor is held alongside its result, so its id cannot be reused by a temporary (UnrolledRNN
+    builds a Linear per projection) and hand another weight's result back."""
+    made: dict[int, tuple[torch.Tensor, Any]] = {}
+
+    def get(tensor: torch.Tensor) -> Any:
+        if id(tensor) not in made:
+            made[id(tensor)] = (tensor, make(tensor))
+        return made[id(tensor)][1]
+
+    return get

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
-from lmkit.plugins import CompressContext, Plugin, swap_modules
+from lmkit.plugins import CompressContext, Plugin, once_per_tensor, swap_modules
 from plugins.int8 import Int8Embedding, half_where_lossless, round_to_half
 
 
@@ -74,14 +74,7 @@ class DynamicInt8Linear(nn.Module):
 
 def quantize(backbone: nn.Module) -> nn.Module:
     """Swap every Linear and LSTM/GRU for fbgemm int8 and every Embedding for int8 rows, keeping ties."""
-    # id of a float weight -> (the weight, its int8 rows, their absmax): tied layers share one. The
-    # weight is kept so its id cannot be reused by a temporary (UnrolledRNN builds a Linear per projection).
-    rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if id(weight) not in rows:
-            rows[id(weight)] = (weight, *row_quantize(weight))
-        return rows[id(weight)][1:]
+    int8_rows = once_per_tensor(row_quantize)  # tied layers share one set of int8 rows and scales
 
     def linear(module: nn.Linear) -> DynamicInt8Linear:
         bias = module.bias.detach().float().clone() if module.bias is not None else None

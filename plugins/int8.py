@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
-from lmkit.plugins import CompressContext, Plugin, swap_modules
+from lmkit.plugins import CompressContext, Plugin, once_per_tensor, swap_modules
 
 
 # bitsandbytes logs "inputs will be cast from float32 to float16" on every int8 matmul of float32
@@ -51,17 +51,11 @@ def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
     """Swap every Linear, Embedding and LSTM/GRU of `backbone` for its int8 form, keeping ties."""
     import bitsandbytes as bnb
 
-    # id of a float weight -> (that weight, its Int8Params): tied layers share one. The weight is kept
-    # so its id cannot be reused by a temporary (UnrolledRNN builds a Linear per projection).
-    quantized: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
-
+    @once_per_tensor  # tied layers share one Int8Params
     def int8_weight(weight: torch.Tensor) -> nn.Parameter:
-        if id(weight) not in quantized:
-            # Quantized here rather than by Int8Params.to(), which does it only on a move from CPU.
-            rows, scales, _ = bnb.functional.int8_vectorwise_quant(weight.detach().half())
-            param = bnb.nn.Int8Params(rows, requires_grad=False, has_fp16_weights=False, CB=rows, SCB=scales)
-            quantized[id(weight)] = (weight, param)
-        return quantized[id(weight)][1]
+        # Quantized here rather than by Int8Params.to(), which does it only on a move from CPU.
+        rows, scales, _ = bnb.functional.int8_vectorwise_quant(weight.detach().half())
+        return bnb.nn.Int8Params(rows, requires_grad=False, has_fp16_weights=False, CB=rows, SCB=scales)
 
     def linear(module: nn.Linear) -> nn.Module:
         layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
