@@ -33,7 +33,7 @@ import lmkit
 from lmkit.backbones import build_backbone
 from lmkit.compress import compress, table
 from lmkit.generate import stream_tokens
-from lmkit.model import LM
+from lmkit.inference import InferenceModel
 from lmkit.plugins import CompressContext, make
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def widths() -> list[dict]:
             row = {"model": f"{kind} {options['n_layer']}x{width}"}
             for recipe in ("fp32", "dynamic_int8", "int8"):
                 backbone = build_backbone(kind, 80, **options).eval()
-                model = LM(backbone, None, {"model": {"kind": kind, "vocab_size": 80, **options}})
+                model = InferenceModel(backbone, None, {"model": {"kind": kind, "vocab_size": 80, **options}})
                 if recipe != "fp32":
                     make(recipe).apply(model, CompressContext(cache_dir=""))
                 row[recipe] = round(speed(model.backbone), 1)

@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 
 def load(path, device=None, dtype=None):
-    """Load an lmkit artifact directory or a Lightning checkpoint as an `lmkit.model.LM` in eval mode."""
+    """Load an lmkit artifact directory or a Lightning checkpoint as an `lmkit.inference.InferenceModel` in eval mode."""
     from lmkit.export import load as _load
 
     return _load(path, device=device, dtype=dtype)

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lmkit.errors import LmkitError
 from lmkit.generate import generate
-from lmkit.module import logging_step
+from lmkit.lightning_module import logging_step
 
 log = logging.getLogger("lmkit")
 

@@ -28,13 +28,13 @@ from lmkit.evaluate import evaluate, own_datamodule
 from lmkit.export import count_parameters, save, unique_tensors, write_tensors
 from lmkit.files import check_free
 from lmkit.generate import stream_tokens
-from lmkit.model import LM
+from lmkit.inference import InferenceModel
 from lmkit.plugins import CompressContext, check_chain, recipe
 
 log = logging.getLogger("lmkit")
 
 
-def weights_digest(model: LM) -> str:
+def weights_digest(model: InferenceModel) -> str:
     """A digest of every weight: two reports compare only if they compressed the same model."""
     digest = hashlib.blake2b(digest_size=12)
     for name, tensor in sorted(unique_tensors(model.backbone).items()):
@@ -43,7 +43,7 @@ def weights_digest(model: LM) -> str:
     return digest.hexdigest()
 
 
-def stored_bytes(model: LM) -> int:
+def stored_bytes(model: InferenceModel) -> int:
     """Size of model.safetensors as `lmkit.export.save` would write it now."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
@@ -52,7 +52,7 @@ def stored_bytes(model: LM) -> int:
 
 
 @torch.no_grad()
-def generation_speed(model: LM, new_tokens: int, repeats: int = 3) -> float:
+def generation_speed(model: InferenceModel, new_tokens: int, repeats: int = 3) -> float:
     """Tokens/s generating `new_tokens` at batch 1 from a one-token prompt: the best of `repeats`."""
     ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
     generator = torch.Generator(device=model.device).manual_seed(0)
@@ -67,7 +67,7 @@ def generation_speed(model: LM, new_tokens: int, repeats: int = 3) -> float:
     return new_tokens / best
 
 
-def measure(model: LM, tokens: Any, seq_len: int, windows: int | None, gen_tokens: int) -> dict[str, Any]:
+def measure(model: InferenceModel, tokens: Any, seq_len: int, windows: int | None, gen_tokens: int) -> dict[str, Any]:
     params, nonzero = count_parameters(model.backbone)
     result = evaluate(model, tokens, seq_len, max_windows=windows) if tokens is not None else {}
     return {"bytes": stored_bytes(model), "parameters": params, "nonzero": nonzero,
@@ -77,8 +77,8 @@ def measure(model: LM, tokens: Any, seq_len: int, windows: int | None, gen_token
             "eval_tokens_per_s": round(result["tokens_per_s"]) if result.get("tokens_per_s") else None}
 
 
-def compress(model: LM, spec: dict[str, dict[str, Any] | None], context: CompressContext,
-             eval_windows: int | None = None, gen_tokens: int = 100) -> tuple[LM, dict[str, Any]]:
+def compress(model: InferenceModel, spec: dict[str, dict[str, Any] | None], context: CompressContext,
+             eval_windows: int | None = None, gen_tokens: int = 100) -> tuple[InferenceModel, dict[str, Any]]:
     """Apply the plugins of `spec` in order to a copy of `model`; returns it and the report."""
     done = [r["plugin"] for r in model.config.get("compression") or []]
     plugins = recipe(spec)
@@ -126,9 +126,9 @@ def ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | N
             "tokens_per_s": ratio("tokens_per_s")}
 
 
-def compress_and_export(model: LM, spec: dict[str, dict[str, Any] | None], out: str | Path,
+def compress_and_export(model: InferenceModel, spec: dict[str, dict[str, Any] | None], out: str | Path,
                         context: CompressContext, overwrite: bool = False,
-                        **measure_options: Any) -> tuple[LM, dict[str, Any]]:
+                        **measure_options: Any) -> tuple[InferenceModel, dict[str, Any]]:
     """Compress, then write the artifact, report.json, report.png and the README table atomically."""
     check_free(Path(out), overwrite)  # before minutes of fine-tuning, not after
     compressed, report = compress(model, spec, context, **measure_options)

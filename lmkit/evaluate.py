@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from lmkit.data.windows import EvalBatches
 from lmkit.errors import LmkitError
 from lmkit.export import count_parameters
-from lmkit.model import LM
+from lmkit.inference import InferenceModel
 
 
-def own_datamodule(model: LM, cache_dir: str, data: dict[str, Any] | None = None, seed: int = 0):
+def own_datamodule(model: InferenceModel, cache_dir: str, data: dict[str, Any] | None = None, seed: int = 0):
     """The data module over `data`, or over the corpus `model` recorded it was trained on.
 
     The recorded settings are plain values: the data module is built directly, never through a
@@ -36,7 +36,7 @@ def own_datamodule(model: LM, cache_dir: str, data: dict[str, Any] | None = None
 
 
 @torch.no_grad()
-def evaluate(model: LM, tokens: np.ndarray, seq_len: int, batch_size: int = 32,
+def evaluate(model: InferenceModel, tokens: np.ndarray, seq_len: int, batch_size: int = 32,
              max_windows: int | None = None) -> dict[str, Any]:
     """Evaluate on non-overlapping windows of `tokens`; bits are per character for a char tokenizer,
     per UTF-8 byte otherwise (so BPE models compare with char models)."""

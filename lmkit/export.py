@@ -28,7 +28,7 @@ from lmkit.checkpoint import read_checkpoint
 from lmkit.data.tokenizer import tokenizer_from_json
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
-from lmkit.model import LM
+from lmkit.inference import InferenceModel
 from lmkit.plugins import make
 
 FORMAT_VERSION = 1
@@ -48,8 +48,8 @@ def is_artifact(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> LM:
-    """Load an lmkit artifact directory or a Lightning checkpoint as an `LM` in eval mode."""
+def load(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> InferenceModel:
+    """Load an lmkit artifact directory or a Lightning checkpoint as an `InferenceModel` in eval mode."""
     path = Path(path)
     if is_artifact(path):
         model = _load_artifact(path)
@@ -76,7 +76,7 @@ def _build(model_cfg: dict[str, Any], where: str) -> torch.nn.Module:
         raise LmkitError(f"{where}: the model settings are not valid ({e})") from None
 
 
-def _load_artifact(path: Path) -> LM:
+def _load_artifact(path: Path) -> InferenceModel:
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
@@ -121,10 +121,10 @@ def _load_artifact(path: Path) -> LM:
         if not (path / "tokenizer.json").is_file():
             raise LmkitError(f"{path}: config.json names a {config['tokenizer']} tokenizer but tokenizer.json is missing")
         tokenizer = tokenizer_from_json((path / "tokenizer.json").read_text(encoding="utf-8"))
-    return LM(backbone, tokenizer, config)
+    return InferenceModel(backbone, tokenizer, config)
 
 
-def _load_checkpoint(path: Path) -> LM:
+def _load_checkpoint(path: Path) -> InferenceModel:
     checkpoint = read_checkpoint(path)
     hp = checkpoint.get("hyper_parameters", {})
     if "model" not in hp or "vocab_size" not in hp:
@@ -142,10 +142,10 @@ def _load_checkpoint(path: Path) -> LM:
               "tokenizer": tokenizer.kind if tokenizer else None, "dtype": "float32",
               "data": hp.get("data"), "optim": hp.get("optim"),
               "source": {"checkpoint": str(path.resolve()), "step": checkpoint.get("global_step")}}
-    return LM(backbone, tokenizer, config)
+    return InferenceModel(backbone, tokenizer, config)
 
 
-def save(model: LM, out: str | Path, dtype: str | torch.dtype | None = None, overwrite: bool = False,
+def save(model: InferenceModel, out: str | Path, dtype: str | torch.dtype | None = None, overwrite: bool = False,
          extra: dict[str, Any] | None = None, files: dict[str, bytes] | None = None,
          readme_extra: str | None = None) -> Path:
     """Write `model` as an lmkit artifact at `out` (float32 unless `dtype` says otherwise).

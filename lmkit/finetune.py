@@ -1,6 +1,6 @@
-"""A short fine-tune of an `LM` in place on its own training data: how compression plugins recover.
+"""A short fine-tune of an `InferenceModel` in place on its own training data: how compression plugins recover.
 
-Same LanguageModel, data pipeline and optimizer as training, driven by a plain single-device
+Same LitLanguageModel, data pipeline and optimizer as training, driven by a plain single-device
 Lightning Trainer with no logging, checkpoints or validation.
 """
 
@@ -13,8 +13,8 @@ import lightning as L
 import torch
 
 from lmkit.evaluate import own_datamodule
-from lmkit.model import LM
-from lmkit.module import LanguageModel
+from lmkit.inference import InferenceModel
+from lmkit.lightning_module import LitLanguageModel
 
 log = logging.getLogger("lmkit")
 
@@ -24,7 +24,7 @@ FALLBACK_OPTIM = {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.99], "eps": 1e-8
                   "warmup_steps": 0, "min_lr_ratio": 0.1, "grad_clip": 1.0}
 
 
-def finetune(model: LM, steps: int, lr: float | None, callbacks: list[Any], cache_dir: str, seed: int = 1337,
+def finetune(model: InferenceModel, steps: int, lr: float | None, callbacks: list[Any], cache_dir: str, seed: int = 1337,
              device: str | None = None) -> None:
     """Train `model.backbone` for `steps` steps on `device` (default: where it is), then put it back.
 
@@ -36,7 +36,7 @@ def finetune(model: LM, steps: int, lr: float | None, callbacks: list[Any], cach
     optim.update(warmup_steps=min(steps // 10, 50), decay_steps=steps)
     datamodule = own_datamodule(model, cache_dir, seed=seed)
     settings = {k: v for k, v in model.config["model"].items() if k != "vocab_size"}
-    module = LanguageModel(model=settings, optim=optim, vocab_size=model.config["model"]["vocab_size"])
+    module = LitLanguageModel(model=settings, optim=optim, vocab_size=model.config["model"]["vocab_size"])
     module.backbone = model.backbone  # train the given weights, not the fresh ones the constructor built
     module.tokenizer = model.tokenizer
     home, target = model.device, torch.device(device) if device else model.device

@@ -18,7 +18,7 @@ from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.data.tokenizer import BPETokenizer, Tokenizer, byte_level
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
-from lmkit.model import LM
+from lmkit.inference import InferenceModel
 
 # Per block: lmkit name suffix -> whether HF stores it transposed (Conv1D).
 BLOCK_MAP = {
@@ -59,8 +59,8 @@ def _read_hf_tokenizer(src: Path) -> Tokenizer | None:
     return None
 
 
-def import_hf(src: str | Path) -> LM:
-    """A GPT-2 directory as `save_pretrained` writes it -> an `LM` on lmkit's Transformer."""
+def import_hf(src: str | Path) -> InferenceModel:
+    """A GPT-2 directory as `save_pretrained` writes it -> an `InferenceModel` on lmkit's Transformer."""
     try:
         return _import_hf(Path(src))
     except LmkitError:
@@ -70,7 +70,7 @@ def import_hf(src: str | Path) -> LM:
                          f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
 
 
-def _import_hf(src: Path) -> LM:
+def _import_hf(src: Path) -> InferenceModel:
     if not (src / "config.json").is_file():
         raise LmkitError(f"src={src} has no config.json: not a Hugging Face model directory")
     hf = json.loads((src / "config.json").read_text())
@@ -96,10 +96,10 @@ def _import_hf(src: Path) -> LM:
     tokenizer = _read_hf_tokenizer(src)
     config = {"format": "lmkit", "model": {"kind": "transformer", **vars(cfg)}, "data": None,
               "source": {"hf": str(src.resolve()), "architectures": hf.get("architectures")}}
-    return LM(model.eval(), tokenizer, config)
+    return InferenceModel(model.eval(), tokenizer, config)
 
 
-def export_hf(model: LM, out: str | Path, overwrite: bool = False) -> Path:
+def export_hf(model: InferenceModel, out: str | Path, overwrite: bool = False) -> Path:
     """Write a GPT-2-shaped lmkit model where `transformers.GPT2LMHeadModel.from_pretrained` loads it."""
     backbone = model.backbone
     cfg = getattr(backbone, "config", None)

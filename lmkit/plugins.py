@@ -3,7 +3,7 @@
 A plugin is a small class with up to four hooks, each optional:
 
     callbacks(module)          Lightning callbacks for training time (a pruning schedule, ...)
-    apply(model, context)      the post-training transform of `model` (an lmkit.model.LM) in place:
+    apply(model, context)      the post-training transform of `model` (an lmkit.inference.InferenceModel) in place:
                                quantize, prune, shrink; returns extra details for its record
     restore(backbone, record)  on load: turn a freshly built dense backbone into the compressed
                                structure (the stored tensors are then loaded into it)
@@ -35,7 +35,7 @@ import torch.nn as nn
 from lmkit.errors import LmkitError
 
 if TYPE_CHECKING:
-    from lmkit.model import LM
+    from lmkit.inference import InferenceModel
 
 ENTRY_POINT_GROUP = "lmkit.plugins"
 
@@ -49,7 +49,7 @@ class CompressContext:
     log: Callable[[str], Any] = print  # where progress lines go
     train_device: str | None = None  # where fine-tunes run (train.py: the run's device); None: the model's
 
-    def finetune(self, model: LM, steps: int, lr: float | None = None, callbacks: list | None = None) -> None:
+    def finetune(self, model: InferenceModel, steps: int, lr: float | None = None, callbacks: list | None = None) -> None:
         """Train `model` in place for `steps` steps on its own training data (imports Lightning)."""
         from lmkit.finetune import finetune
 
@@ -84,13 +84,13 @@ class Plugin:
     def check(self) -> None:
         """Raise LmkitError for settings out of range."""
 
-    def check_model(self, model: LM) -> None:
+    def check_model(self, model: InferenceModel) -> None:
         """Raise LmkitError if this plugin cannot compress `model` (called before any work starts)."""
 
     def callbacks(self, module: Any) -> list[Any]:
         return []
 
-    def apply(self, model: LM, context: CompressContext) -> dict[str, Any]:
+    def apply(self, model: InferenceModel, context: CompressContext) -> dict[str, Any]:
         """Transform `model` in place; return what `restore`/`unpack` will need (merged into the record)."""
         return {}
 

@@ -25,7 +25,7 @@ from lmkit.checkpoint import check_compatible, read_checkpoint
 from lmkit.distributed import check_launch, ddp_children_run_this_job
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_write_text
-from lmkit.module import LanguageModel
+from lmkit.lightning_module import LitLanguageModel
 from lmkit.plugins import recipe
 
 log = logging.getLogger("lmkit")
@@ -110,7 +110,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                        _convert_="all")
     tokenizer = datamodule.tokenizer
     try:
-        module = LanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
+        module = LitLanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
                                data=data_cfg, compile=compile_model)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise LmkitError(f"model: {e}") from None
@@ -169,16 +169,16 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
-def _compress(module: LanguageModel, compression: dict[str, Any], output_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+def _compress(module: LitLanguageModel, compression: dict[str, Any], output_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     """Compress the trained model as `compression` says and export it to `output_dir/model`."""
     from lmkit.compress import compress_and_export
-    from lmkit.model import LM
+    from lmkit.inference import InferenceModel
     from lmkit.plugins import CompressContext
 
     hp = module.hparams
     model_cfg = {**hp.model, "vocab_size": hp.vocab_size}
     source = {"run": str(output_dir.resolve()), "step": module.trainer.global_step}
-    model = LM(module.backbone, module.tokenizer, {"model": model_cfg, "data": hp.data, "optim": hp.optim,
+    model = InferenceModel(module.backbone, module.tokenizer, {"model": model_cfg, "data": hp.data, "optim": hp.optim,
                                                    "source": source})
     out = output_dir / "model"
     # Lightning has moved the model to the CPU after fit: it is measured there (the report's CPU

@@ -15,21 +15,21 @@ from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.generate import generate, sample_next
 from lmkit.hf import export_hf, import_hf
-from lmkit.model import LM
+from lmkit.inference import InferenceModel
 
 transformers = pytest.importorskip("transformers")
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
-def tiny_lm(kind: str = "transformer", **options) -> LM:
+def tiny_lm(kind: str = "transformer", **options) -> InferenceModel:
     torch.manual_seed(0)
     defaults = dict(n_layer=2, n_head=2, n_embd=16, max_seq_len=32) if kind == "transformer" else dict(n_layer=2, n_embd=16)
     backbone = build_backbone(kind, len(CHARS), **{**defaults, **options})
     config = {"model": {"kind": kind, "vocab_size": len(CHARS), **vars(backbone.config)}, "data": None}
     config["model"].pop("vocab_size")
     config["model"]["vocab_size"] = len(CHARS)
-    return LM(backbone.eval(), CharTokenizer(CHARS), config)
+    return InferenceModel(backbone.eval(), CharTokenizer(CHARS), config)
 
 
 def random_gpt2(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97, seed=0):

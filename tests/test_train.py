@@ -70,11 +70,11 @@ def test_resume_true_finds_last_checkpoint_in_the_run_dir(make_cfg, tmp_path):
 
 
 def test_checkpoint_alone_rebuilds_model_and_tokenizer(make_cfg, tmp_path):
-    from lmkit.module import LanguageModel
+    from lmkit.lightning_module import LitLanguageModel
 
     metrics, objects = run(make_cfg(*BACKBONES["lstm"], "trainer.max_steps=5", "trainer.val_check_interval=5",
                                     "logger=none"))
-    restored = LanguageModel.load_from_checkpoint(metrics["last_ckpt"], weights_only=True, map_location="cpu")
+    restored = LitLanguageModel.load_from_checkpoint(metrics["last_ckpt"], weights_only=True, map_location="cpu")
     original = objects["module"].cpu().eval()
     ids = torch.tensor([restored.tokenizer.encode("ROMEO:")])
     torch.testing.assert_close(restored.eval()(ids), original(ids))

@@ -1,4 +1,4 @@
-"""LM: a backbone with its tokenizer, ready for inference. This is what `lmkit.load` returns.
+"""InferenceModel: a backbone with its tokenizer, ready for inference. This is what `lmkit.load` returns.
 
 Free of Lightning and Hydra on purpose: an exported model runs with torch, safetensors and
 tokenizers alone.
@@ -21,7 +21,7 @@ NO_TOKENIZER = ("this model has no tokenizer, so it takes and returns token ids 
                 "vocab.json + merges.txt beside the checkpoint)")
 
 
-class LM(nn.Module):
+class InferenceModel(nn.Module):
     def __init__(self, backbone: nn.Module, tokenizer: Tokenizer | None, config: dict[str, Any]) -> None:
         super().__init__()
         self.backbone = backbone

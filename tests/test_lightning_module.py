@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchmetrics.text import Perplexity
 
-from lmkit.module import LanguageModel, warmup_cosine
+from lmkit.lightning_module import LitLanguageModel, warmup_cosine
 
 OPTIM = dict(name="adamw", lr=1e-3, betas=[0.9, 0.99], eps=1e-8, weight_decay=0.1, warmup_steps=10,
              decay_steps=None, min_lr_ratio=0.1, grad_clip=1.0)
@@ -12,7 +12,7 @@ OPTIM = dict(name="adamw", lr=1e-3, betas=[0.9, 0.99], eps=1e-8, weight_decay=0.
 
 def test_perplexity_equals_torchmetrics_perplexity():
     torch.manual_seed(0)
-    module = LanguageModel(model=dict(kind="lstm", n_layer=1, n_embd=16), optim=OPTIM, vocab_size=30)
+    module = LitLanguageModel(model=dict(kind="lstm", n_layer=1, n_embd=16), optim=OPTIM, vocab_size=30)
     reference = Perplexity()
     batches = [(torch.randint(0, 30, (4, 9)), torch.randint(0, 30, (4, 9))) for _ in range(3)]
     batches.append((torch.randint(0, 30, (1, 9)), torch.randint(0, 30, (1, 9))))  # uneven last batch
@@ -35,7 +35,7 @@ def test_warmup_then_cosine_to_the_floor():
 def test_weight_decay_only_on_matrices_and_embeddings():
     import lightning as L
 
-    module = LanguageModel(model=dict(kind="transformer", n_layer=1, n_head=2, n_embd=16, max_seq_len=8),
+    module = LitLanguageModel(model=dict(kind="transformer", n_layer=1, n_head=2, n_embd=16, max_seq_len=8),
                            optim=OPTIM, vocab_size=30)
     module.trainer = L.Trainer(max_steps=100, logger=False, enable_checkpointing=False)
     optimizer = module.configure_optimizers()["optimizer"]

@@ -1,4 +1,4 @@
-"""LanguageModel: the LightningModule that trains any backbone on next-token prediction."""
+"""LitLanguageModel: the LightningModule that trains any backbone on next-token prediction."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def logging_step(trainer: L.Trainer) -> bool:
     return (every > 0 and step % every == 0) or step == trainer.max_steps
 
 
-class LanguageModel(L.LightningModule):
+class LitLanguageModel(L.LightningModule):
     """Next-token cross-entropy over any backbone from `lmkit.backbones`.
 
     Perplexity is exp of the token-weighted mean NLL, accumulated with torchmetrics (so it is
