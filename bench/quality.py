@@ -5,8 +5,9 @@
     python bench/quality.py --out bench/results/quality.json
 
 The reference is karpathy/nanoGPT's CPU recipe on the same text (4 layers x 128, block 64,
-batch 12, 2000 iterations): val loss 1.885 in 118 s on this 2-core machine; lmkit's target is
-at least 5% lower in about two minutes. Run on an otherwise idle machine.
+batch 12, 2000 iterations), measured once on the 2-core CI machine: NANOGPT_VAL_LOSS and
+NANOGPT_SECONDS below (bench/README.md, quality, says how to repeat it). lmkit's target is a
+validation loss at least 5% lower in about two minutes. Run on an otherwise idle machine.
 """
 
 from __future__ import annotations
