@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 
 import lmkit
-from lmkit.backbones import build_backbone
-from lmkit.compress import compress, table
+from lmkit.backbones import backbone_config, build_backbone
+from lmkit.compress import compress, table, training_context
 from lmkit.generate import stream_tokens
 from lmkit.inference import InferenceModel
 from lmkit.plugins import CompressContext, make
+from lmkit.record import ModelRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
@@ -60,7 +61,7 @@ def train(model: str, run_dir: Path, cache_dir: str) -> Path:
 
 def recipes(checkpoints: dict[str, Path], cache_dir: str) -> dict[str, dict]:
     results = {}
-    context = CompressContext(cache_dir=cache_dir)
+    context = training_context(cache_dir=cache_dir, seed=1337)
     for kind, ckpt in checkpoints.items():
         dense = lmkit.load(ckpt)
         labelled = []
@@ -80,12 +81,12 @@ def recipes(checkpoints: dict[str, Path], cache_dir: str) -> dict[str, dict]:
 def speed(backbone: torch.nn.Module, new_tokens: int = 100, repeats: int = 3) -> float:
     ids = torch.zeros(1, 1, dtype=torch.long)
     generator = torch.Generator().manual_seed(0)
-    for _ in stream_tokens(backbone, ids, 5, 1.0, None, None, generator, True):
+    for _ in stream_tokens(backbone, ids, max_new_tokens=5, temperature=1.0, generator=generator):
         pass
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        for _ in stream_tokens(backbone, ids, new_tokens, 1.0, None, None, generator, True):
+        for _ in stream_tokens(backbone, ids, max_new_tokens=new_tokens, temperature=1.0, generator=generator):
             pass
         best = min(best, time.perf_counter() - started)
     return new_tokens / best
@@ -101,8 +102,8 @@ def widths() -> list[dict]:
             torch.manual_seed(0)
             row = {"model": f"{kind} {options['n_layer']}x{width}"}
             for recipe in ("fp32", "dynamic_int8", "int8"):
-                backbone = build_backbone(kind, 80, **options).eval()
-                model = InferenceModel(backbone, None, {"model": {"kind": kind, "vocab_size": 80, **options}})
+                record = ModelRecord(backbone=backbone_config(kind, 80, **options))
+                model = InferenceModel(build_backbone(record.backbone).eval(), None, record)
                 if recipe != "fp32":
                     make(recipe).apply(model, CompressContext(cache_dir=""))
                 row[recipe] = round(speed(model.backbone), 1)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lmkit.backbones import build_backbone
+from lmkit.backbones import backbone_config, build_backbone
 from lmkit.generate import generate
 
 MODELS = {
@@ -29,11 +29,11 @@ MODELS = {
 
 def tokens_per_s(backbone: torch.nn.Module, new_tokens: int, use_cache: bool, repeats: int = 3) -> float:
     prompt = torch.zeros(1, 8, dtype=torch.long)
-    generate(backbone, prompt, 10, temperature=0, use_cache=use_cache)  # warm-up
+    generate(backbone, prompt, max_new_tokens=10, temperature=0, use_cache=use_cache)  # warm-up
     best = float("inf")
     for _ in range(repeats):
         started = time.perf_counter()
-        generate(backbone, prompt, new_tokens, temperature=0, use_cache=use_cache)
+        generate(backbone, prompt, max_new_tokens=new_tokens, temperature=0, use_cache=use_cache)
         best = min(best, time.perf_counter() - started)
     return new_tokens / best
 
@@ -46,7 +46,7 @@ def main() -> None:
     print(f"{'model':<30} {'cache':>6} {'50 tok/s':>10} {'500 tok/s':>10}")
     for name, (kind, options) in MODELS.items():
         torch.manual_seed(0)
-        backbone = build_backbone(kind, 80, **options).eval()
+        backbone = build_backbone(backbone_config(kind, 80, **options)).eval()
         for use_cache in (True, False):
             row = {"model": name, "cache": use_cache,
                    "tok_s_50": round(tokens_per_s(backbone, 50, use_cache), 1),

@@ -28,8 +28,10 @@ WORDS = ("thou art the king of all that we see and hear in this fair land where 
 
 TOKENIZE = """
 import sys
-from lmkit.data.datamodule import LMDataModule
-dm = LMDataModule(source="text", path=sys.argv[1], cache_dir=sys.argv[2], seq_len=64)
+from hydra.utils import instantiate
+from lmkit.conf import compose
+cfg = compose("train", ["data=text", f"data.path={sys.argv[1]}", "paths.output_dir=unused"])
+dm = instantiate(cfg.data, tokenizer={"kind": "char"}, cache_dir=sys.argv[2], seed=0, _convert_="all")
 dm.prepare_data()
 print(dm.cache.n_tokens)
 """

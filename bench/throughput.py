@@ -48,6 +48,7 @@ def raw_loop(overrides: list[str], steps: int, device: str) -> None:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from lmkit.record import ModelRecord
     from lmkit.backbones import build_backbone
     from lmkit.data.datamodule import LMDataModule
     from lmkit.data.windows import TrainBatches
@@ -59,9 +60,8 @@ def raw_loop(overrides: list[str], steps: int, device: str) -> None:
     data.pop("_target_")
     datamodule = LMDataModule(**data, tokenizer=OmegaConf.to_container(cfg.tokenizer), cache_dir=cfg.paths.cache_dir)
     datamodule.prepare_data()
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model_cfg.pop("compile", None)
-    model = build_backbone(vocab_size=datamodule.tokenizer.vocab_size, **model_cfg).to(device)
+    record = ModelRecord.from_settings(OmegaConf.to_container(cfg.model, resolve=True), datamodule.tokenizer.vocab_size)
+    model = build_backbone(record.backbone).to(device)
     o = cfg.optim
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},

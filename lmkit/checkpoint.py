@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from lmkit.errors import LmkitError
+from lmkit.record import ModelRecord
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -23,17 +24,15 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise LmkitError(f"checkpoint {path} is corrupt or truncated ({reason[:160]})") from None
 
 
-def check_compatible(path: str | Path, checkpoint: dict[str, Any], model: dict[str, Any], vocab_size: int,
-                     tokenizer_json: str) -> None:
+def check_compatible(path: str | Path, checkpoint: dict[str, Any], record: ModelRecord, tokenizer_json: str) -> None:
     """Refuse a checkpoint whose model shape or tokenizer differs from this run's."""
-    saved = checkpoint.get("hyper_parameters", {})
-    if "model" not in saved or "state_dict" not in checkpoint:
-        raise LmkitError(f"checkpoint {path} was not written by lmkit (no model hyper-parameters)")
+    saved = ModelRecord.from_checkpoint(checkpoint, path)
     saved_tok = checkpoint.get("lmkit", {}).get("tokenizer")
-    if saved.get("vocab_size") != vocab_size or (saved_tok and saved_tok != tokenizer_json):
-        raise LmkitError(f"checkpoint {path} was trained with a different tokenizer (vocab {saved.get('vocab_size')}) "
-                         f"than this run's (vocab {vocab_size})")
-    diff = {k: (saved["model"].get(k), v) for k, v in model.items() if saved["model"].get(k) != v}
+    if saved.backbone.vocab_size != record.backbone.vocab_size or (saved_tok and saved_tok != tokenizer_json):
+        raise LmkitError(f"checkpoint {path} was trained with a different tokenizer (vocab {saved.backbone.vocab_size}) "
+                         f"than this run's (vocab {record.backbone.vocab_size})")
+    ours, theirs = record.model_settings, saved.model_settings
+    diff = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
     if diff:
         shown = ", ".join(f"model.{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
         raise LmkitError(f"checkpoint {path} is for a different model: {shown}")

@@ -15,107 +15,114 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
+from lmkit.conf import CONF_DIR, check_conf_dir, compose
 from lmkit.errors import LmkitError, exit_on_user_error
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
-
+# The commands' option types. Their defaults are in conf/<command>.yaml, and only there.
 @dataclass
 class ExportArgs:
-    model: str  # a checkpoint or an lmkit model directory
-    out: str  # the folder to write
-    format: str = "lmkit"  # lmkit | hf
-    dtype: str = "fp32"  # fp32 | bf16 | fp16 (format=lmkit)
-    overwrite: bool = False
-    eval_windows: Optional[int] = None  # with compression: test windows per perplexity (default: the data config's)
-    gen_tokens: int = 100  # with compression: tokens generated to time generation (0: skip)
-    seed: int = 1337  # with compression: seeds the recovery fine-tunes
+    model: str
+    out: str
+    format: str
+    dtype: str
+    overwrite: bool
+    eval_windows: Optional[int]
+    gen_tokens: int
+    seed: int
 
 
 @dataclass
 class GenerateArgs:
     model: str
-    prompt: str = "\n"  # the text to continue; @file.txt reads it from a file
-    max_new_tokens: int = 200  # past a Transformer's context the window slides (the latest 3/4 is kept)
-    temperature: float = 0.8  # 0: greedy
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    num_samples: int = 1
-    seed: Optional[int] = None
-    stream: bool = False  # print text as it is produced (first sample)
-    unknown: str = "error"  # prompt characters a char tokenizer lacks: error | skip
-    device: Optional[str] = None
-    dtype: Optional[str] = None
+    prompt: str
+    max_new_tokens: int
+    temperature: float
+    top_k: Optional[int]
+    top_p: Optional[float]
+    num_samples: int
+    seed: Optional[int]
+    stream: bool
+    unknown: str
+    device: Optional[str]
+    dtype: Optional[str]
 
 
 @dataclass
 class EvalArgs:
     model: str
-    batch_size: int = 32
-    max_windows: Optional[int] = None  # at most this many windows (default: the data config's val/test_windows)
-    split: str = "test"  # test | val | train
-    device: Optional[str] = None
+    split: str
+    batch_size: int
+    max_windows: Optional[int]
+    device: Optional[str]
 
 
 @dataclass
 class ImportArgs:
-    src: str  # a directory written by transformers' save_pretrained
+    src: str
     out: str
-    overwrite: bool = False
+    overwrite: bool
 
 
-def parse(schema: type, args: list[str], command: str) -> Any:
-    """key=value arguments checked against a dataclass: unknown keys and bad types are one-line errors.
+def parse(schema: type, config_name: str, args: list[str], command: str, groups: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """key=value arguments over `conf/<config_name>.yaml`, checked against `schema`'s types.
 
-    Text fields take the value verbatim (`prompt=ROMEO:` must stay text, not become YAML).
-    """
-    from dataclasses import fields
-
+    Unknown keys and bad types are one-line errors. Text fields take the value verbatim
+    (`prompt=ROMEO:` must stay text, not become YAML). Returns the typed options and the composed
+    config (whose `groups`, e.g. paths, data or compression, hold the rest)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    text_fields = {f.name for f in fields(schema) if f.type in ("str", "Optional[str]")}
-    pairs = []
+    text = {f.name for f in fields(schema) if f.type in ("str", "Optional[str]")}
+    verbatim, overrides = {}, []
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep:
             raise LmkitError(f"lmkit {command}: arguments are key=value, got {arg!r}")
-        pairs.append((key, value))
+        if key in text:
+            verbatim[key] = value
+        else:
+            overrides.append(arg)
+    cfg = compose(config_name, [*overrides, "paths.output_dir=unused"] if "paths" in groups else overrides)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(schema),
-                              OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs if k not in text_fields]))
-        for key, value in pairs:
-            if key in text_fields:
-                cfg[key] = value
-        return OmegaConf.to_object(cfg)
+        for key, value in verbatim.items():
+            cfg[key] = value
+        options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
+                                                      {f.name: cfg[f.name] for f in fields(schema)}))
     except OmegaConfBaseException as e:
         raise LmkitError(f"lmkit {command}: {str(e).splitlines()[0]}") from None
+    return options, cfg
+
+
+def _groups(cfg: Any, *names: str) -> dict[str, Any]:
+    """The named config groups as plain values (None where not selected)."""
+    from omegaconf import OmegaConf
+
+    return {name: OmegaConf.to_container(cfg[name], resolve=True, throw_on_missing=True) if cfg.get(name) else None
+            for name in names}
 
 
 def _export(args: list[str]) -> None:
     from lmkit.export import load, save
     from lmkit.hf import export_hf
 
-    group_args = [x for x in args if x.lstrip("+~").split("=")[0].split(".")[0] in ("compression", "paths")]
-    a = parse(ExportArgs, [x for x in args if x not in group_args], "export")
+    a, cfg = parse(ExportArgs, "export", args, "export", groups=("paths", "compression"))
     if a.format not in ("lmkit", "hf"):
         raise LmkitError(f"format={a.format!r} is not one of lmkit, hf")
-    cfg = _compose(group_args) if group_args else {}
+    groups = _groups(cfg, "paths", "compression")
     model = load(a.model)
-    if cfg.get("compression"):
-        from lmkit.compress import compress_and_export
-        from lmkit.plugins import CompressContext
+    if groups["compression"]:
+        from lmkit.compress import compress_and_export, training_context
 
         if a.format != "lmkit" or a.dtype != "fp32":
             raise LmkitError("compression writes format=lmkit with the dtypes its plugins choose (drop format/dtype)")
-        context = CompressContext(cache_dir=cfg["paths"]["cache_dir"], seed=a.seed)
-        _, report = compress_and_export(model, cfg["compression"], a.out, context, a.overwrite,
+        context = training_context(cache_dir=groups["paths"]["cache_dir"], seed=a.seed)
+        _, report = compress_and_export(model, groups["compression"], a.out, context, overwrite=a.overwrite,
                                         eval_windows=a.eval_windows, gen_tokens=a.gen_tokens)
         print(report_summary(report))
         out = a.out
@@ -135,7 +142,7 @@ def report_summary(report: dict[str, Any]) -> str:
 def _generate(args: list[str]) -> None:
     import lmkit
 
-    a = parse(GenerateArgs, args, "generate")
+    a, _ = parse(GenerateArgs, "generate", args, "generate")
     prompt = a.prompt
     if prompt.startswith("@"):
         path = Path(prompt[1:])
@@ -147,8 +154,8 @@ def _generate(args: list[str]) -> None:
     on_text = (lambda text: print(text, end="", flush=True)) if a.stream else None
     if on_text:
         print(prompt, end="", flush=True)
-    samples = model.generate(prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.num_samples, a.seed,
-                             on_text=on_text)
+    samples = model.generate(prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                             top_p=a.top_p, num_samples=a.num_samples, seed=a.seed, on_text=on_text)
     samples = [samples] if isinstance(samples, str) else samples
     for i, text in enumerate(samples):
         if a.stream and i == 0:
@@ -163,42 +170,17 @@ def _eval(args: list[str]) -> None:
     import lmkit
     from lmkit.evaluate import evaluate, own_datamodule
 
-    data_args = [x for x in args if x.split("=")[0].split(".")[0] == "data"]
-    a = parse(EvalArgs, [x for x in args if x not in data_args], "eval")
+    a, cfg = parse(EvalArgs, "eval", args, "eval", groups=("paths", "data"))
     if a.split not in ("train", "val", "test"):
         raise LmkitError(f"split={a.split!r} is not one of train, val, test")
+    groups = _groups(cfg, "paths", "data")
     model = lmkit.load(a.model, device=a.device)
-    cfg = _compose(data_args)
-    datamodule = own_datamodule(model, cfg["paths"]["cache_dir"], cfg["data"] if data_args else None)
+    datamodule = own_datamodule(model, groups["paths"]["cache_dir"], groups["data"])
     datamodule.prepare_data()
     windows = a.max_windows or getattr(datamodule, f"{a.split}_windows", None)  # as the training run read it
-    result = evaluate(model, datamodule.cache.split(a.split), datamodule.seq_len, a.batch_size, windows)
+    result = evaluate(model, datamodule.cache.split(a.split), seq_len=datamodule.seq_len, batch_size=a.batch_size,
+                      max_windows=windows)
     print(json.dumps({"split": a.split, **result}, indent=2))
-
-
-def _compose(overrides: list[str]) -> dict[str, Any]:
-    """The `data`, `compression` and `paths` groups as train.py would compose them with these overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("train", overrides=[*overrides, "paths.output_dir=unused"])
-        return {key: OmegaConf.to_container(cfg[key], resolve=True, throw_on_missing=True) if cfg.get(key) else None
-                for key in ("data", "compression", "paths")}
-    except (HydraException, OmegaConfBaseException) as e:
-        message = str(e).splitlines()[0]
-        missing = re.search(r"Could not find 'compression/([^']+)'", message)
-        if missing:
-            from lmkit.plugins import installed
-
-            if missing[1] in installed():  # a plugin installed without a file in conf/compression/
-                raise LmkitError(f"compression={missing[1]}: the plugin has no conf/compression/{missing[1]}.yaml; "
-                                 f"select it with +compression.{missing[1]}={{}} (or +compression.{missing[1]}.KEY=...)")
-            raise LmkitError(f"unknown compression plugin {missing[1]!r}; installed: {', '.join(sorted(installed()))}")
-        raise LmkitError(f"lmkit: {message}") from None
 
 
 def _plugins(args: list[str]) -> None:
@@ -236,7 +218,7 @@ def _import_hf(args: list[str]) -> None:
     from lmkit.export import save
     from lmkit.hf import import_hf
 
-    a = parse(ImportArgs, args, "import-hf")
+    a, _ = parse(ImportArgs, "import_hf", args, "import-hf")
     model = import_hf(a.src)
     out = save(model, a.out, overwrite=a.overwrite)
     note = "" if model.has_tokenizer else " (no tokenizer found beside it: the model takes token ids only)"
@@ -244,22 +226,13 @@ def _import_hf(args: list[str]) -> None:
 
 
 def _train(args: list[str]) -> None:
-    if not CONF_DIR.is_dir():
-        raise LmkitError(f"lmkit train needs the configs in {CONF_DIR} (install lmkit from a source checkout)")
-    import hydra
-    from omegaconf import DictConfig
+    check_conf_dir()
+    from lmkit.train import main
 
-    from lmkit.train import run
-
-    @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-    def train(cfg: DictConfig) -> float | None:
-        with exit_on_user_error():
-            metrics, _ = run(cfg)
-        return metrics.get(cfg.get("optimized_metric") or "val_loss")
-
-    # Lightning re-launches DDP ranks as `python sys.argv[0] ...`: make that train.py itself.
+    # The same @hydra.main as train.py. Lightning re-launches DDP ranks as `python sys.argv[0] ...`:
+    # make that train.py itself.
     sys.argv = [str(CONF_DIR.parent / "train.py"), *args]
-    train()
+    main()
 
 
 COMMANDS = {"train": _train, "export": _export, "generate": _generate, "eval": _eval, "import-hf": _import_hf,

@@ -25,11 +25,12 @@ import torch
 
 from lmkit.errors import LmkitError
 from lmkit.evaluate import evaluate, own_datamodule
-from lmkit.export import count_parameters, save, unique_tensors, write_tensors
+from lmkit.export import save, write_tensors
 from lmkit.files import check_free
 from lmkit.generate import stream_tokens
 from lmkit.inference import InferenceModel
 from lmkit.plugins import CompressContext, check_chain, recipe
+from lmkit.tensors import count_parameters, unique_tensors
 
 log = logging.getLogger("lmkit")
 
@@ -47,7 +48,7 @@ def stored_bytes(model: InferenceModel) -> int:
     """Size of model.safetensors as `lmkit.export.save` would write it now."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.safetensors"
-        write_tensors(model.backbone, path, model.config.get("compression") or [])
+        write_tensors(model.backbone, path, model.record.compression)
         return path.stat().st_size
 
 
@@ -56,20 +57,22 @@ def generation_speed(model: InferenceModel, new_tokens: int, repeats: int = 3) -
     """Tokens/s generating `new_tokens` at batch 1 from a one-token prompt: the best of `repeats`."""
     ids = torch.zeros(1, 1, dtype=torch.long, device=model.device)
     generator = torch.Generator(device=model.device).manual_seed(0)
-    for _ in stream_tokens(model.backbone, ids, 4, 1.0, None, None, generator, True):  # warm-up
+    for _ in stream_tokens(model.backbone, ids, max_new_tokens=4, temperature=1.0, generator=generator):  # warm-up
         pass
     best = math.inf
     for _ in range(repeats):
         started = time.perf_counter()
-        for _ in stream_tokens(model.backbone, ids, new_tokens, 1.0, None, None, generator, True):
+        for _ in stream_tokens(model.backbone, ids, max_new_tokens=new_tokens, temperature=1.0, generator=generator):
             pass
         best = min(best, time.perf_counter() - started)
     return new_tokens / best
 
 
-def measure(model: InferenceModel, tokens: Any, seq_len: int, windows: int | None, gen_tokens: int) -> dict[str, Any]:
+def measure(model: InferenceModel, tokens: Any, *, seq_len: int, batch_size: int, windows: int | None,
+            gen_tokens: int) -> dict[str, Any]:
     params, nonzero = count_parameters(model.backbone)
-    result = evaluate(model, tokens, seq_len, max_windows=windows) if tokens is not None else {}
+    result = evaluate(model, tokens, seq_len=seq_len, batch_size=batch_size, max_windows=windows) \
+        if tokens is not None else {}
     return {"bytes": stored_bytes(model), "parameters": params, "nonzero": nonzero,
             "sparsity": round(1 - nonzero / params, 4), "loss": result.get("loss"),
             "perplexity": result.get("perplexity"),
@@ -78,12 +81,12 @@ def measure(model: InferenceModel, tokens: Any, seq_len: int, windows: int | Non
 
 
 def compress(model: InferenceModel, spec: dict[str, dict[str, Any] | None], context: CompressContext,
-             eval_windows: int | None = None, gen_tokens: int = 100) -> tuple[InferenceModel, dict[str, Any]]:
+             *, eval_windows: int | None = None, gen_tokens: int = 100) -> tuple[InferenceModel, dict[str, Any]]:
     """Apply the plugins of `spec` in order to a copy of `model`; returns it and the report."""
-    done = [r["plugin"] for r in model.config.get("compression") or []]
+    done = [r["plugin"] for r in model.record.compression]
     plugins = recipe(spec)
     check_chain([p.name for p in plugins], already=done)
-    has_corpus = bool(model.config.get("data")) and model.has_tokenizer
+    has_corpus = bool(model.record.data) and model.has_tokenizer
     tuning = [p.name for p in plugins if p.finetunes and p.settings.get("finetune_steps")]
     if tuning and not has_corpus:
         raise LmkitError(f"compression: {', '.join(tuning)} fine-tunes on the model's training corpus, and this "
@@ -92,27 +95,28 @@ def compress(model: InferenceModel, spec: dict[str, dict[str, Any] | None], cont
         plugin.check_model(model)
     # float32 in, so that what is measured is what the artifact (float32 plus its plugins' dtypes) holds
     model = copy.deepcopy(model).float().eval()
-    dense_shape = copy.deepcopy(model.config["model"])
+    dense_shape = model.record.to_dict()["model"]
     fingerprint = weights_digest(model)
-    tokens, seq_len = None, 0
+    tokens, seq_len, batch_size = None, 0, 1
     if has_corpus:
         datamodule = own_datamodule(model, context.cache_dir, seed=context.seed)
         datamodule.prepare_data()
-        tokens, seq_len = datamodule.cache.split("test"), datamodule.seq_len
+        tokens, seq_len, batch_size = datamodule.cache.split("test"), datamodule.seq_len, datamodule.eval_batch_size
         eval_windows = eval_windows or datamodule.test_windows
     else:
         log.warning("the model records no training corpus or no tokenizer: the report has no perplexity")
-    measure_now = lambda: measure(model, tokens, seq_len, eval_windows, gen_tokens)  # noqa: E731
+    measure_now = lambda: measure(model, tokens, seq_len=seq_len, batch_size=batch_size,  # noqa: E731
+                                  windows=eval_windows, gen_tokens=gen_tokens)
     before = measure_now()
     steps = []
     for plugin in plugins:
         context.log(f"compression: {plugin.name} {json.dumps(plugin.settings)}")
         record = {"plugin": plugin.name, "settings": plugin.settings, **plugin.apply(model, context)}
-        model.config["compression"] = [*(model.config.get("compression") or []), record]
+        model.record = model.record.replace(compression=[*model.record.compression, record])
         steps.append({**record, **measure_now()})
     report = {"model": dense_shape, "dense_digest": fingerprint, "compressed_before": done,
-              "source": model.config.get("source"),
-              "data": model.config.get("data"), "recipe": [p.name for p in plugins],
+              "source": model.record.source,
+              "data": model.record.data, "recipe": [p.name for p in plugins],
               "before": before, "steps": steps, "after": steps[-1] if steps else before}
     report["after_vs_before"] = ratios(before, report["after"])
     return model, report
@@ -124,6 +128,19 @@ def ratios(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | N
 
     return {"bytes": ratio("bytes"), "parameters": ratio("parameters"), "perplexity": ratio("perplexity"),
             "tokens_per_s": ratio("tokens_per_s")}
+
+
+def training_context(*, cache_dir: str, seed: int, log: Any = print, train_device: str | None = None) -> CompressContext:
+    """A CompressContext whose fine-tunes run lmkit's training loop (Lightning) on the model's own corpus,
+    on `train_device` (None: where the model is)."""
+
+    def finetune(model: InferenceModel, *, steps: int, lr: float | None = None, callbacks: list | None = None) -> None:
+        from lmkit.finetune import finetune as lightning_finetune
+
+        lightning_finetune(model, steps=steps, lr=lr, callbacks=callbacks, cache_dir=cache_dir, seed=seed,
+                           device=train_device)
+
+    return CompressContext(cache_dir=cache_dir, seed=seed, log=log, finetune=finetune)
 
 
 def compress_and_export(model: InferenceModel, spec: dict[str, dict[str, Any] | None], out: str | Path,

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from lmkit.data.windows import EvalBatches
 from lmkit.errors import LmkitError
-from lmkit.export import count_parameters
 from lmkit.inference import InferenceModel
+from lmkit.tensors import count_parameters
 
 
 def own_datamodule(model: InferenceModel, cache_dir: str, data: dict[str, Any] | None = None, seed: int = 0):
@@ -21,22 +21,26 @@ def own_datamodule(model: InferenceModel, cache_dir: str, data: dict[str, Any] |
 
     The recorded settings are plain values: the data module is built directly, never through a
     class path (`_target_`) read from the model file, so a stranger's model runs no code of theirs.
-    The model's own tokenizer is passed inline."""
+    Keys a record lacks take their conf/data defaults. The model's own tokenizer is passed inline."""
     import inspect
 
+    from lmkit.conf import group_option
     from lmkit.data.datamodule import LMDataModule
 
-    data = data or model.config.get("data")
+    data = data or model.record.data
     if not data:
         raise LmkitError("the model records no training corpus: name one, e.g. data=text data.path=FILE")
+    source = data.get("source")
+    if source not in ("shakespeare", "text"):
+        raise LmkitError(f"data.source={source!r} is not one of shakespeare, text")
     known = set(inspect.signature(LMDataModule).parameters) - {"tokenizer", "cache_dir", "seed"}
-    settings = {k: v for k, v in data.items() if k in known}
+    settings = {k: v for k, v in {**group_option("data", source), **data}.items() if k in known}
     return LMDataModule(**settings, tokenizer={"kind": "json", "json": model.tokenizer.to_json()},
                         cache_dir=cache_dir, seed=seed)
 
 
 @torch.no_grad()
-def evaluate(model: InferenceModel, tokens: np.ndarray, seq_len: int, batch_size: int = 32,
+def evaluate(model: InferenceModel, tokens: np.ndarray, *, seq_len: int, batch_size: int,
              max_windows: int | None = None) -> dict[str, Any]:
     """Evaluate on non-overlapping windows of `tokens`; bits are per character for a char tokenizer,
     per UTF-8 byte otherwise (so BPE models compare with char models)."""

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row of `logits` (B, V); temperature 0 is greedy."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -32,7 +32,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.no_grad()
-def stream_tokens(backbone: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def stream_tokens(backbone: nn.Module, ids: torch.Tensor, *, max_new_tokens: int, temperature: float,
                   top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                   use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` sampled tokens, each (B, 1), continuing `ids` (B, T)."""
@@ -45,7 +45,7 @@ def stream_tokens(backbone: nn.Module, ids: torch.Tensor, max_new_tokens: int, t
     for _ in range(max_new_tokens):
         if not use_cache:
             logits, _ = backbone(out[:, -limit:] if limit else out)
-        token = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        token = sample_next(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         yield token
         out = torch.cat([out, token], dim=1)
         if not use_cache:
@@ -57,9 +57,10 @@ def stream_tokens(backbone: nn.Module, ids: torch.Tensor, max_new_tokens: int, t
             logits, state = backbone(token, state)
 
 
-def generate(backbone: nn.Module, ids: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+def generate(backbone: nn.Module, ids: torch.Tensor, *, max_new_tokens: int, temperature: float,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
              use_cache: bool = True) -> torch.Tensor:
     """Extend `ids` (B, T) by `max_new_tokens` sampled tokens; returns (B, T + max_new_tokens)."""
-    new = list(stream_tokens(backbone, ids, max_new_tokens, temperature, top_k, top_p, generator, use_cache))
+    new = list(stream_tokens(backbone, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                             top_p=top_p, generator=generator, use_cache=use_cache))
     return torch.cat([ids, *new], dim=1)

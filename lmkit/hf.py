@@ -19,6 +19,7 @@ from lmkit.data.tokenizer import BPETokenizer, Tokenizer, byte_level
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
+from lmkit.record import ModelRecord
 
 # Per block: lmkit name suffix -> whether HF stores it transposed (Conv1D).
 BLOCK_MAP = {
@@ -94,19 +95,19 @@ def _import_hf(src: Path) -> InferenceModel:
     state["lm_head.weight"] = state["transformer.wte.weight"]  # GPT-2 ties its head to the embedding
     model.load_state_dict(state, strict=True)
     tokenizer = _read_hf_tokenizer(src)
-    config = {"format": "lmkit", "model": {"kind": "transformer", **vars(cfg)}, "data": None,
-              "source": {"hf": str(src.resolve()), "architectures": hf.get("architectures")}}
-    return InferenceModel(model.eval(), tokenizer, config)
+    record = ModelRecord(backbone=cfg, tokenizer=tokenizer.kind if tokenizer else None,
+                         source={"hf": str(src.resolve()), "architectures": hf.get("architectures")})
+    return InferenceModel(model.eval(), tokenizer, record)
 
 
 def export_hf(model: InferenceModel, out: str | Path, overwrite: bool = False) -> Path:
     """Write a GPT-2-shaped lmkit model where `transformers.GPT2LMHeadModel.from_pretrained` loads it."""
     backbone = model.backbone
     cfg = getattr(backbone, "config", None)
-    if model.config.get("compression"):
+    if model.record.compressed:
         raise LmkitError("format=hf writes dense GPT-2 weights; this model is compressed (export it as format=lmkit)")
     if not isinstance(cfg, TransformerConfig):
-        raise LmkitError(f"format=hf writes GPT-2 models; this model is a {model.config['model']['kind']}")
+        raise LmkitError(f"format=hf writes GPT-2 models; this model is a {model.record.kind}")
     unsupported = [f"{k}={getattr(cfg, k)!r}" for k, ok in
                    (("position", "learned"), ("bias", True), ("mlp_ratio", 4), ("tie_weights", True),
                     ("layer_heads", None), ("layer_ffn", None))

@@ -7,14 +7,13 @@ tokenizers alone.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
 import torch
 import torch.nn as nn
 
 from lmkit.data.tokenizer import Tokenizer
 from lmkit.errors import LmkitError
 from lmkit.generate import stream_tokens
+from lmkit.record import ModelRecord
 
 NO_TOKENIZER = ("this model has no tokenizer, so it takes and returns token ids only: call model(ids), or attach "
                 "one with model.tokenizer = lmkit.data.load_tokenizer('tokenizer.json') (or re-import it with "
@@ -22,11 +21,11 @@ NO_TOKENIZER = ("this model has no tokenizer, so it takes and returns token ids 
 
 
 class InferenceModel(nn.Module):
-    def __init__(self, backbone: nn.Module, tokenizer: Tokenizer | None, config: dict[str, Any]) -> None:
+    def __init__(self, backbone: nn.Module, tokenizer: Tokenizer | None, record: ModelRecord) -> None:
         super().__init__()
         self.backbone = backbone
         self._tokenizer = tokenizer
-        self.config = config  # what config.json holds: model, tokenizer kind, data, provenance
+        self.record = record  # what config.json holds: shape, tokenizer kind, compression, data, provenance
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -66,11 +65,12 @@ class InferenceModel(nn.Module):
         return ids
 
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 1.0, top_k: int | None = None,
+    def generate(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = None, num_samples: int = 1, seed: int | None = None, use_cache: bool = True,
                  on_text: Callable[[str], None] | None = None) -> str | list[str]:
         """Continue `prompt`; returns prompt + continuation (a list when `num_samples` > 1).
 
+        The defaults are conf/generate.yaml's (`lmkit generate`), checked by tests/test_defaults.py.
         `on_text`, if given, receives each piece of new text of the first sample as it is produced.
         """
         if max_new_tokens < 0 or num_samples < 1 or temperature < 0:
@@ -83,7 +83,8 @@ class InferenceModel(nn.Module):
         generator.manual_seed(seed) if seed is not None else generator.seed()
         new: list[torch.Tensor] = []
         shown = ""
-        for token in stream_tokens(self.backbone, ids, max_new_tokens, temperature, top_k, top_p, generator, use_cache):
+        for token in stream_tokens(self.backbone, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache):
             new.append(token)
             if on_text is not None:  # decode the whole tail: a BPE piece may complete a character later
                 text = self.tokenizer.decode(torch.cat(new, 1)[0].tolist())

@@ -13,6 +13,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lmkit.backbones import build_backbone
 from lmkit.data.tokenizer import Tokenizer, tokenizer_from_json
+from lmkit.record import ModelRecord
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int | None, min_lr_ratio: float):
@@ -32,9 +33,9 @@ def warmup_cosine(warmup_steps: int, total_steps: int | None, min_lr_ratio: floa
 def logging_step(trainer: L.Trainer) -> bool:
     """Whether the loggers write this step (and the last step, for the final train loss).
 
-    Each `self.log` costs about a millisecond of Python: 5% of a training step of the default CPU
-    model. Logging only when the loggers write (and the progress bar refreshes its numbers)
-    brought Lightning from 0.86x to 0.975x of a hand-written loop (bench/throughput.py, LSTM)."""
+    Logging only on the loggers' steps: each `self.log` costs Python time on every step it runs,
+    a visible share of a small model's step on a CPU (bench/README.md, throughput: Lightning
+    overhead)."""
     step, every = trainer.global_step + 1, trainer.log_every_n_steps
     return (every > 0 and step % every == 0) or step == trainer.max_steps
 
@@ -53,13 +54,20 @@ class LitLanguageModel(L.LightningModule):
         super().__init__()
         if optim.get("name") not in ("adamw", "adamw8bit"):
             raise ValueError(f"optim.name={optim.get('name')!r} is not one of adamw, adamw8bit")
-        self.save_hyperparameters()
-        self.backbone = build_backbone(vocab_size=vocab_size, **model)
+        self.save_hyperparameters()  # plain values: a checkpoint loads with weights_only=True
+        self.backbone = build_backbone(ModelRecord.from_settings(model, vocab_size).backbone)
         if compile:
             self.backbone.compile()  # in place: parameter names (and so checkpoints) stay as they are
         self.tokenizer: Tokenizer | None = None  # attached by train.run, restored from checkpoints
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
+
+    @property
+    def record(self) -> ModelRecord:
+        """The model's description, as an artifact or a loaded checkpoint records it."""
+        hp = self.hparams
+        return ModelRecord.from_settings(hp.model, hp.vocab_size, data=hp.data, optim=hp.optim,
+                                         tokenizer=self.tokenizer.kind if self.tokenizer else None)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone(ids)[0]

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 import torch.nn as nn
@@ -40,20 +40,28 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "lmkit.plugins"
 
 
+class Finetune(Protocol):
+    def __call__(self, model: InferenceModel, *, steps: int, lr: float | None = None,
+                 callbacks: list[Any] | None = None) -> None: ...
+
+
+def no_finetune(model: InferenceModel, *, steps: int, lr: float | None = None,
+                callbacks: list[Any] | None = None) -> None:
+    if steps > 0:
+        raise LmkitError(f"this compression run cannot fine-tune ({steps} steps asked): set finetune_steps=0")
+
+
 @dataclass
 class CompressContext:
-    """What the core offers a plugin's `apply`: the run's settings and a fine-tuning loop."""
+    """What the core offers a plugin's `apply`: the model's corpus, a log, and a fine-tuning loop.
+
+    The fine-tune is injected by whoever compresses (lmkit.compress.training_context gives lmkit's
+    Lightning loop), so this contract imports nothing from the training stack."""
 
     cache_dir: str  # the token cache (for fine-tuning and evaluation on the model's own corpus)
     seed: int = 1337
     log: Callable[[str], Any] = print  # where progress lines go
-    train_device: str | None = None  # where fine-tunes run (train.py: the run's device); None: the model's
-
-    def finetune(self, model: InferenceModel, steps: int, lr: float | None = None, callbacks: list | None = None) -> None:
-        """Train `model` in place for `steps` steps on its own training data (imports Lightning)."""
-        from lmkit.finetune import finetune
-
-        finetune(model, steps, lr, callbacks or [], self.cache_dir, self.seed, self.train_device)
+    finetune: Finetune = no_finetune  # finetune(model, steps=N, lr=..., callbacks=[...]) trains model in place
 
 
 class Plugin:
@@ -165,28 +173,3 @@ def check_chain(names: list[str], already: list[str] | None = None) -> None:
             if earlier.sparsifies and plugin_class(later).finetunes:
                 raise LmkitError(f"compression: {later} cannot follow {name} ({later} fine-tunes, which would fill "
                                  f"{name}'s zeros back in; put {later} before {name})")
-
-
-def swap_modules(root: nn.Module, convert: Callable[[nn.Module], nn.Module | None]) -> nn.Module:
-    """Replace each submodule for which `convert` returns a module; recurse into the others."""
-    replaced = convert(root)
-    if replaced is not None:
-        return replaced
-    for name, child in list(root.named_children()):
-        setattr(root, name, swap_modules(child, convert))
-    return root
-
-
-def once_per_tensor(make: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
-    """`make(tensor)`, computed once per tensor object: layers that share (tie) a weight share the result.
-
-    Each tensor is held alongside its result, so its id cannot be reused by a temporary (UnrolledRNN
-    builds a Linear per projection) and hand another weight's result back."""
-    made: dict[int, tuple[torch.Tensor, Any]] = {}
-
-    def get(tensor: torch.Tensor) -> Any:
-        if id(tensor) not in made:
-            made[id(tensor)] = (tensor, make(tensor))
-        return made[id(tensor)][1]
-
-    return get

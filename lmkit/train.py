@@ -1,7 +1,7 @@
 """`run(cfg)`: build data, model, callbacks, loggers and trainer from a composed config; fit; evaluate.
 
 A pure function of the config (no globals, no chdir), so tests and sweeps call it as they like;
-`train.py` at the repository root is only the `@hydra.main` wrapper around it.
+`main` is the one `@hydra.main` around it, which `train.py` and `lmkit train` both call.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
@@ -23,10 +24,12 @@ from omegaconf.errors import MissingMandatoryValue
 from lmkit.callbacks import TextSampler, Throughput
 from lmkit.checkpoint import check_compatible, read_checkpoint
 from lmkit.distributed import check_launch, ddp_children_run_this_job
-from lmkit.errors import LmkitError
+from lmkit.conf import CONF_DIR
+from lmkit.errors import LmkitError, exit_on_user_error
 from lmkit.files import atomic_write_text
 from lmkit.lightning_module import LitLanguageModel
 from lmkit.plugins import recipe
+from lmkit.record import ModelRecord
 
 log = logging.getLogger("lmkit")
 
@@ -77,7 +80,7 @@ def _init_from(path: str | None):
     from lmkit.export import load
 
     model = load(path)
-    if model.config.get("compression"):
+    if model.record.compressed:
         raise LmkitError(f"init_from={path} is a compressed model; fine-tune from the checkpoint it was exported from")
     if not model.has_tokenizer:
         raise LmkitError(f"init_from={path} has no tokenizer to train with: import it with its vocab.json and "
@@ -103,15 +106,16 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     compile_model = bool(model_cfg.pop("compile", False))
     init = _init_from(cfg.get("init_from"))
     if init is not None:  # fine-tuning: the pretrained model brings its shape and its tokenizer
-        model_cfg = {k: v for k, v in init.config["model"].items() if k not in ("vocab_size", "compile")}
+        model_cfg = init.record.model_settings
         tokenizer_spec = {"kind": "json", "json": init.tokenizer.to_json()}
     data_cfg = _container(cfg.data)
     datamodule = build(data_cfg, tokenizer=tokenizer_spec, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
                        _convert_="all")
     tokenizer = datamodule.tokenizer
+    record = ModelRecord.from_settings(model_cfg, tokenizer.vocab_size)  # checks the model settings
     try:
-        module = LitLanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
-                               data=data_cfg, compile=compile_model)
+        module = LitLanguageModel(model=record.model_settings, optim=_container(cfg.optim),
+                                  vocab_size=tokenizer.vocab_size, data=data_cfg, compile=compile_model)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise LmkitError(f"model: {e}") from None
     module.tokenizer = tokenizer
@@ -126,7 +130,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if ckpt_path is not None and ckpt_path.is_dir():  # an FSDP sharded checkpoint: Lightning checks it
         log.info("Resuming from %s", ckpt_path)
     elif ckpt_path is not None:
-        check_compatible(ckpt_path, read_checkpoint(ckpt_path), model_cfg, tokenizer.vocab_size, tokenizer.to_json())
+        check_compatible(ckpt_path, read_checkpoint(ckpt_path), record, tokenizer.to_json())
         log.info("Resuming from %s", ckpt_path)
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
@@ -171,25 +175,30 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def _compress(module: LitLanguageModel, compression: dict[str, Any], output_dir: Path, cfg: DictConfig) -> dict[str, Any]:
     """Compress the trained model as `compression` says and export it to `output_dir/model`."""
-    from lmkit.compress import compress_and_export
+    from lmkit.compress import compress_and_export, training_context
     from lmkit.inference import InferenceModel
-    from lmkit.plugins import CompressContext
 
-    hp = module.hparams
-    model_cfg = {**hp.model, "vocab_size": hp.vocab_size}
-    source = {"run": str(output_dir.resolve()), "step": module.trainer.global_step}
-    model = InferenceModel(module.backbone, module.tokenizer, {"model": model_cfg, "data": hp.data, "optim": hp.optim,
-                                                   "source": source})
+    record = module.record.replace(source={"run": str(output_dir.resolve()), "step": module.trainer.global_step})
+    model = InferenceModel(module.backbone, module.tokenizer, record)
     out = output_dir / "model"
     # Lightning has moved the model to the CPU after fit: it is measured there (the report's CPU
     # figures), while recovery fine-tunes go back to the device the run trained on.
-    context = CompressContext(cache_dir=cfg.paths.cache_dir, seed=cfg.seed, log=log.info,
-                              train_device=str(module.trainer.strategy.root_device))
+    context = training_context(cache_dir=cfg.paths.cache_dir, seed=cfg.seed, log=log.info,
+                               train_device=str(module.trainer.strategy.root_device))
     _, report = compress_and_export(model, compression, out, context, overwrite=True)
     log.info("Compressed model written to %s", out)
     after = report["after"]
     return {"export_dir": str(out.resolve()), "export_bytes": after["bytes"], "export_ppl": after["perplexity"],
             "export_bytes_ratio": report["after_vs_before"]["bytes"]}
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """The entry point of `python train.py` and `lmkit train`."""
+    with exit_on_user_error():
+        metrics, _ = run(cfg)
+    # A sweeper (e.g. Optuna) optimises the value main returns.
+    return metrics.get(cfg.get("optimized_metric") or "val_loss")
 
 
 def _float(value: Any) -> float | None:

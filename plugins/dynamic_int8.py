@@ -7,20 +7,11 @@ per call, multiplied in int8 and rescaled. Weights are stored as int8 with one a
 plain tensors; scales, biases and norms are rounded to fp16 and stored so, as `int8` does. A tied
 embedding gathers from the head's int8 rows.
 
-Why these kernels (bench/compression.py, 2 CPU threads, one batch-1 step, microseconds):
-
-    width                   128    256    384    512    768   1024
-    MLP  fp32                72    108    162    241   1207   2210
-    MLP  torchao quantize_  814    979   1236   1634   2642   4073   Int8DynamicActivationInt8WeightConfig
-    MLP  quantize_dynamic   137    142    156    172    217    283
-    MLP  dynamic_int8       111    117    129    146    190    249   these linears
-    LSTM fp32               220    404    687   1207   3212   5922
-    LSTM quantize_dynamic   220    402    683   1208   3201   5938   no gain at any width
-    LSTM dynamic_int8       196    207    215    235    282    338   unrolled over these linears
-
-torchao's int8 path has no fast CPU kernel here, and torch.ao's quantized LSTM is no faster than
-fp32, so both layer types go through fbgemm linears. Whole-model generation gains from about 256
-wide and reaches 1.5x from 384 (bench widths table); below 256 fp32 is faster.
+Why these kernels: torchao's int8 path (`quantize_` with `Int8DynamicActivationInt8WeightConfig`)
+has no fast CPU kernel, and torch.ao's quantized LSTM (`quantize_dynamic`) is no faster than fp32,
+so both layer types go through fbgemm linears, the LSTM unrolled over them. int8 pays on wide
+layers only: on narrow ones fp32 generates faster. Per-kernel timings and the width where
+whole-model generation crosses over: bench/README.md (compression: kernels, widths).
 """
 
 from __future__ import annotations
@@ -32,7 +23,8 @@ import torch.nn as nn
 
 from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
-from lmkit.plugins import CompressContext, Plugin, once_per_tensor, swap_modules
+from lmkit.plugins import CompressContext, Plugin
+from lmkit.tensors import once_per_tensor, swap_modules
 from plugins.int8 import Int8Embedding, half_where_lossless, round_to_half
 
 

@@ -8,8 +8,8 @@ model in memory is exactly the model on disk. Linear layers become `bnb.nn.Linea
 is unrolled so that its input projection of all time steps is one int8 matmul and its recurrent
 weights are int8 per step; an embedding gathers int8 rows and rescales them, sharing the int8
 weight and scales with a tied output head. This buys memory, not speed: bitsandbytes' int8
-matmul is slower than fp32 on this CPU at every width we measured up to 512 (bench/run.py
-compression), and reported slower than fp16 on an H100 at these widths (DESIGN.md). Artifacts
+matmul is slower than fp32 on a CPU at the default widths, and reported slower than fp16 on an
+H100 at these sizes (bench/README.md, compression). Artifacts
 load on CPU; the GPU path is bitsandbytes' own and untested here.
 """
 
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
-from lmkit.plugins import CompressContext, Plugin, once_per_tensor, swap_modules
+from lmkit.plugins import CompressContext, Plugin
+from lmkit.tensors import once_per_tensor, swap_modules
 
 
 # bitsandbytes logs "inputs will be cast from float32 to float16" on every int8 matmul of float32

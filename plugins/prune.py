@@ -169,7 +169,7 @@ class Prune(Plugin):
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
         s = self.settings
         steps = 0 if s["during_training"] else s["finetune_steps"]
-        context.finetune(model, steps, s["finetune_lr"], [self._schedule()])
+        context.finetune(model, steps=steps, lr=s["finetune_lr"], callbacks=[self._schedule()])
         params = self._targets(model.backbone)
         with torch.no_grad():  # the exact final sparsity (a no-op after a schedule)
             for name, mask in magnitude_masks(params, s["amount"], s["scope"]).items():

@@ -16,19 +16,20 @@ remove (at least): the plan is the smallest cut that gets there. A short recover
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from lmkit.backbones import build_backbone
+from lmkit.backbones import BackboneConfig, LSTMConfig, TransformerConfig, build_backbone
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin
 
 
 def multiple_of_8(n: float) -> int:
-    """Kept widths round down to a multiple of 8: odd widths fall off the fast GEMM paths (measured: a
-    214-wide LSTM generated slower than the 256-wide one it came from)."""
+    """Kept widths round down to a multiple of 8: odd widths fall off the fast GEMM paths, so a pruned
+    model could run slower than the wider one it came from (bench/README.md, prune_structured)."""
     return max(8, int(n) // 8 * 8)
 
 
@@ -43,15 +44,15 @@ def gate_rows(units: torch.Tensor, hidden: int, gates: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def shrink_transformer(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Cut each layer down to `cfg["layer_ffn"]` neurons and `cfg["layer_heads"]` heads, the most important."""
-    n_layer, d = cfg["n_layer"], cfg["n_embd"] // cfg["n_head"]
+def shrink_transformer(state: dict[str, torch.Tensor], cfg: TransformerConfig) -> dict[str, torch.Tensor]:
+    """Cut each layer down to `cfg.layer_ffn` neurons and `cfg.layer_heads` heads, the most important."""
+    n_layer, d = cfg.n_layer, cfg.head_dim
     for i in range(n_layer):
         p = f"transformer.h.{i}."
         # MLP neurons: what each reads (c_fc row) times what it writes (c_proj column)
         fc, proj = state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"]
         neuron_scores = fc.norm(dim=1) * proj.norm(dim=0)
-        kept = keep_top(neuron_scores, cfg["layer_ffn"][i])
+        kept = keep_top(neuron_scores, cfg.layer_ffn[i])
         state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"] = fc[kept], proj[:, kept]
         if p + "mlp.c_fc.bias" in state:
             state[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"][kept]
@@ -62,7 +63,7 @@ def shrink_transformer(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> d
         per_head = lambda t: t.reshape(n_head, -1).norm(dim=1)  # noqa: E731
         head_scores = (sum(per_head(attn[j * inner:(j + 1) * inner]) ** 2 for j in range(3)).sqrt()
                        * per_head(out.t().contiguous()))
-        kept_heads = keep_top(head_scores, cfg["layer_heads"][i])
+        kept_heads = keep_top(head_scores, cfg.layer_heads[i])
         cols = torch.cat([h * d + torch.arange(d) for h in kept_heads.tolist()])
         rows = torch.cat([j * inner + cols for j in range(3)])
         state[p + "attn.c_attn.weight"], state[p + "attn.c_proj.weight"] = attn[rows], out[:, cols]
@@ -72,11 +73,11 @@ def shrink_transformer(state: dict[str, torch.Tensor], cfg: dict[str, Any]) -> d
 
 
 @torch.no_grad()
-def shrink_rnn(state: dict[str, torch.Tensor], cfg: dict[str, Any], keep: int,
+def shrink_rnn(state: dict[str, torch.Tensor], cfg: LSTMConfig, keep: int,
                tied_to_embedding: bool) -> dict[str, torch.Tensor]:
     """Keep the `keep` most important hidden units of every layer (the embedding's dimensions too when tied)."""
-    n_layer = cfg["n_layer"]
-    gates = 4 if cfg.get("cell", "lstm") == "lstm" else 3
+    n_layer = cfg.n_layer
+    gates = 4 if cfg.cell == "lstm" else 3
     hidden = state["rnn.weight_hh_l0"].size(1)
     units = []
     for layer in range(n_layer):
@@ -107,33 +108,31 @@ def shrink_rnn(state: dict[str, torch.Tensor], cfg: dict[str, Any], keep: int,
     return state
 
 
-def planned_parameters(cfg: dict[str, Any]) -> int:
+def planned_parameters(cfg: BackboneConfig) -> int:
     """Parameters of the model `cfg` describes (built on the meta device: no memory, no time)."""
-    options = {k: v for k, v in cfg.items() if k not in ("kind", "vocab_size")}
     with torch.device("meta"):
-        return sum(p.numel() for p in build_backbone(cfg["kind"], cfg["vocab_size"], **options).parameters())
+        return sum(p.numel() for p in build_backbone(cfg).parameters())
 
 
-def transformer_plan(cfg: dict[str, Any], budget: int, heads: bool) -> dict[str, Any]:
+def transformer_plan(cfg: TransformerConfig, budget: int, heads: bool) -> TransformerConfig:
     """The smallest uniform cut (neurons and heads) that brings the model within `budget` parameters."""
-    n_layer, n_head = cfg["n_layer"], cfg["n_head"]
-    ffn = cfg.get("layer_ffn") or [cfg.get("mlp_ratio", 4) * cfg["n_embd"]] * n_layer
-    head_counts = cfg.get("layer_heads") or [n_head] * n_layer
+    ffn = [cfg.ffn(i) for i in range(cfg.n_layer)]
+    head_counts = [cfg.heads(i) for i in range(cfg.n_layer)]
     for percent in range(0, 96):
         cut = percent / 100
-        plan = {**cfg, "layer_ffn": [min(f, multiple_of_8(f * (1 - cut))) for f in ffn],
-                "layer_heads": [max(1, round(h * (1 - cut))) if heads else h for h in head_counts]}
+        plan = replace(cfg, layer_ffn=[min(f, multiple_of_8(f * (1 - cut))) for f in ffn],
+                       layer_heads=[max(1, round(h * (1 - cut))) if heads else h for h in head_counts])
         if planned_parameters(plan) <= budget:
             return plan
     raise LmkitError("compression.prune_structured: the amount asks for more than cutting 95% of every layer removes")
 
 
-def rnn_plan(cfg: dict[str, Any], budget: int, tied_to_embedding: bool) -> tuple[dict[str, Any], int]:
+def rnn_plan(cfg: LSTMConfig, budget: int, tied_to_embedding: bool) -> tuple[LSTMConfig, int]:
     """The widest hidden size (a multiple of 8) whose model fits in `budget` parameters."""
-    hidden = cfg.get("hidden_size") or cfg["n_embd"]
+    hidden = cfg.hidden_size or cfg.n_embd
     for keep in [hidden, *range(hidden // 8 * 8, 7, -8)]:
-        plan = {**cfg, "n_embd": keep, "hidden_size": None} if tied_to_embedding else {**cfg, "hidden_size": keep}
-        if not tied_to_embedding and cfg.get("tie_weights", True) and keep == cfg["n_embd"]:
+        plan = replace(cfg, n_embd=keep, hidden_size=None) if tied_to_embedding else replace(cfg, hidden_size=keep)
+        if not tied_to_embedding and cfg.tie_weights and keep == cfg.n_embd:
             continue  # the tied head needs its projection, which hidden == n_embd would drop
         if planned_parameters(plan) <= budget:
             return plan, keep
@@ -154,23 +153,22 @@ class PruneStructured(Plugin):
             raise LmkitError(f"compression.prune_structured.finetune_steps={s['finetune_steps']} must be >= 0")
 
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
-        cfg = dict(model.config["model"])
+        cfg = model.record.backbone
         state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
         budget = int((1 - self.settings["amount"]) * planned_parameters(cfg))
-        if cfg["kind"] == "transformer":
+        if isinstance(cfg, TransformerConfig):
             cfg = transformer_plan(cfg, budget, self.settings["heads"])
             state = shrink_transformer(state, cfg)
-        elif cfg["kind"] == "lstm":
+        elif isinstance(cfg, LSTMConfig):
             backbone = model.backbone
             tied = backbone.proj is None and backbone.head.weight is backbone.embedding.weight
             cfg, keep = rnn_plan(cfg, budget, tied)
             state = shrink_rnn(state, cfg, keep, tied)
         else:
-            raise LmkitError(f"compression.prune_structured does not know the {cfg['kind']} backbone")
-        options = {k: v for k, v in cfg.items() if k not in ("kind", "vocab_size")}
-        smaller = build_backbone(cfg["kind"], cfg["vocab_size"], **options).to(model.device)
+            raise LmkitError(f"compression.prune_structured does not know the {cfg.kind} backbone")
+        smaller = build_backbone(cfg).to(model.device)
         smaller.load_state_dict(state, strict=True)
         model.backbone = smaller.eval()
-        model.config["model"] = cfg
-        context.finetune(model, self.settings["finetune_steps"], self.settings["finetune_lr"])
+        model.record = model.record.replace(backbone=cfg)
+        context.finetune(model, steps=self.settings["finetune_steps"], lr=self.settings["finetune_lr"])
         return {"finetuned_steps": self.settings["finetune_steps"]}

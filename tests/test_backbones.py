@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from lmkit.backbones import LSTM, LSTMConfig, Transformer, TransformerConfig, build_backbone
+from lmkit.backbones import LSTM, LSTMConfig, Transformer, TransformerConfig, backbone_config
 from lmkit.backbones.transformer import sinusoidal_table
 
 V = 50
@@ -95,13 +95,13 @@ def test_recurrent_state_carries_between_calls(cell, hidden):
     assert (model.proj is not None) == (hidden is not None)
 
 
-def test_build_backbone_names_unknown_options():
+def test_backbone_config_names_unknown_options():
     with pytest.raises(ValueError, match="n_head"):
-        build_backbone("lstm", vocab_size=V, n_head=4)
+        backbone_config("lstm", vocab_size=V, n_head=4)
     with pytest.raises(ValueError, match="kind='mamba'"):
-        build_backbone("mamba", vocab_size=V)
+        backbone_config("mamba", vocab_size=V)
     with pytest.raises(ValueError, match="not divisible"):
-        build_backbone("transformer", vocab_size=V, n_embd=30, n_head=4)
+        backbone_config("transformer", vocab_size=V, n_embd=30, n_head=4)
 
 
 def test_backbones_import_only_torch():

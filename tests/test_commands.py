@@ -117,7 +117,8 @@ def test_fine_tune_from_an_imported_gpt2(tmp_path, make_cfg, tiny_corpus):
                                     "trainer.val_check_interval=2", "logger=none", "callbacks=none"))
     assert objects["module"].backbone.config.n_embd == 16 and objects["module"].tokenizer.to_json() == tok.to_json()
     datamodule = objects["datamodule"]
-    reference = evaluate(lmkit.load(tmp_path / "gpt2"), datamodule.cache.split("test"), datamodule.seq_len)
+    reference = evaluate(lmkit.load(tmp_path / "gpt2"), datamodule.cache.split("test"), seq_len=datamodule.seq_len,
+                         batch_size=datamodule.eval_batch_size)
     assert metrics["test_loss"] == pytest.approx(reference["loss"], rel=1e-5)
 
 
@@ -175,8 +176,8 @@ def test_eval_never_instantiates_a_class_path_from_the_model_file(tmp_path, tiny
     model = tiny_lm()
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(c for c in tiny_corpus.read_text() if c in CHARS))
-    model.config["data"] = {"_target_": "tests.helpers.touch_marker", "marker": str(marker), "source": "text",
-                            "path": str(corpus), "seq_len": 16, "split": [0.8, 0.1, 0.1]}
+    model.record.data = {"_target_": "tests.helpers.touch_marker", "marker": str(marker), "source": "text",
+                         "path": str(corpus), "seq_len": 16, "split": [0.8, 0.1, 0.1]}
     save(model, tmp_path / "art")
     result = lmkit_cmd("eval", f"model={tmp_path / 'art'}", cwd=tmp_path,
                        env={"PYTHONPATH": str(ROOT), "LMKIT_CACHE": str(tmp_path / "cache")})

@@ -14,7 +14,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import lmkit
-from lmkit.compress import compress_and_export
+from lmkit.compress import compress_and_export, training_context
 from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.plugins import CompressContext, installed, make
@@ -72,7 +72,7 @@ def exports(trained, cache_dir, tmp_path_factory) -> dict[tuple[str, str], dict]
         dense = lmkit.load(trained[kind])
         for name, spec in RECIPES.items():
             out = root / f"{kind}-{name}"
-            model, report = compress_and_export(dense, spec, out, CompressContext(cache_dir=str(cache_dir)),
+            model, report = compress_and_export(dense, spec, out, training_context(cache_dir=str(cache_dir), seed=1337),
                                                 eval_windows=32, gen_tokens=8)
             with torch.no_grad():
                 torch.save(model(ids), root / f"{kind}-{name}.pt")
@@ -165,9 +165,9 @@ def test_structured_pruning_rebuilds_smaller_layers(exports):
         report = exports[kind, "prune_structured"]["report"]
         assert report["after_vs_before"]["parameters"] <= 0.75  # amount=0.25: at least a quarter removed
         assert report["after"]["sparsity"] < 0.01  # smaller, not sparser
-    cfg = exports["transformer", "prune_structured"]["model"].config["model"]
-    assert cfg["layer_ffn"][0] < 4 * 48 and cfg["layer_ffn"][0] % 8 == 0 and cfg["layer_heads"] == [1]
-    assert exports["lstm", "prune_structured"]["model"].config["model"]["n_embd"] == 40  # tied: 48 -> 40 wide
+    cfg = exports["transformer", "prune_structured"]["model"].record.backbone
+    assert cfg.layer_ffn[0] < 4 * 48 and cfg.layer_ffn[0] % 8 == 0 and cfg.layer_heads == [1]
+    assert exports["lstm", "prune_structured"]["model"].record.backbone.n_embd == 40  # tied: 48 -> 40 wide
 
 
 def test_compression_report_over_exports_and_its_bad_input(exports, tmp_path):
@@ -255,7 +255,7 @@ def test_third_party_plugin_is_found_through_its_entry_point(trained, cache_dir,
     installed.cache_clear()
     try:
         model = lmkit.load(out)
-        assert model.config["compression"][0]["settings"] == {"min_numel": 64}
+        assert model.record.compression[0]["settings"] == {"min_numel": 64}
     finally:
         installed.cache_clear()
 

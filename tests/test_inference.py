@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import lmkit
-from lmkit.backbones import build_backbone
+from lmkit.backbones import backbone_config, build_backbone
+from lmkit.record import ModelRecord
 from lmkit.data.tokenizer import BPETokenizer, CharTokenizer
 from lmkit.errors import LmkitError
 from lmkit.export import save
@@ -25,11 +26,8 @@ CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 def tiny_lm(kind: str = "transformer", **options) -> InferenceModel:
     torch.manual_seed(0)
     defaults = dict(n_layer=2, n_head=2, n_embd=16, max_seq_len=32) if kind == "transformer" else dict(n_layer=2, n_embd=16)
-    backbone = build_backbone(kind, len(CHARS), **{**defaults, **options})
-    config = {"model": {"kind": kind, "vocab_size": len(CHARS), **vars(backbone.config)}, "data": None}
-    config["model"].pop("vocab_size")
-    config["model"]["vocab_size"] = len(CHARS)
-    return InferenceModel(backbone.eval(), CharTokenizer(CHARS), config)
+    record = ModelRecord(backbone=backbone_config(kind, len(CHARS), **{**defaults, **options}), tokenizer="char")
+    return InferenceModel(build_backbone(record.backbone).eval(), CharTokenizer(CHARS), record)
 
 
 def random_gpt2(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97, seed=0):
@@ -130,8 +128,8 @@ def test_export_dtype_and_overwrite_rules(tmp_path):
 def test_greedy_generation_is_the_same_with_and_without_cache(kind):
     model = tiny_lm(kind)
     ids = torch.randint(0, len(CHARS), (3, 5))
-    cached = generate(model.backbone, ids, 20, temperature=0)
-    uncached = generate(model.backbone, ids, 20, temperature=0, use_cache=False)
+    cached = generate(model.backbone, ids, max_new_tokens=20, temperature=0)
+    uncached = generate(model.backbone, ids, max_new_tokens=20, temperature=0, use_cache=False)
     assert torch.equal(cached, uncached)
 
 
@@ -154,11 +152,11 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
     gen = torch.Generator().manual_seed(0)
     topk = set(torch.topk(logits, 5).indices.flatten().tolist())
     for _ in range(200):
-        for row, tok in enumerate(sample_next(logits, 1.0, top_k=5, generator=gen).flatten().tolist()):
+        for row, tok in enumerate(sample_next(logits, temperature=1.0, top_k=5, generator=gen).flatten().tolist()):
             assert tok in torch.topk(logits[row], 5).indices.tolist() and tok in topk
     probs = logits.softmax(-1)
     for _ in range(200):
-        for row, tok in enumerate(sample_next(logits, 1.0, top_p=0.5, generator=gen).flatten().tolist()):
+        for row, tok in enumerate(sample_next(logits, temperature=1.0, top_p=0.5, generator=gen).flatten().tolist()):
             order = probs[row].argsort(descending=True)
             mass_before = probs[row][order[:(order == tok).nonzero().item()]].sum().item()
             assert mass_before < 0.5  # the token is inside the smallest set covering top_p

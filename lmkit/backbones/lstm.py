@@ -7,7 +7,7 @@ where the last call stopped, which is how generation stays O(1) per token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -17,8 +17,10 @@ RecurrentState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
 @dataclass
 class LSTMConfig:
+    kind: ClassVar[str] = "lstm"  # the name configs and config.json use
+
     vocab_size: int
-    n_layer: int = 2
+    n_layer: int = 1
     n_embd: int = 256
     hidden_size: int | None = None  # None: same as n_embd
     dropout: float = 0.0
@@ -48,8 +50,7 @@ class LSTM(nn.Module):
         if cfg.tie_weights:
             self.head.weight = self.embedding.weight
         # A wide embedding init: with GPT's 0.02 the tied head starts nearly silent and a char LSTM
-        # spends its first few hundred steps near unigram loss (measured at width 128 after 150 small
-        # steps: loss 2.00 with std 0.5, 2.67 with 0.02).
+        # spends its first few hundred steps near unigram loss (bench/README.md, LSTM embedding init).
         nn.init.normal_(self.embedding.weight, std=0.5)
         nn.init.zeros_(self.head.bias)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 @dataclass
 class TransformerConfig:
+    kind: ClassVar[str] = "transformer"  # the name configs and config.json use
+
     vocab_size: int
     n_layer: int = 4
     n_head: int = 4

@@ -28,11 +28,14 @@ def shakespeare_file(cache_dir: Path) -> Path:
 
 
 class LMDataModule(L.LightningDataModule):
-    def __init__(self, source: str = "shakespeare", path: str | list[str] | None = None, format: str = "auto",
-                 text_field: str = "text", errors: str = "strict", seq_len: int = 256, batch_size: int = 32,
-                 eval_batch_size: int | None = None, val_windows: int | None = 256, test_windows: int | None = None,
-                 split: tuple[float, float, float] = (0.9, 0.05, 0.05), tokenizer: dict[str, Any] | None = None,
-                 cache_dir: str = ".cache/lmkit", seed: int = 0) -> None:
+    """Built from the `data` config group (conf/data/), which holds every default: none is repeated here.
+
+    `path`, `format`, `text_field` and `errors` describe files, so only `data=text` sets them."""
+
+    def __init__(self, *, source: str, seq_len: int, batch_size: int, eval_batch_size: int | None,
+                 val_windows: int | None, test_windows: int | None, split: tuple[float, float, float],
+                 tokenizer: dict[str, Any], cache_dir: str, seed: int, path: str | list[str] | None = None,
+                 format: str = "auto", text_field: str = "text", errors: str = "strict") -> None:
         super().__init__()
         if seq_len < 1 or batch_size < 1:
             raise LmkitError(f"data.seq_len={seq_len} and data.batch_size={batch_size} must be positive")
@@ -42,7 +45,7 @@ class LMDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.val_windows, self.test_windows = val_windows, test_windows
         self.split = list(split)
-        self.tokenizer_spec = dict(tokenizer or {"kind": "char"})
+        self.tokenizer_spec = dict(tokenizer)
         self.cache_dir = Path(cache_dir).expanduser()
         self.seed = seed
         self.cache: TokenCache | None = None

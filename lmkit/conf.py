@@ -1,0 +1,52 @@
+"""The config tree in `conf/`: where every default lives, for training and for the `lmkit` commands alike.
+
+`python train.py` and `lmkit train` compose `conf/train.yaml` through one `@hydra.main`
+(lmkit.train.main); `lmkit generate|eval|export` compose `conf/<command>.yaml` here, so a default
+is written once, in YAML, next to the comment that explains it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from lmkit.errors import LmkitError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def check_conf_dir() -> None:
+    if not (CONF_DIR / "train.yaml").is_file():
+        raise LmkitError(f"lmkit needs its configs in {CONF_DIR} (install lmkit from a source checkout: pip install -e .)")
+
+
+def compose(config_name: str, overrides: list[str]) -> Any:
+    """`conf/<config_name>.yaml` with Hydra overrides, as a DictConfig; problems are one-line errors."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    check_conf_dir()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return hydra_compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        message = str(e).splitlines()[0]
+        missing = re.search(r"Could not find 'compression/([^']+)'", message)
+        if missing:
+            from lmkit.plugins import installed
+
+            if missing[1] in installed():  # a plugin installed without a file in conf/compression/
+                raise LmkitError(f"compression={missing[1]}: the plugin has no conf/compression/{missing[1]}.yaml; "
+                                 f"select it with +compression.{missing[1]}={{}} (or +compression.{missing[1]}.KEY=...)")
+            raise LmkitError(f"unknown compression plugin {missing[1]!r}; installed: {', '.join(sorted(installed()))}")
+        raise LmkitError(f"lmkit: {message}") from None
+
+
+def group_option(group: str, option: str) -> dict[str, Any]:
+    """One option of a config group as plain values, e.g. `group_option("optim", "adamw")`."""
+    from omegaconf import OmegaConf
+
+    cfg = compose("train", [f"{group}={option}", "paths.output_dir=unused"])
+    return OmegaConf.to_container(cfg[group], resolve=True)
