@@ -1,5 +1,7 @@
 """The `lmkit` command: `lmkit <command> key=value ...`, Hydra-style like `python train.py`.
 
+Each command's keys and defaults are in conf/<command>.yaml (train: conf/train.yaml).
+
     lmkit train     [overrides]                       same as python train.py
     lmkit export    model=PATH out=DIR [format=lmkit|hf] [dtype=fp32|bf16|fp16] [overwrite=true]
                     [compression=[prune,int8] compression.prune.amount=0.7 eval_windows=N gen_tokens=100
@@ -20,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from lmkit.conf import CONF_DIR, check_conf_dir, compose
+from lmkit.conf import CONF_DIR, check_conf_dir, compose, load_flat
 from lmkit.errors import LmkitError, exit_on_user_error
 
 
@@ -88,7 +90,10 @@ def parse(schema: type, config_name: str, args: list[str], command: str, groups:
             verbatim[key] = value
         else:
             overrides.append(arg)
-    cfg = compose(config_name, [*overrides, "paths.output_dir=unused"] if "paths" in groups else overrides)
+    if groups:
+        cfg = compose(config_name, [*overrides, "paths.output_dir=unused"] if "paths" in groups else overrides)
+    else:
+        cfg = load_flat(config_name, overrides)
     try:
         for key, value in verbatim.items():
             cfg[key] = value

@@ -41,7 +41,27 @@ def compose(config_name: str, overrides: list[str]) -> Any:
                 raise LmkitError(f"compression={missing[1]}: the plugin has no conf/compression/{missing[1]}.yaml; "
                                  f"select it with +compression.{missing[1]}={{}} (or +compression.{missing[1]}.KEY=...)")
             raise LmkitError(f"unknown compression plugin {missing[1]!r}; installed: {', '.join(sorted(installed()))}")
+        unknown = re.search(r"Could not override '([^']+)'", message)
+        if unknown:
+            raise LmkitError(f"unknown key {unknown[1]!r}: the keys are in conf/{config_name}.yaml") from None
         raise LmkitError(f"lmkit: {message}") from None
+
+
+def load_flat(config_name: str, overrides: list[str]) -> Any:
+    """A config without a defaults list (conf/generate.yaml) with key=value overrides, without Hydra:
+    the same keys and errors as `compose`, a third of a second sooner (`lmkit generate` starts faster)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    check_conf_dir()
+    cfg = OmegaConf.load(CONF_DIR / f"{config_name}.yaml")
+    OmegaConf.set_struct(cfg, True)
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except ConfigKeyError as e:
+        raise LmkitError(f"unknown key {e.key!r}: the keys are in conf/{config_name}.yaml") from None
+    except OmegaConfBaseException as e:
+        raise LmkitError(f"lmkit: {str(e).splitlines()[0]}") from None
 
 
 def group_option(group: str, option: str) -> dict[str, Any]:

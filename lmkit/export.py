@@ -62,8 +62,7 @@ def _load_artifact(path: Path) -> InferenceModel:
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise LmkitError(f"{path} has no model.safetensors")
-    with torch.device("meta"):  # sizes first: config.json must not make us allocate what the file cannot fill
-        planned = sum(p.numel() for p in build_backbone(record.backbone).parameters())
+    planned = record.backbone.num_parameters()  # config.json must not make us allocate what the file cannot fill
     if planned > 8 * weights.stat().st_size + 2**20:  # even all-zero tensors cost a bit each, as a bitmask
         raise LmkitError(f"{path / 'config.json'} describes a model of {planned:,} parameters, more than "
                          f"{weights.name} ({weights.stat().st_size:,} bytes) can hold")

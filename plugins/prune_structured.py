@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lmkit.backbones import BackboneConfig, LSTMConfig, TransformerConfig, build_backbone
+from lmkit.backbones import LSTMConfig, TransformerConfig, build_backbone
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin
 
@@ -108,12 +108,6 @@ def shrink_rnn(state: dict[str, torch.Tensor], cfg: LSTMConfig, keep: int,
     return state
 
 
-def planned_parameters(cfg: BackboneConfig) -> int:
-    """Parameters of the model `cfg` describes (built on the meta device: no memory, no time)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_backbone(cfg).parameters())
-
-
 def transformer_plan(cfg: TransformerConfig, budget: int, heads: bool) -> TransformerConfig:
     """The smallest uniform cut (neurons and heads) that brings the model within `budget` parameters."""
     ffn = [cfg.ffn(i) for i in range(cfg.n_layer)]
@@ -122,7 +116,7 @@ def transformer_plan(cfg: TransformerConfig, budget: int, heads: bool) -> Transf
         cut = percent / 100
         plan = replace(cfg, layer_ffn=[min(f, multiple_of_8(f * (1 - cut))) for f in ffn],
                        layer_heads=[max(1, round(h * (1 - cut))) if heads else h for h in head_counts])
-        if planned_parameters(plan) <= budget:
+        if plan.num_parameters() <= budget:
             return plan
     raise LmkitError("compression.prune_structured: the amount asks for more than cutting 95% of every layer removes")
 
@@ -134,7 +128,7 @@ def rnn_plan(cfg: LSTMConfig, budget: int, tied_to_embedding: bool) -> tuple[LST
         plan = replace(cfg, n_embd=keep, hidden_size=None) if tied_to_embedding else replace(cfg, hidden_size=keep)
         if not tied_to_embedding and cfg.tie_weights and keep == cfg.n_embd:
             continue  # the tied head needs its projection, which hidden == n_embd would drop
-        if planned_parameters(plan) <= budget:
+        if plan.num_parameters() <= budget:
             return plan, keep
     raise LmkitError("compression.prune_structured: the amount asks for fewer than 8 hidden units")
 
@@ -155,7 +149,7 @@ class PruneStructured(Plugin):
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
         cfg = model.record.backbone
         state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-        budget = int((1 - self.settings["amount"]) * planned_parameters(cfg))
+        budget = int((1 - self.settings["amount"]) * cfg.num_parameters())
         if isinstance(cfg, TransformerConfig):
             cfg = transformer_plan(cfg, budget, self.settings["heads"])
             state = shrink_transformer(state, cfg)

@@ -120,3 +120,19 @@ def test_padded_vocabulary_stays_inside_the_model():
     state = model.init_state(2)
     steps = [model(ids[:, t:t + 1], state)[0] for t in range(8)]
     torch.testing.assert_close(torch.cat(steps, 1), logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [
+    TransformerConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, max_seq_len=32),
+    TransformerConfig(vocab_size=V, n_layer=3, n_head=4, n_embd=32, max_seq_len=8, bias=False, tie_weights=False,
+                      position="rope", pad_vocab_to=64, mlp_ratio=2),
+    TransformerConfig(vocab_size=V, n_layer=2, n_head=4, n_embd=32, position="sinusoidal", layer_heads=[1, 3],
+                      layer_ffn=[8, 40]),
+    LSTMConfig(vocab_size=V, n_layer=2, n_embd=16),
+    LSTMConfig(vocab_size=V, n_layer=3, n_embd=16, hidden_size=24, cell="gru"),
+    LSTMConfig(vocab_size=V, n_layer=1, n_embd=16, hidden_size=8, tie_weights=False),
+], ids=lambda c: f"{c.kind}")
+def test_num_parameters_is_what_the_build_has(config):
+    from lmkit.backbones import build_backbone
+
+    assert config.num_parameters() == sum(p.numel() for p in build_backbone(config).parameters())

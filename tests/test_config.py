@@ -24,7 +24,7 @@ def test_every_option_composes_and_instantiates(choice, make_cfg):
     OmegaConf.resolve(cfg)  # every interpolation resolves
     if cfg.trainer.accelerator != "gpu":
         assert isinstance(instantiate(cfg.trainer, logger=False), L.Trainer)
-    datamodule = instantiate(cfg.data, tokenizer=OmegaConf.to_container(cfg.tokenizer), cache_dir="unused")
+    datamodule = instantiate(cfg.data, tokenizer=OmegaConf.to_container(cfg.tokenizer), cache_dir="unused", seed=0)
     assert datamodule.seq_len == cfg.data.seq_len
     for entry in (cfg.callbacks or {}).values():
         assert isinstance(instantiate(entry), L.Callback)

@@ -27,6 +27,18 @@ class LSTMConfig:
     cell: Literal["lstm", "gru"] = "lstm"
     tie_weights: bool = True
 
+    def num_parameters(self) -> int:
+        """Parameters of the model this config builds, by arithmetic (known before anything is allocated)."""
+        hidden, gates = self.hidden_size or self.n_embd, 4 if self.cell == "lstm" else 3
+        total = self.vocab_size * self.n_embd  # the embedding (and the tied head)
+        for layer in range(self.n_layer):
+            inputs = self.n_embd if layer == 0 else hidden
+            total += gates * hidden * (inputs + hidden + 2)  # weight_ih, weight_hh, two biases
+        projected = self.tie_weights and hidden != self.n_embd
+        total += hidden * self.n_embd if projected else 0
+        head_inputs = self.n_embd if projected else hidden
+        return total + (0 if self.tie_weights else self.vocab_size * head_inputs) + self.vocab_size  # head bias
+
     def __post_init__(self) -> None:
         if self.cell not in ("lstm", "gru"):
             raise ValueError(f"model.cell={self.cell!r} is not one of lstm, gru")

@@ -52,6 +52,20 @@ class TransformerConfig:
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.pad_vocab_to) * self.pad_vocab_to
 
+    def num_parameters(self) -> int:
+        """Parameters of the model this config builds, by arithmetic: a config's size is known before
+        anything is allocated (and without building on the meta device, whose init imports torch._dynamo)."""
+        d, bias = self.n_embd, int(self.bias)
+        norm = d * (1 + bias)
+        total = self.padded_vocab_size * d * (1 if self.tie_weights else 2) + norm  # wte (and lm_head), ln_f
+        total += self.max_seq_len * d if self.position == "learned" else 0
+        for layer in range(self.n_layer):
+            inner, ffn = self.heads(layer) * self.head_dim, self.ffn(layer)
+            attention = (d + bias) * 3 * inner + (inner + bias) * d
+            mlp = (d + bias) * ffn + (ffn + bias) * d
+            total += 2 * norm + attention + mlp
+        return total
+
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
