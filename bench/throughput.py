@@ -1,11 +1,14 @@
-"""Lightning overhead: `python train.py` against a hand-written PyTorch loop doing the same work.
+"""Training speed: `python train.py` against a hand-written loop and against nanoGPT's loop.
 
     python bench/throughput.py [--steps 300] [--repeats 2] [--out bench/results/throughput.json]
 
-Same backbone module, batches (the same TrainBatches stream), AdamW settings, warm-up/cosine
-schedule and gradient clipping; each side runs in its own process, alternated, and reports
-training tokens/s from its first step to its last (evaluation excluded on both sides).
-On a GPU machine the rows run on cuda with bf16 autocast as well.
+raw:     lmkit's backbone in a hand-written PyTorch loop, same batches (the same TrainBatches
+         stream), AdamW settings, warm-up/cosine schedule and clipping: what Lightning costs.
+nanogpt: bench/nanogpt.py, a nanoGPT-equivalent model and loop at the same shape and data (its
+         own get_batch, parameter groups, schedule and clipping): what lmkit as a whole costs.
+         Its rows set `bias` as the lmkit side does (nanoGPT's default is bias=False).
+Each side runs in its own process, alternated, and reports training tokens/s from its first step
+to its last (evaluation excluded). On a GPU machine the rows run on cuda with bf16 as well.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SETUPS = {"transformer": ["model=transformer"], "lstm": ["model=lstm"]}
+# name -> (train.py overrides, nanoGPT reference's bias or None for no nanoGPT row)
+SETUPS = {"transformer": (["model=transformer"], "true"),
+          "transformer bias=false": (["model=transformer", "model.bias=false"], "false"),
+          "lstm": (["model=lstm"], None)}
 
 
 def lightning_tokens_per_s(overrides: list[str], steps: int, device: str) -> float:
@@ -37,6 +43,12 @@ def lightning_tokens_per_s(overrides: list[str], steps: int, device: str) -> flo
 
 def raw_tokens_per_s(overrides: list[str], steps: int, device: str) -> float:
     cmd = [sys.executable, __file__, "--raw", "--steps", str(steps), "--device", device, *overrides]
+    out = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def nanogpt_tokens_per_s(overrides: list[str], steps: int, bias: str) -> float:
+    cmd = [sys.executable, str(ROOT / "bench" / "nanogpt.py"), "--steps", str(steps), "--bias", bias, *overrides]
     out = subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
 
@@ -58,7 +70,8 @@ def raw_loop(overrides: list[str], steps: int, device: str) -> None:
     torch.manual_seed(cfg.seed)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data.pop("_target_")
-    datamodule = LMDataModule(**data, tokenizer=OmegaConf.to_container(cfg.tokenizer), cache_dir=cfg.paths.cache_dir)
+    datamodule = LMDataModule(**data, tokenizer=OmegaConf.to_container(cfg.tokenizer), cache_dir=cfg.paths.cache_dir,
+                              seed=cfg.seed)
     datamodule.prepare_data()
     record = ModelRecord.from_settings(OmegaConf.to_container(cfg.model, resolve=True), datamodule.tokenizer.vocab_size)
     model = build_backbone(record.backbone).to(device)
@@ -66,7 +79,7 @@ def raw_loop(overrides: list[str], steps: int, device: str) -> None:
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=device == "cuda")
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)  # as lmkit
     batches = iter(TrainBatches(datamodule.cache.split("train"), datamodule.seq_len, datamodule.batch_size, cfg.seed))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     tokens, started = 0, None
@@ -105,18 +118,25 @@ def main() -> None:
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     rows = []
-    print(f"{'model':<12} {'device':<6} {'lightning tok/s':>16} {'raw loop tok/s':>15} {'ratio':>6}")
+    print(f"{'model':<24} {'device':<6} {'lightning tok/s':>16} {'raw loop tok/s':>15} {'x raw':>6} "
+          f"{'nanoGPT tok/s':>14} {'x nanoGPT':>9}")
     for device in devices:
-        for name, overrides in SETUPS.items():
-            lightning, raw = [], []
-            for _ in range(args.repeats):  # alternated, so drift on the machine hits both sides
+        for name, (overrides, bias) in SETUPS.items():
+            lightning, raw, nano = [], [], []
+            for _ in range(args.repeats):  # alternated, so drift on the machine hits every side
                 lightning.append(lightning_tokens_per_s(overrides, args.steps, device))
                 raw.append(raw_tokens_per_s(overrides, args.steps, device))
+                if bias is not None and device == "cpu":
+                    nano.append(nanogpt_tokens_per_s(overrides, args.steps, bias))
             row = {"model": name, "device": device, "steps": args.steps, "lightning_tok_s": round(max(lightning)),
                    "raw_tok_s": round(max(raw)), "ratio": round(max(lightning) / max(raw), 3),
                    "all_lightning": [round(x) for x in lightning], "all_raw": [round(x) for x in raw]}
+            if nano:
+                row.update(nanogpt_tok_s=round(max(nano)), ratio_nanogpt=round(max(lightning) / max(nano), 3),
+                           all_nanogpt=[round(x) for x in nano])
             rows.append(row)
-            print(f"{name:<12} {device:<6} {row['lightning_tok_s']:>16} {row['raw_tok_s']:>15} {row['ratio']:>6}")
+            print(f"{name:<24} {device:<6} {row['lightning_tok_s']:>16} {row['raw_tok_s']:>15} {row['ratio']:>6} "
+                  f"{row.get('nanogpt_tok_s', '-'):>14} {row.get('ratio_nanogpt', '-'):>9}", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cores",

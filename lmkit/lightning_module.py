@@ -113,8 +113,10 @@ class LitLanguageModel(L.LightningModule):
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
         kwargs = dict(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
         if o["name"] == "adamw":
-            # fused unscales fp16 gradients inside step(), which would hide them from our clipping
-            fused = (self.device.type == "cuda" and self.trainer.precision not in ("16-mixed", "16-true")
+            # Fused on the CPU too (torch >= 2.4): one kernel per parameter group instead of a dozen ops
+            # per tensor, the largest per-step cost after the model itself (bench/README.md, training
+            # speed). Not under fp16, whose fused step unscales the gradients and hides them from clipping.
+            fused = (self.device.type in ("cuda", "cpu") and self.trainer.precision not in ("16-mixed", "16-true")
                      and not isinstance(self.trainer.strategy, FSDPStrategy))
             optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
         elif o["name"] == "adamw8bit":
