@@ -1,16 +1,31 @@
-"""Callbacks that belong to language modelling: text samples and tokens per second."""
+"""Callbacks that belong to language modelling: text samples, tokens per second, a step-counting
+progress bar, a checkpoint on SIGTERM or Ctrl-C; and how checkpoints reach the disk."""
 
 from __future__ import annotations
 
+import io
 import logging
+import os
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lmkit.errors import LmkitError
+from lmkit.files import atomic_write, cannot_write, check_writable
 from lmkit.generate import generate
 from lmkit.lightning_module import logging_step
 
@@ -26,6 +41,7 @@ class TextSampler(L.Callback):
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.path = Path(path) if path else None
         self.last: str | None = None
+        self.step: int | None = None  # the global step `last` was sampled at
         self.enabled = True
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -44,7 +60,8 @@ class TextSampler(L.Callback):
         was_training = module.training
         module.eval()
         try:
-            out = generate(module.backbone, ids, self.max_new_tokens, self.temperature, self.top_k, generator=gen)
+            out = generate(module.backbone, ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                           top_k=self.top_k, generator=gen)
         finally:
             module.train(was_training)
         return tok.decode(out[0].tolist())
@@ -53,12 +70,15 @@ class TextSampler(L.Callback):
         fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
         if not fitting or not self.enabled or not trainer.is_global_zero or module.tokenizer is None:
             return
-        self.last = self.sample(module)
+        self.last, self.step = self.sample(module), trainer.global_step
         log.info("Sample at step %d:\n%s", trainer.global_step, self.last)
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(f"=== step {trainer.global_step}\n{self.last}\n\n")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as fh:
+                    fh.write(f"=== step {trainer.global_step}\n{self.last}\n\n")
+            except OSError as e:
+                raise cannot_write(self.path, e) from None
 
 
 class Throughput(L.Callback):
@@ -93,8 +113,14 @@ class Throughput(L.Callback):
         self.on_validation_start(trainer, module)
 
 
-class CheckpointOnSigterm(L.Callback):
-    """On SIGTERM (what SLURM sends before pre-emption) save `last.ckpt`, so `resume=true` continues.
+class CheckpointOnInterrupt(L.Callback):
+    """On SIGTERM (what SLURM sends before pre-emption) or Ctrl-C, save `last.ckpt` so `resume=true` continues.
+
+    Both stop training at a step boundary, on every rank together: Lightning's loops check their
+    SIGTERM flag between steps (and agree on it across ranks), so a Ctrl-C raises that flag instead
+    of letting a KeyboardInterrupt land inside a step (a half-applied optimizer step, a peer rank left
+    waiting in a collective). A second Ctrl-C quits at once, saving nothing; the process exits with
+    130 either way (`ctrl_c`, around the trainer calls in `lmkit.train.run`).
 
     Other exceptions save nothing: after a crash a peer rank may be gone, and the collective
     checkpoint save would wait for it. (Not Lightning's OnExceptionCheckpoint: its presence makes
@@ -103,8 +129,179 @@ class CheckpointOnSigterm(L.Callback):
 
     def __init__(self, dirpath: str, filename: str = "last") -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
+        self.ctrl_c_pressed = False
+
+    @contextmanager
+    def ctrl_c(self, trainer: L.Trainer) -> Iterator[None]:
+        """While the block runs, Ctrl-C stops the trainer at the next step and exits with 130."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        self.ctrl_c_pressed = False
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if self.ctrl_c_pressed:  # the second Ctrl-C: out now, through every `finally`
+                if trainer.is_global_zero:
+                    os.write(2, b"\nCtrl-C again: quitting without saving\n")
+                raise SystemExit(130)
+            self.ctrl_c_pressed = True
+            # what Lightning's own SIGTERM handler sets; its loops raise SIGTERMException at the next step
+            trainer._signal_connector.received_sigterm = True
+            if trainer.is_global_zero:  # os.write: print() in a signal handler can meet a half-done print
+                os.write(2, b"\nCtrl-C: stopping at the end of this step (Ctrl-C again to quit at once, "
+                            b"saving nothing)\n")
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        except SIGTERMException:
+            if self.ctrl_c_pressed:
+                raise SystemExit(130) from None
+            raise
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.ctrl_c_pressed:  # pressed between two trainer calls, where no loop was there to stop
+            raise SystemExit(130)
+
+    def _stop_if_pressed(self, trainer: L.Trainer, *_: Any) -> None:
+        # Lightning clears its flag as each trainer call starts: a Ctrl-C from before then raises it again
+        if self.ctrl_c_pressed:
+            trainer._signal_connector.received_sigterm = True
+
+    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = _stop_if_pressed
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
-            log.warning("SIGTERM: saved %s at step %d; continue with resume=true", self.path, trainer.global_step)
+        if not isinstance(exception, SIGTERMException):
+            return
+        what = "Ctrl-C" if self.ctrl_c_pressed else "SIGTERM"
+        if trainer.state.fn != "fit" or trainer.sanity_checking:  # nothing trained since the last checkpoint
+            if trainer.is_global_zero:
+                log.info("%s: stopped outside training; nothing new to save", what)
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)  # (explicit: Lightning logs its default)
+        if trainer.is_global_zero:
+            log.warning("%s: saved %s at step %d; to continue, run the same command with resume=true "
+                        "hydra.run.dir=%s", what, self.path, trainer.global_step, trainer.default_root_dir)
+
+
+CheckpointOnSigterm = CheckpointOnInterrupt  # its name in configs written before Ctrl-C saved too
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar, counting optimizer steps:
+    `step 120/4000 |███  | [00:04<02:10, loss=2.190, tokens/s=31,812, val_loss=2.520]`.
+
+    An lmkit run is one endless epoch stopped by `trainer.max_steps`, so Lightning's "Epoch 0: 3%" says
+    nothing; the step is the number that means something (and a resumed run starts at its step).
+    While the bars are up, console logging goes through `tqdm.write`, so a log line (a text sample,
+    Lightning's "max_steps reached") is printed on a line of its own rather than glued to a bar.
+    """
+
+    BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}{postfix}]"
+    NAMES = {"train_loss": "loss", "tokens_per_s": "tokens/s"}  # shown first, in this order
+
+    def __init__(self, refresh_rate: int = 20, process_position: int = 0, leave: bool = False) -> None:
+        super().__init__(refresh_rate, process_position, leave)
+        self._redirect: Any = None
+
+    train_description = property(lambda self: "step")
+    sanity_check_description = property(lambda self: "sanity check")
+    validation_description = property(lambda self: "validation")
+    test_description = property(lambda self: "test")
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, module, stage)
+        if self.is_enabled and self._redirect is None:
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def teardown(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        self._end_redirect()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self._end_redirect()
+
+    def _end_redirect(self) -> None:
+        if self._redirect is not None:
+            redirect, self._redirect = self._redirect, None
+            redirect.__exit__(None, None, None)
+
+    def init_test_tqdm(self) -> Any:  # Lightning's names its bar "Testing" whatever test_description says
+        return Tqdm(desc=self.test_description, position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stdout, bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.n = bar.initial = trainer.global_step
+        bar.set_description_str(self.train_description)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if step != bar.n and self._should_update(step, bar.total):  # (accumulating batches repeat a step)
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, module))  # redraws
+
+    def on_validation_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        if self.has_dataloader_changed(dataloader_idx):  # Lightning's, without "DataLoader 0" after the name
+            desc = self.sanity_check_description if trainer.sanity_checking else self.validation_description
+            self._start(self.val_progress_bar, desc, self.total_val_batches_current_dataloader, dataloader_idx)
+
+    def on_test_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        if self.has_dataloader_changed(dataloader_idx):
+            self._start(self.test_progress_bar, self.test_description, self.total_test_batches_current_dataloader,
+                        dataloader_idx)
+
+    def _start(self, bar: Any, desc: str, total: float, dataloader_idx: int) -> None:
+        bar.set_description_str(desc if dataloader_idx == 0 else f"{desc} (data loader {dataloader_idx})",
+                                refresh=False)
+        bar.reset(total=convert_inf(total))
+
+    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict[str, int | str | float]:
+        metrics = super().get_metrics(trainer, module)
+        metrics.pop("v_num", None)  # the logger's version: lmkit's loggers write into the run folder
+        if isinstance(metrics.get("tokens_per_s"), (int, float)):
+            metrics["tokens_per_s"] = f"{metrics['tokens_per_s']:,.0f}"
+        first = {self.NAMES[k]: metrics.pop(k) for k in self.NAMES if k in metrics}
+        return {**first, **metrics}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing local files the way every lmkit file is written (lmkit.files).
+
+    Lightning's own writes the checkpoint to a temporary file and moves it into place, which across
+    file systems is a copy: a full disk then leaves a truncated `last.ckpt` where the previous good one
+    was, and prints a traceback. Here the file is written beside its destination and renamed over it;
+    a refused write is one `cannot write PATH: ...` line, and the previous checkpoint stays whole.
+    `use_atomic_checkpoints(trainer)` puts it in place of Lightning's default writer.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buffer = io.BytesIO()  # torch.save straight into a file turns a full disk into a bare RuntimeError
+        torch.save(checkpoint, buffer)
+        atomic_write(Path(path), lambda fh: fh.write(buffer.getbuffer()))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        try:
+            super().remove_checkpoint(path)
+        except OSError as e:
+            raise cannot_write(path, e) from None
+
+
+def use_atomic_checkpoints(trainer: L.Trainer) -> None:
+    """Write the trainer's checkpoints with `AtomicCheckpointIO`, and check their folders can be written
+    before training starts rather than at the first validation.
+
+    A checkpoint writer the user configured (`trainer.plugins`) is left alone."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    folders = {str(c.dirpath) for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.dirpath}
+    folders |= {str(c.path.parent) for c in trainer.callbacks if isinstance(c, CheckpointOnInterrupt)}
+    for folder in sorted(folders):
+        if _is_local_file_protocol(folder):
+            check_writable(Path(folder))

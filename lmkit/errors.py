@@ -13,9 +13,12 @@ class LmkitError(Exception):
 
 @contextmanager
 def exit_on_user_error(code: int = 2) -> Iterator[None]:
-    """Turn an `LmkitError` into `error: <message>` on stderr and a non-zero exit."""
+    """Turn an `LmkitError` into `error: <message>` on stderr and a non-zero exit; Ctrl-C into exit 130."""
     try:
         yield
     except LmkitError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(code) from None
+    except KeyboardInterrupt:  # Ctrl-C outside training (which handles its own): no traceback, the shell's code
+        print("interrupted", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from lmkit.callbacks import TextSampler, Throughput
+from lmkit.callbacks import CheckpointOnInterrupt, TextSampler, Throughput, use_atomic_checkpoints
 from lmkit.checkpoint import check_compatible, read_checkpoint
 from lmkit.distributed import check_launch, ddp_children_run_this_job
 from lmkit.conf import CONF_DIR
 from lmkit.errors import LmkitError, exit_on_user_error
-from lmkit.files import atomic_write_text
+from lmkit.console import known_warnings, quiet_console
+from lmkit.files import atomic_write_text, check_writable
 from lmkit.lightning_module import LitLanguageModel
 from lmkit.plugins import recipe
 from lmkit.record import ModelRecord
@@ -92,7 +94,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and evaluate as `cfg` says. Returns `(metrics, objects)`; writes metrics.json on rank zero."""
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
+    quiet_console()  # each message once, no adverts (Hydra has configured logging by now)
     check_launch(cfg.trainer)  # before any tokenization: a bad launch setting fails at once
+    check_writable(output_dir)  # and so does an unwritable run folder
     compression = _container(cfg.get("compression")) or {}
     plugins = recipe(compression)  # an unknown plugin or a bad setting fails now, not after training
     if plugins and "fsdp" in str(cfg.trainer.get("strategy")).lower():
@@ -139,8 +143,12 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     callbacks += [callback for plugin in plugins for callback in plugin.callbacks(module)]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    use_atomic_checkpoints(trainer)  # a full disk: one line, and the previous checkpoint stays whole
+    interrupt = next((c for c in callbacks if isinstance(c, CheckpointOnInterrupt)), None)
 
-    with ddp_children_run_this_job():
+    # Ctrl-C: stop at a step, save last.ckpt, exit 130 (not Lightning's exit 1 from wherever the key landed)
+    with (ddp_children_run_this_job(), known_warnings(output_dir, resuming=ckpt_path is not None),
+          interrupt.ctrl_c(trainer) if interrupt else nullcontext()):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         train_loss = _float(trainer.callback_metrics.get("train_loss"))
         # (an empty list when trainer.limit_val_batches / limit_test_batches is 0)
@@ -167,7 +175,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if trainer.is_global_zero:
         sampler = next((c for c in callbacks if isinstance(c, TextSampler)), None)
-        if sampler is not None and sampler.enabled:
+        if sampler is not None and sampler.enabled and sampler.step == trainer.global_step:
+            log.info("Sample from the final model: the one at step %d above", sampler.step)
+        elif sampler is not None and sampler.enabled:
             log.info("Sample from the final model:\n%s", sampler.sample(module))
         log.info("Metrics: %s", json.dumps(metrics))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}

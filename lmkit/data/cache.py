@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from lmkit.data.corpus import Corpus
 from lmkit.data.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_json
 from lmkit.errors import LmkitError
-from lmkit.files import atomic_directory
+from lmkit.files import atomic_directory, cannot_write
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -70,8 +70,12 @@ def cache_key(corpus_hash: str, tokenizer: dict, split: list[float]) -> str:
 
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "w")
+    except OSError as e:
+        raise cannot_write(path.parent, e) from None
+    with fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -126,7 +130,10 @@ def build_or_open(corpus: Corpus, tokenizer: dict, split: list[float], cache_dir
             return TokenCache.open(path)
         with atomic_directory(path, overwrite=True) as tmp:
             _build(corpus, corpus_hash, tokenizer, split, tmp)
-    return TokenCache.open(path)
+    cache = TokenCache.open(path)
+    log.info("Tokenized %s bytes into %s tokens (vocab %d) at %s", f"{corpus.total_bytes:,}", f"{cache.n_tokens:,}",
+             cache.tokenizer.vocab_size, path)
+    return cache
 
 
 def _build(corpus: Corpus, corpus_hash: str, spec: dict, split: list[float], out: Path) -> None:
@@ -149,7 +156,7 @@ def _build(corpus: Corpus, corpus_hash: str, spec: dict, split: list[float], out
             while len(bounds) <= segment:
                 bounds.append(n)
             ids = tokenizer.encode_array(text).astype(dtype)
-            ids.tofile(fh)
+            fh.write(ids.data)  # (ndarray.tofile reports a full disk without its errno)
             n += len(ids)
             bar.update(read - done)
             done = read
@@ -161,5 +168,3 @@ def _build(corpus: Corpus, corpus_hash: str, spec: dict, split: list[float], out
     meta = {"version": FORMAT_VERSION, "n_tokens": n, "dtype": np.dtype(dtype).name, "bounds": bounds,
             "corpus": corpus_hash, "files": [str(f) for f in corpus.files], "tokenizer": spec, "split": split}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    log.info("Tokenized %s bytes into %s tokens (vocab %d) at %s", f"{corpus.total_bytes:,}", f"{n:,}",
-             tokenizer.vocab_size, out)
