@@ -46,6 +46,9 @@ def test_a_default_run_prints_each_message_once_and_counts_steps(tmp_path):
     steps = [line for line in lines if line.startswith("step ")]
     assert any(re.match(r"step 60/60 \|.*loss=[\d.]+, tokens/s=[\d,]+", line) for line in steps), "\n".join(lines)
     assert not any(line.startswith("Epoch") for line in lines)
+    # Lightning's messages went through Hydra's handlers: in its format on the console, and into train.log
+    assert "][INFO] `Trainer.fit` stopped: `max_steps=60` reached." in output
+    assert "`Trainer.fit` stopped" in (tmp_path / "run" / "train.log").read_text()
 
 
 class CtrlCAt(L.Callback):
