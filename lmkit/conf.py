@@ -27,8 +27,12 @@ def compose(config_name: str, overrides: list[str]) -> Any:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from hydra.core.global_hydra import GlobalHydra
+
     check_conf_dir()
     try:
+        if GlobalHydra.instance().is_initialized():  # inside train.py's @hydra.main, which reads this same tree
+            return hydra_compose(config_name, overrides=overrides)
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
