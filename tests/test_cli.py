@@ -12,11 +12,20 @@ from tests.conftest import TINY, run_train_py
 TINY_RUN = ["model=lstm", *TINY, "trainer.max_steps=20", "trainer.val_check_interval=10"]
 
 
+# a seed that is not the default: an entry that dropped the overrides would not train the same model
+END_TO_END = [*TINY_RUN, "logger=[csv,tensorboard]", "callbacks.text_sampler.max_new_tokens=40", "seed=7"]
+
+
+@pytest.fixture(scope="module")
+def train_py_run(tmp_path_factory, cache_dir):
+    """One `python train.py` run, shared by the tests that look at what it wrote."""
+    run_dir = tmp_path_factory.mktemp("train_py") / "run"
+    return run_dir, run_train_py(*END_TO_END, run_dir=run_dir, cache_dir=cache_dir)
+
+
 @pytest.mark.slow
-def test_train_py_end_to_end(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    result = run_train_py(*TINY_RUN, "logger=[csv,tensorboard]", "callbacks.text_sampler.max_new_tokens=40",
-                          run_dir=run_dir, cache_dir=cache_dir)
+def test_train_py_end_to_end(train_py_run):
+    run_dir, result = train_py_run
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 20 and math.isfinite(metrics["val_loss"])
@@ -120,6 +129,32 @@ def test_lmkit_train_command_takes_the_same_overrides(tmp_path, cache_dir):
                              "data=text", f"data.path={tmp_path}/none.txt"], capture_output=True, text=True)
     assert_clean_error(result, "no such file", "none.txt", run_dir=run_dir)
     assert "train" in subprocess.run([str(script), "--help"], capture_output=True, text=True).stdout
+
+
+def test_lmkit_train_trains_the_same_model_as_train_py(train_py_run, tmp_path, cache_dir):
+    import subprocess
+    import sys
+
+    import torch
+
+    py_dir, result = train_py_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    script, cli_dir = Path(sys.executable).parent / "lmkit", tmp_path / "cli"
+    result = subprocess.run([str(script), "train", *END_TO_END, f"hydra.run.dir={cli_dir}", f"paths.cache_dir={cache_dir}"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_cli, by_py = (json.loads((d / "metrics.json").read_text()) for d in (cli_dir, py_dir))
+    assert by_cli["steps"] == by_py["steps"] == 20
+    assert sorted(p.name for p in (cli_dir / "checkpoints").iterdir()) == ["best-step20.ckpt", "last.ckpt"]
+    assert Path(by_cli["last_ckpt"]) == cli_dir / "checkpoints" / "last.ckpt"
+    assert (cli_dir / "metrics.csv").exists() and (cli_dir / ".hydra" / "config.yaml").exists()
+    # same config, same seed, deterministic on CPU: the same losses and the same weights, so the same entry
+    for key in ("train_loss", "val_loss", "test_loss"):
+        assert by_cli[key] == pytest.approx(by_py[key], abs=1e-6), key
+    cli_weights = torch.load(by_cli["last_ckpt"], weights_only=True)["state_dict"]
+    for name, tensor in torch.load(by_py["last_ckpt"], weights_only=True)["state_dict"].items():
+        torch.testing.assert_close(cli_weights[name], tensor, atol=1e-6, rtol=0, msg=name)
+    assert (cli_dir / "samples.txt").read_text() == (py_dir / "samples.txt").read_text()
 
 
 @pytest.mark.parametrize("overrides,fragment", [

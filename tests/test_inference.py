@@ -17,6 +17,7 @@ from lmkit.export import save
 from lmkit.generate import generate, sample_next
 from lmkit.hf import export_hf, import_hf
 from lmkit.inference import InferenceModel
+from tests.helpers import decode_by_hand
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,6 +29,16 @@ def tiny_lm(kind: str = "transformer", **options) -> InferenceModel:
     defaults = dict(n_layer=2, n_head=2, n_embd=16, max_seq_len=32) if kind == "transformer" else dict(n_layer=2, n_embd=16)
     record = ModelRecord(backbone=backbone_config(kind, len(CHARS), **{**defaults, **options}), tokenizer="char")
     return InferenceModel(build_backbone(record.backbone).eval(), CharTokenizer(CHARS), record)
+
+
+def lively(model: InferenceModel, std: float = 0.3) -> InferenceModel:
+    """Every weight drawn from N(0, std): at the default init a tiny model's next token barely depends on the
+    context, and then a decoding loop that looks at the wrong context still gives the right text."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return model
 
 
 def random_gpt2(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97, seed=0):
@@ -73,7 +84,22 @@ def test_gpt2_tokenizer_beside_the_checkpoint_is_used(tmp_path):
     tok.tokenizer.model.save(str(tmp_path / "hf"))  # vocab.json + merges.txt, as GPT-2 ships them
     model = import_hf(tmp_path / "hf")
     assert model.tokenizer.encode("to be or not") == tok.encode("to be or not")
-    assert model.generate("to be", max_new_tokens=5, seed=0).startswith("to be")
+    # The tokens transformers' own decoding loop picks, greedy and sampled: its sampling draws with
+    # torch.multinomial from the global generator, so seeding that as lmkit seeds its own gives the same draws.
+    prompt = torch.tensor([tok.encode("to be")])
+    for seed in (None, 0, 1):
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            reference = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20,
+                                    do_sample=seed is not None, top_k=0, top_p=1.0, temperature=1.0, pad_token_id=0)
+        assert reference.shape == (1, prompt.shape[1] + 20)
+        temperature = 0 if seed is None else 1.0  # (greedy soon repeats one token on random weights; sampling not)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        assert torch.equal(generate(model.backbone, prompt, max_new_tokens=20, temperature=temperature,
+                                    generator=generator), reference), seed
+        text = model.generate("to be", max_new_tokens=20, temperature=temperature, seed=seed)
+        assert text == tok.decode(reference[0].tolist()), seed
 
 
 def test_import_without_tokenizer_keeps_ids_and_says_what_is_missing(tmp_path):
@@ -107,7 +133,7 @@ print(model.generate("ROMEO:", max_new_tokens=10, seed=1))
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("ROMEO:")
+    assert result.stdout == model.generate("ROMEO:", max_new_tokens=10, seed=1) + "\n"  # the same text, same seed
 
 
 def test_export_dtype_and_overwrite_rules(tmp_path):
@@ -134,9 +160,21 @@ def test_greedy_generation_is_the_same_with_and_without_cache(kind):
 
 
 def test_generation_slides_past_a_learned_context():
-    model = tiny_lm("transformer", max_seq_len=16)
-    text = model.generate("AB", max_new_tokens=40, seed=0)
-    assert len(text) == 42
+    model = lively(tiny_lm("transformer", max_seq_len=16, n_layer=3), std=0.5)
+    text = model.generate("AB", max_new_tokens=40, temperature=1.0, seed=0)
+    # token by token what full forward passes over the documented context (re-primed with its latest three
+    # quarters when full) draw from the same seed: the cache is exact across re-primes, positions included
+    assert text == decode_by_hand(model, "AB", 40, seed=0)
+    assert len(text) == 42 and set(text) <= set(CHARS)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_sampling_draws_each_token_from_the_model_with_the_seeded_generator(kind):
+    model = lively(tiny_lm(kind))
+    for temperature in (1.0, 0.7):
+        text = model.generate("ROMEO:", max_new_tokens=20, temperature=temperature, seed=3)
+        assert text == decode_by_hand(model, "ROMEO:", 20, seed=3, temperature=temperature), temperature
+    assert model.generate("ROMEO:", max_new_tokens=20, temperature=0) == decode_by_hand(model, "ROMEO:", 20)
 
 
 def test_same_seed_same_samples_and_num_samples():
@@ -144,6 +182,9 @@ def test_same_seed_same_samples_and_num_samples():
     a = model.generate("ROMEO:", max_new_tokens=20, temperature=1.0, num_samples=3, seed=7)
     b = model.generate("ROMEO:", max_new_tokens=20, temperature=1.0, num_samples=3, seed=7)
     assert a == b and len(a) == 3 and len(set(a)) > 1
+    assert all(t.startswith("ROMEO:") and len(t) == 26 and set(t) <= set(CHARS) for t in a)
+    other = model.generate("ROMEO:", max_new_tokens=20, temperature=1.0, num_samples=3, seed=8)
+    assert all(x != y for x, y in zip(a, other))  # another seed, other text
 
 
 def test_top_k_and_top_p_never_sample_outside_their_sets():
@@ -164,8 +205,10 @@ def test_top_k_and_top_p_never_sample_outside_their_sets():
 
 def test_sampling_settings_out_of_range_are_refused():
     model = tiny_lm()
-    for bad in (dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(num_samples=0)):
-        with pytest.raises(LmkitError):
+    for bad, message in ((dict(top_k=0), "top_k=0 must be at least 1"), (dict(top_p=0.0), r"top_p=0.0 in \(0, 1\]"),
+                         (dict(top_p=1.5), r"top_p=1.5 in \(0, 1\]"), (dict(num_samples=0), "num_samples=0"),
+                         (dict(temperature=-1.0), "temperature=-1.0 must not be negative")):
+        with pytest.raises(LmkitError, match=message):
             model.generate("AB", max_new_tokens=2, **bad)
 
 
