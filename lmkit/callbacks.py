@@ -130,6 +130,8 @@ class CheckpointOnInterrupt(L.Callback):
     def __init__(self, dirpath: str, filename: str = "last") -> None:
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.ctrl_c_pressed = False
+        self._saving = False
+        self._validated_at: int | None = None  # the step whose end ran the last in-training validation
 
     @contextmanager
     def ctrl_c(self, trainer: L.Trainer) -> Iterator[None]:
@@ -168,7 +170,12 @@ class CheckpointOnInterrupt(L.Callback):
         if self.ctrl_c_pressed:
             trainer._signal_connector.received_sigterm = True
 
-    on_sanity_check_start = on_train_start = on_validation_start = on_test_start = _stop_if_pressed
+    on_sanity_check_start = on_train_start = on_test_start = _stop_if_pressed
+
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._stop_if_pressed(trainer)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validated_at = trainer.global_step
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
@@ -178,10 +185,23 @@ class CheckpointOnInterrupt(L.Callback):
             if trainer.is_global_zero:
                 log.info("%s: stopped outside training; nothing new to save", what)
             return
-        trainer.save_checkpoint(self.path, weights_only=False)  # (explicit: Lightning logs its default)
+        self._saving = True
+        try:
+            trainer.save_checkpoint(self.path, weights_only=False)  # (explicit: Lightning logs its default)
+        finally:
+            self._saving = False
         if trainer.is_global_zero:
             log.warning("%s: saved %s at step %d; to continue, run the same command with resume=true "
                         "hydra.run.dir=%s", what, self.path, trainer.global_step, trainer.default_root_dir)
+
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self._saving and self._validated_at == trainer.global_step:
+            # Stopped in a step that validated: Lightning's restart replays that step's end (its
+            # validation) and so counts the step for the loggers again, as for ModelCheckpoint's
+            # checkpoint saved inside the validation, before the count moved on. Saved with that count,
+            # the resumed run logs each step at its own number instead of one past it.
+            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
 
 CheckpointOnSigterm = CheckpointOnInterrupt  # its name in configs written before Ctrl-C saved too

@@ -86,9 +86,6 @@ def test_resume_true_finds_last_checkpoint_in_the_run_dir(make_cfg, tmp_path):
         torch.testing.assert_close(tensor, expected_weights[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known bug: the SIGTERM checkpoint saved after the validation of step N holds "
-                   "_batches_that_stepped=N, and Lightning's restart adds one more (it expects a ModelCheckpoint "
-                   "checkpoint's N-1): the resumed run trains the right batches but logs them at steps N+1, N+2, ...")
 def test_resumed_steps_are_logged_at_their_own_step_after_a_sigterm_in_validation(make_cfg, tmp_path):
     common = [*BACKBONES["lstm"], "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
               "callbacks.text_sampler=null"]
