@@ -3,8 +3,9 @@
 A plugin is a small class with up to four hooks, each optional:
 
     callbacks(module)          Lightning callbacks for training time (a pruning schedule, ...)
-    apply(model, context)      the post-training transform of `model` (an lmkit.inference.InferenceModel) in place:
-                               quantize, prune, shrink; returns extra details for its record
+    apply(model, context)      the post-training transform of `model` (an InferenceModel) in place:
+                               quantize, prune, shrink (a new shape goes in `model.record`);
+                               returns extra details for its step's record
     restore(backbone, record)  on load: turn a freshly built dense backbone into the compressed
                                structure (the stored tensors are then loaded into it)
     pack(tensors, record) /    how its tensors are written to and read back from model.safetensors
@@ -18,7 +19,9 @@ follows one that `sparsifies` (the fine-tune would fill the zeros back in).
 plus anything `apply` added), so loading rebuilds the exact model from plain JSON and tensors.
 Plugins are found by name through the entry-point group `lmkit.plugins`: a name in a file only
 ever selects one of the installed plugins, it never names code to import. Loading must not need
-Lightning or Hydra, so a plugin imports Lightning inside `callbacks` or `apply` only.
+Lightning or Hydra, so a plugin imports Lightning inside `callbacks` only; its recovery training is
+`context.finetune(model, steps=..., lr=..., callbacks=[...])`, injected by whoever compresses. This
+module imports nothing of lmkit's training stack; tensor helpers for plugins are in lmkit.tensors.
 """
 
 from __future__ import annotations
