@@ -19,6 +19,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
@@ -206,7 +207,10 @@ def _compress(module: LitLanguageModel, compression: dict[str, Any], output_dir:
 def main(cfg: DictConfig) -> float | None:
     """The entry point of `python train.py` and `lmkit train`."""
     with exit_on_user_error():
-        metrics, _ = run(cfg)
+        try:
+            metrics, _ = run(cfg)
+        except SIGTERMException:  # Lightning's is a SystemExit with code 0: a terminated run says so (128 + 15)
+            raise SystemExit(143) from None
     # A sweeper (e.g. Optuna) optimises the value main returns.
     return metrics.get(cfg.get("optimized_metric") or "val_loss")
 
