@@ -1,6 +1,6 @@
 """One entry point for the benchmarks: `python bench/run.py [name ...]` (no name: all of them).
 
-    throughput   train.py (Lightning) vs a hand-written PyTorch loop, same work, alternated
+    throughput   train.py vs a hand-written loop and vs a nanoGPT-equivalent loop, same work, alternated
     quality      validation loss of the default run against nanoGPT's CPU recipe, whole process timed
     generate     generation tokens/s at 50 and 500 new tokens, with and without the cache
     scale        tokenizing 10 MB / 100 MB / 1 GB corpora (time, peak RSS); tokens/s as models grow
