@@ -71,8 +71,8 @@ class ImportArgs:
     overwrite: bool
 
 
-def parse(schema: type, config_name: str, args: list[str], command: str, groups: tuple[str, ...] = ()) -> tuple[Any, Any]:
-    """key=value arguments over `conf/<config_name>.yaml`, checked against `schema`'s types.
+def parse(schema: type, command: str, args: list[str], groups: tuple[str, ...] = ()) -> tuple[Any, Any]:
+    """key=value arguments over `conf/<command>.yaml` (`import-hf`: import_hf.yaml), checked against `schema`'s types.
 
     Unknown keys and bad types are one-line errors. Text fields take the value verbatim
     (`prompt=ROMEO:` must stay text, not become YAML). Returns the typed options and the composed
@@ -80,6 +80,7 @@ def parse(schema: type, config_name: str, args: list[str], command: str, groups:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    config_name = command.replace("-", "_")
     text = {f.name for f in fields(schema) if f.type in ("str", "Optional[str]")}
     verbatim, overrides = {}, []
     for arg in args:
@@ -116,7 +117,7 @@ def _export(args: list[str]) -> None:
     from lmkit.export import load, save
     from lmkit.hf import export_hf
 
-    a, cfg = parse(ExportArgs, "export", args, "export", groups=("paths", "compression"))
+    a, cfg = parse(ExportArgs, "export", args, groups=("paths", "compression"))
     if a.format not in ("lmkit", "hf"):
         raise LmkitError(f"format={a.format!r} is not one of lmkit, hf")
     groups = _groups(cfg, "paths", "compression")
@@ -147,7 +148,7 @@ def report_summary(report: dict[str, Any]) -> str:
 def _generate(args: list[str]) -> None:
     import lmkit
 
-    a, _ = parse(GenerateArgs, "generate", args, "generate")
+    a, _ = parse(GenerateArgs, "generate", args)
     prompt = a.prompt
     if prompt.startswith("@"):
         path = Path(prompt[1:])
@@ -175,7 +176,7 @@ def _eval(args: list[str]) -> None:
     import lmkit
     from lmkit.evaluate import evaluate, own_datamodule
 
-    a, cfg = parse(EvalArgs, "eval", args, "eval", groups=("paths", "data"))
+    a, cfg = parse(EvalArgs, "eval", args, groups=("paths", "data"))
     if a.split not in ("train", "val", "test"):
         raise LmkitError(f"split={a.split!r} is not one of train, val, test")
     groups = _groups(cfg, "paths", "data")
@@ -223,7 +224,7 @@ def _import_hf(args: list[str]) -> None:
     from lmkit.export import save
     from lmkit.hf import import_hf
 
-    a, _ = parse(ImportArgs, "import_hf", args, "import-hf")
+    a, _ = parse(ImportArgs, "import-hf", args)
     model = import_hf(a.src)
     out = save(model, a.out, overwrite=a.overwrite)
     note = "" if model.has_tokenizer else " (no tokenizer found beside it: the model takes token ids only)"

@@ -24,10 +24,9 @@ def check_conf_dir() -> None:
 def compose(config_name: str, overrides: list[str]) -> Any:
     """`conf/<config_name>.yaml` with Hydra overrides, as a DictConfig; problems are one-line errors."""
     from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from hydra.core.global_hydra import GlobalHydra
 
     check_conf_dir()
     try:

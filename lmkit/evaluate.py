@@ -33,8 +33,11 @@ def own_datamodule(model: InferenceModel, cache_dir: str, data: dict[str, Any] |
     source = data.get("source")
     if source not in ("shakespeare", "text"):
         raise LmkitError(f"data.source={source!r} is not one of shakespeare, text")
-    known = set(inspect.signature(LMDataModule).parameters) - {"tokenizer", "cache_dir", "seed"}
-    settings = {k: v for k, v in {**group_option("data", source), **data}.items() if k in known}
+    parameters = inspect.signature(LMDataModule).parameters
+    known = set(parameters) - {"tokenizer", "cache_dir", "seed"}
+    if any(parameters[k].default is inspect.Parameter.empty for k in known - data.keys()):
+        data = {**group_option("data", source), **data}  # a partial record (lmkit writes whole ones)
+    settings = {k: v for k, v in data.items() if k in known}
     return LMDataModule(**settings, tokenizer={"kind": "json", "json": model.tokenizer.to_json()},
                         cache_dir=cache_dir, seed=seed)
 

@@ -114,8 +114,8 @@ class LitLanguageModel(L.LightningModule):
         kwargs = dict(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"])
         if o["name"] == "adamw":
             # Fused on the CPU too (torch >= 2.4): one kernel per parameter group instead of a dozen ops
-            # per tensor, the largest per-step cost after the model itself (bench/README.md, training
-            # speed). Not under fp16, whose fused step unscales the gradients and hides them from clipping.
+            # per tensor (bench/README.md, throughput). Not under fp16, whose fused step unscales the
+            # gradients and hides them from clipping.
             fused = (self.device.type in ("cuda", "cpu") and self.trainer.precision not in ("16-mixed", "16-true")
                      and not isinstance(self.trainer.strategy, FSDPStrategy))
             optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)

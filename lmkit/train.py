@@ -32,7 +32,6 @@ from lmkit.console import known_warnings, quiet_console
 from lmkit.files import atomic_write_text, check_writable
 from lmkit.lightning_module import LitLanguageModel
 from lmkit.plugins import recipe
-from lmkit.record import ModelRecord
 
 log = logging.getLogger("lmkit")
 
@@ -117,10 +116,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = build(data_cfg, tokenizer=tokenizer_spec, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
                        _convert_="all")
     tokenizer = datamodule.tokenizer
-    record = ModelRecord.from_settings(model_cfg, tokenizer.vocab_size)  # checks the model settings
     try:
-        module = LitLanguageModel(model=record.model_settings, optim=_container(cfg.optim),
-                                  vocab_size=tokenizer.vocab_size, data=data_cfg, compile=compile_model)
+        module = LitLanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
+                                  data=data_cfg, compile=compile_model)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise LmkitError(f"model: {e}") from None
     module.tokenizer = tokenizer
@@ -135,7 +133,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if ckpt_path is not None and ckpt_path.is_dir():  # an FSDP sharded checkpoint: Lightning checks it
         log.info("Resuming from %s", ckpt_path)
     elif ckpt_path is not None:
-        check_compatible(ckpt_path, read_checkpoint(ckpt_path), record, tokenizer.to_json())
+        check_compatible(ckpt_path, read_checkpoint(ckpt_path), module.record, tokenizer.to_json())
         log.info("Resuming from %s", ckpt_path)
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
