@@ -47,6 +47,47 @@ def test_chunked_prefill_after_cache_matches_full():
     torch.testing.assert_close(torch.cat([a, b], 1), model(ids)[0], atol=1e-5, rtol=1e-5)
 
 
+def lstm(cell: str = "lstm") -> LSTM:
+    torch.manual_seed(0)
+    return LSTM(LSTMConfig(vocab_size=V, n_layer=2, n_embd=16, cell=cell)).eval()
+
+
+@pytest.mark.parametrize("make", [lambda: transformer(position="learned"), lambda: transformer(position="rope"),
+                                  lambda: transformer(position="sinusoidal"), lstm, lambda: lstm("gru")],
+                         ids=["learned", "rope", "sinusoidal", "lstm", "gru"])
+def test_stacked_rows_of_different_lengths_decode_as_if_alone(make):
+    """Rows prefilled apart (as a server batches requests) decode together, each as it would alone; finished
+    rows leave the batch and a new one joins mid-flight."""
+    model = make()
+    a, b, c, d = (torch.randint(0, V, (1, n)) for n in (3, 9, 5, 12))
+
+    def decode(logits: torch.Tensor, state, steps: int):  # greedy; logits (B, V) of each row's last token
+        seen = []  # the logits each step decodes from, compared, not just their argmax
+        for _ in range(steps):
+            seen.append(logits)
+            logits, state = model(logits.argmax(-1, keepdim=True), state)
+            logits = logits[:, -1]
+        return torch.stack(seen, 1), logits, state
+
+    def prefill(ids: torch.Tensor):
+        logits, state = model(ids, model.init_state(1))
+        return logits[:, -1], state
+
+    def alone(ids: torch.Tensor, steps: int) -> torch.Tensor:
+        return decode(*prefill(ids), steps)[0][0]
+
+    rows = [prefill(x) for x in (a, b, c)]
+    first, logits, state = decode(torch.cat([lg for lg, _ in rows]), model.stack_states([s for _, s in rows]), 4)
+    for row, x in enumerate((a, b, c)):
+        torch.testing.assert_close(first[row], alone(x, 4), atol=1e-5, rtol=1e-5)
+    late_logits, late = prefill(d)
+    state = model.stack_states([model.select_states(state, [1, 2]), late])  # a leaves, d joins
+    second, _, _ = decode(torch.cat([logits[1:], late_logits]), state, 4)
+    torch.testing.assert_close(second[0], alone(b, 8)[4:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second[1], alone(c, 8)[4:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(second[2], alone(d, 4), atol=1e-5, rtol=1e-5)
+
+
 def test_gpt2_layout_tied_embeddings_and_scaled_init():
     model = Transformer(TransformerConfig(vocab_size=V, n_layer=8, n_head=4, n_embd=64, max_seq_len=32))
     keys = set(model.state_dict())

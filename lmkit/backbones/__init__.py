@@ -1,7 +1,9 @@
 """Backbones: plain `nn.Module`s with one interface, `forward(ids, state=None) -> (logits, state)`.
 
 `init_state(batch_size)` gives the state that generation threads through calls (a KV cache or
-the recurrent state); `max_seq_len` is the context limit, or None for recurrent models. Each
+the recurrent state); `stack_states(states)` merges the states of texts run apart (any lengths)
+into one batch that continues together, and `select_states(state, rows)` keeps some rows: how a
+server batches requests. `max_seq_len` is the context limit, or None for recurrent models. Each
 backbone has a config dataclass whose `kind` names it; the registry maps a saved config's `kind`
 to a class, so a saved config never names code to import.
 """

@@ -70,6 +70,19 @@ class LSTM(nn.Module):
                    dtype: torch.dtype | None = None) -> None:
         return None  # nn.LSTM starts from zeros when given no state
 
+    def stack_states(self, states: list[RecurrentState]) -> RecurrentState:
+        """One state for the rows of `states` (texts run apart, of any lengths), so they continue together."""
+        if isinstance(states[0], tuple):
+            return tuple(torch.cat(parts, dim=1) for parts in zip(*states))  # (h, c), each (layers, batch, hidden)
+        return torch.cat(states, dim=1)
+
+    def select_states(self, state: RecurrentState, rows: list[int]) -> RecurrentState:
+        """The state of `rows` of `state` only (finished rows leave a batch)."""
+        index = torch.tensor(rows, device=(state[0] if isinstance(state, tuple) else state).device)
+        if isinstance(state, tuple):
+            return tuple(part.index_select(1, index) for part in state)
+        return state.index_select(1, index)
+
     def forward(self, ids: torch.Tensor, state: RecurrentState | None = None) -> tuple[torch.Tensor, RecurrentState]:
         out, state = self.rnn(self.drop(self.embedding(ids)), state)
         out = self.drop(out)

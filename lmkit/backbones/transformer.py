@@ -8,6 +8,7 @@ one token at a time without recomputing the past.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -80,14 +81,45 @@ class TransformerConfig:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for `max_len` positions."""
+    """Keys and values of every layer, preallocated for `max_len` positions.
+
+    Rows of one batch may hold texts of different lengths (`Transformer.stack_states` merges rows
+    prefilled apart): each row is right-aligned, `pad[b]` slots before its first token are masked
+    out, and its positions count from its own first token."""
 
     def __init__(self, heads: list[int], batch: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype) -> None:
         """`heads`: the number of attention heads of each layer."""
         self.k = [torch.zeros(batch, h, max_len, head_dim, device=device, dtype=dtype) for h in heads]
         self.v = [torch.zeros(batch, h, max_len, head_dim, device=device, dtype=dtype) for h in heads]
-        self.pos = 0  # positions already filled
+        self.pos = 0  # slots already filled
+        self.pad: torch.Tensor | None = None  # (batch,) empty slots before each row's text; None: all 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].size(0)
+
+    def lengths(self) -> list[int]:
+        """Tokens each row holds."""
+        pad = self.pad.tolist() if self.pad is not None else [0] * self.batch_size
+        return [self.pos - p for p in pad]
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Positions of the next `T` tokens: (T,), or (batch, T) when rows are padded."""
+        positions = torch.arange(self.pos, self.pos + T, device=self.k[0].device)
+        return positions if self.pad is None else positions - self.pad[:, None]
+
+    def mask(self, T: int) -> torch.Tensor | None:
+        """What the next `T` queries may attend to among the filled slots and themselves; None when
+        plain causal attention says it (no earlier text, or a single query, and no padding)."""
+        if self.pad is None and (self.pos == 0 or T == 1):
+            return None
+        end = self.pos + T
+        slots = torch.arange(end, device=self.k[0].device)
+        mask = slots <= torch.arange(self.pos, end, device=slots.device)[:, None]  # (T, end): causal
+        if self.pad is not None:
+            mask = mask & (slots >= self.pad[:, None, None, None])  # (batch, 1, T, end): not before a row's text
+        return mask
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.size(2)
@@ -130,21 +162,17 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, layer: int, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None) -> torch.Tensor:
+                cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """`mask`: the cache's, when plain causal attention does not say what each query sees."""
         B, T, _ = x.shape
         inner = self.n_head * self.head_dim
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
                    for t in self.c_attn(x).split(inner, dim=2))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask, causal = None, T > 1
         if cache is not None:
             k, v = cache.append(layer, k, v)
-            if T > 1 and k.size(2) > T:  # a chunk after a filled prefix: causal w.r.t. its offset
-                offset = k.size(2) - T
-                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=offset)
-                causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, inner)))
 
@@ -169,8 +197,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
         self.mlp = MLP(cfg, cfg.ffn(layer))
 
-    def forward(self, x: torch.Tensor, layer: int, rope, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), layer, rope, cache)
+    def forward(self, x: torch.Tensor, layer: int, rope, cache: KVCache | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), layer, rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -217,22 +246,51 @@ class Transformer(nn.Module):
         return KVCache([cfg.heads(i) for i in range(cfg.n_layer)], batch_size, cfg.max_seq_len, cfg.head_dim,
                        device or ref.device, dtype or ref.dtype)
 
+    def stack_states(self, states: list[KVCache]) -> KVCache:
+        """One cache for the rows of `states` (caches of texts prefilled apart, of any lengths), so
+        that they decode together; each row continues at its own position."""
+        lengths = [n for state in states for n in state.lengths()]
+        ref = states[0].k[0]
+        out = self.init_state(len(lengths), ref.device, ref.dtype)
+        out.pos = max(lengths)
+        rows = [(state, b) for state in states for b in range(state.batch_size)]
+        for row, ((state, b), n) in enumerate(zip(rows, lengths)):  # right-align each row's filled slots
+            for layer in range(len(out.k)):
+                out.k[layer][row, :, out.pos - n:out.pos] = state.k[layer][b, :, state.pos - n:state.pos]
+                out.v[layer][row, :, out.pos - n:out.pos] = state.v[layer][b, :, state.pos - n:state.pos]
+        pad = torch.tensor([out.pos - n for n in lengths], device=ref.device)
+        out.pad = pad if pad.any() else None
+        return out
+
+    def select_states(self, state: KVCache, rows: list[int]) -> KVCache:
+        """The cache of `rows` of `state` only (finished rows leave a batch)."""
+        out = copy.copy(state)
+        index = torch.tensor(rows, device=state.k[0].device)
+        out.k = [k.index_select(0, index) for k in state.k]
+        out.v = [v.index_select(0, index) for v in state.v]
+        out.pad = state.pad.index_select(0, index) if state.pad is not None else None
+        return out
+
     def forward(self, ids: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
         T = ids.size(1)
-        start = state.pos if state is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if state is not None and state.pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {state.pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if state is None and T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        positions = state.positions(T) if state is not None else torch.arange(T, device=ids.device)
+        mask = state.mask(T) if state is not None else None
         x = self.transformer.wte(ids)
         rope = None
         if self.config.position == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=ids.device))
+            x = x + self.transformer.wpe(positions)
         elif self.config.position == "sinusoidal":
-            x = x + self.pe[start:start + T].to(x.dtype)
+            x = x + self.pe[positions].to(x.dtype)
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+            rope = (cos, sin) if positions.dim() == 1 else (cos[:, None], sin[:, None])  # (B, 1, T, hd) per row
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, i, rope, state)
+            x = block(x, i, rope, state, mask)
         if state is not None:
             state.pos += T
         logits = self.lm_head(self.transformer.ln_f(x))
