@@ -3,7 +3,8 @@
 Each command's keys and defaults are in conf/<command>.yaml (train: conf/train.yaml).
 
     lmkit train     [overrides]                       same as python train.py
-    lmkit export    model=PATH out=DIR [format=lmkit|hf] [dtype=fp32|bf16|fp16] [overwrite=true]
+    lmkit export    model=PATH out=DIR [format=lmkit|hf|gguf] [dtype=fp32|bf16|fp16] [overwrite=true]
+                    [gguf.type=f32|f16|q8_0|q4_0]
                     [compression=[prune,int8] compression.prune.amount=0.7 eval_windows=N gen_tokens=100
                     paths.cache_dir=DIR]
     lmkit generate  model=PATH prompt="ROMEO:" [max_new_tokens=200 temperature=0.8 top_k=50 top_p=0.95
@@ -118,8 +119,8 @@ def _export(args: list[str]) -> None:
     from lmkit.hf import export_hf
 
     a, cfg = parse(ExportArgs, "export", args, groups=("paths", "compression"))
-    if a.format not in ("lmkit", "hf"):
-        raise LmkitError(f"format={a.format!r} is not one of lmkit, hf")
+    if a.format not in ("lmkit", "hf", "gguf"):
+        raise LmkitError(f"format={a.format!r} is not one of lmkit, hf, gguf")
     groups = _groups(cfg, "paths", "compression")
     model = load(a.model)
     if groups["compression"]:
@@ -134,6 +135,13 @@ def _export(args: list[str]) -> None:
         out = a.out
     elif a.format == "lmkit":
         out = save(model, a.out, dtype=a.dtype, overwrite=a.overwrite)
+    elif a.format == "gguf":
+        from lmkit.deploy.gguf import export_gguf
+
+        exported = export_gguf(model, a.out, type=str(cfg.gguf.type), overwrite=a.overwrite)
+        for line in exported.warnings:
+            print(f"warning: {line}", file=sys.stderr)
+        out = exported.path
     else:
         out = export_hf(model, a.out, overwrite=a.overwrite)
     print(f"wrote {out}")

@@ -1,0 +1,291 @@
+"""GGUF for llama.cpp: lmkit's Transformer written as one of llama.cpp's own architectures.
+
+    learned positions    -> `gpt2`        the same block, tensor for tensor
+    sinusoidal positions -> `gpt2`        the fixed table written as gpt2's learned one (adding it is all either does)
+    rotary positions     -> `starcoder2`  LayerNorm with biases, sequential residual, a plain (ungated) GELU MLP
+                                          with biases and rotate-half ("NeoX") RoPE over the whole head: lmkit's
+                                          block exactly. (gptneox matches too but transformers cannot read it;
+                                          stablelm's MLP is gated SiLU; phi2's residual is parallel.)
+
+What cannot be said exactly is refused with one line: per-layer head counts or MLP widths (structured
+pruning), quantized weights (int8 plugins: the GGUF types quantize instead), a character vocabulary
+(llama.cpp's byte-level BPE needs merges: use tokenizer=bpe), a model without a tokenizer. A bias lmkit leaves out (`model.bias=false`) is written as
+zeros, which both architectures require and which changes nothing.
+
+One approximation is allowed with a warning: llama.cpp's GELU is the tanh approximation (and on the
+CPU it is read from an fp16 table of it), so a model trained with exact GELU (`model.gelu=none`, lmkit's
+default) runs slightly differently; the export measures by how much and says so.
+
+`gguf` (the `[gguf]` extra) is imported only here, when an export asks for it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lmkit.backbones import TransformerConfig
+from lmkit.errors import LmkitError
+from lmkit.files import atomic_directory, check_free
+from lmkit.hf import weight_map
+from lmkit.inference import InferenceModel
+
+TYPES = ("f32", "f16", "q8_0", "q4_0")
+QUANT_BLOCK = 32  # q8_0 and q4_0 pack each row (a matrix's input dimension) in blocks of 32 values
+SAMPLE_TOKENS = 64  # tokens of the fixed sample on which the GELU approximation is measured
+# llama.cpp's tokenizer.ggml.token_type values
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+
+
+@dataclass
+class Vocabulary:
+    """A tokenizer as llama.cpp's `gpt2` (byte-level BPE) tokenizer model spells it."""
+
+    tokens: list[str]  # in id order, spelled in GPT-2's byte alphabet
+    merges: list[str]  # "left right", best first
+    types: list[int]
+    eos: int | None = None  # an end-of-text token, when the vocabulary has one
+
+
+@dataclass
+class GGUFExport:
+    path: Path  # the folder written
+    architecture: str  # llama.cpp's architecture name
+    type: str  # gguf.type
+    warnings: list[str] = field(default_factory=list)  # one line each, for the caller to show
+
+
+def export_gguf(model: InferenceModel, out: str | Path, *, type: str = "f32", overwrite: bool = False) -> GGUFExport:
+    """Write `out/model.gguf` (with a README.md model card) for llama.cpp; see the module docstring."""
+    if type not in TYPES:
+        raise LmkitError(f"gguf.type={type!r} is not one of {', '.join(TYPES)}")
+    check_free(Path(out), overwrite)
+    cfg = _check_model(model, type)
+    vocab = vocabulary(model)
+    gguf = _import_gguf()
+    architecture = "starcoder2" if cfg.position == "rope" else "gpt2"
+    warnings, gelu_note = [], ""
+    if cfg.gelu == "none":
+        largest, relative = gelu_gap(model)
+        gelu_note = (f"this model uses exact GELU (model.gelu=none) and llama.cpp's {architecture} graph the tanh "
+                     f"approximation: its logits move by up to {largest:.2g} ({relative:.2%} relative) on a fixed "
+                     f"sample of {SAMPLE_TOKENS} tokens; train with model.gelu=tanh for an exact export")
+        warnings.append(gelu_note)
+    tensors = gguf_tensors(model.backbone, cfg, gguf, architecture)
+    with atomic_directory(Path(out), overwrite) as tmp:
+        _write(gguf, tmp / "model.gguf", architecture, model, cfg, vocab, tensors, type)
+        size = (tmp / "model.gguf").stat().st_size
+        (tmp / "README.md").write_text(model_card(model, architecture, type, size, vocab, gelu_note), encoding="utf-8")
+    return GGUFExport(Path(out), architecture, type, warnings)
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise LmkitError("format=gguf needs the gguf package: pip install 'lmkit[gguf]'") from None
+    return gguf
+
+
+def _check_model(model: InferenceModel, type: str) -> TransformerConfig:
+    """The Transformer's config if llama.cpp's graphs can run it exactly (GELU aside), else one line why not."""
+    cfg = model.record.backbone
+    if not isinstance(cfg, TransformerConfig):
+        raise LmkitError(f"format=gguf writes Transformers (llama.cpp runs no LSTM/GRU); this model is a "
+                         f"{model.record.kind} (use format=onnx or format=lmkit)")
+    quantized = [r["plugin"] for r in model.record.compression if _quantizes(r["plugin"])]
+    if quantized:
+        # Pruned weights are plain dense tensors and export as they are; int8 weights would be dequantized
+        # and quantized a second time. The GGUF types are llama.cpp's own quantizers: start from the float model.
+        raise LmkitError(f"format=gguf: this model is quantized ({'+'.join(quantized)}); export the checkpoint "
+                         f"it came from with gguf.type=q8_0 or q4_0 instead")
+    if cfg.layer_heads and set(cfg.layer_heads) != {cfg.n_head}:
+        raise LmkitError(f"format=gguf: llama.cpp's graphs need n_head heads in every layer; this model has "
+                         f"layer_heads={cfg.layer_heads} (structured pruning removed heads)")
+    widths = {cfg.ffn(i) for i in range(cfg.n_layer)}
+    if len(widths) > 1:
+        raise LmkitError(f"format=gguf: llama.cpp's graphs need one MLP width in every layer; this model has "
+                         f"layer_ffn={cfg.layer_ffn} (structured pruning)")
+    if type in ("q8_0", "q4_0"):
+        for what, width in (("model.n_embd", cfg.n_embd), ("the MLP width", widths.pop())):
+            if width % QUANT_BLOCK:
+                raise LmkitError(f"gguf.type={type} packs each weight row in blocks of {QUANT_BLOCK} values; "
+                                 f"{what}={width} is not a multiple of {QUANT_BLOCK} (use gguf.type=f16 or f32)")
+    return cfg
+
+
+def _quantizes(plugin: str) -> bool:
+    from lmkit.plugins import plugin_class
+
+    return plugin_class(plugin).quantizes
+
+
+def vocabulary(model: InferenceModel) -> Vocabulary:
+    """The model's tokenizer as llama.cpp's byte-level BPE, tokenizing text exactly as lmkit does, or one line why not."""
+    if not model.has_tokenizer:
+        raise LmkitError("format=gguf needs the model's tokenizer (llama.cpp reads text); this model takes token "
+                         "ids only")
+    tokenizer = model.tokenizer
+    if tokenizer.kind == "char":
+        # llama.cpp tokenizes bytes through byte-level BPE, which needs a merges list: one character per
+        # token has none, gguf writes no empty list, and a merge of its own would need a token (and an
+        # embedding row) the model does not have. (A SentencePiece vocabulary might keep one token per
+        # character in llama.cpp; transformers' GGUF reader rebuilds those with its own space handling,
+        # so it is untried.)
+        raise LmkitError("format=gguf writes llama.cpp's byte-level BPE tokenizer; this model has a character "
+                         "vocabulary, which it cannot express: train with tokenizer=bpe")
+    return _bpe_vocabulary(json.loads(tokenizer.to_json()), model.record.backbone.vocab_size)
+
+
+def _bpe_vocabulary(spec: dict[str, Any], vocab_size: int) -> Vocabulary:
+    """A `tokenizers` byte-level BPE (lmkit's, or GPT-2's) as llama.cpp's `gpt2` tokenizer with the `gpt-2` split."""
+    bpe, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    mismatches = [what for what, same in (
+        ("a model other than BPE", bpe.get("type") == "BPE"),
+        ("a pre-tokenizer other than GPT-2's ByteLevel",
+         pre.get("type") == "ByteLevel" and not pre.get("add_prefix_space") and pre.get("use_regex", True)),
+        ("a normalizer", spec.get("normalizer") is None),
+        ("BPE options llama.cpp lacks (dropout, affixes, byte fallback, ignore_merges)",
+         not any(bpe.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback",
+                                      "ignore_merges"))),
+    ) if not same]
+    if mismatches:
+        raise LmkitError(f"format=gguf writes llama.cpp's byte-level BPE (GPT-2's); this tokenizer has "
+                         f"{mismatches[0]}")
+    ids = {**bpe["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
+    tokens = sorted(ids, key=ids.get)
+    if [ids[t] for t in tokens] != list(range(vocab_size)):
+        raise LmkitError(f"format=gguf: the tokenizer's ids are not 0..{vocab_size - 1}, one per row of the "
+                         f"model's embedding")
+    special = {t["content"]: bool(t.get("special")) for t in spec.get("added_tokens", [])}
+    types = [NORMAL if t not in special else CONTROL if special[t] else USER_DEFINED for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
+    return Vocabulary(tokens=tokens, merges=merges, types=types, eos=ids.get("<|endoftext|>"))
+
+
+def gelu_gap(model: InferenceModel) -> tuple[float, float]:
+    """How far the tanh approximation of GELU moves this model's logits on a fixed sample of token ids:
+    (largest absolute change, change relative to the logits' norm)."""
+    cfg = model.record.backbone
+    approx = copy.deepcopy(model.backbone)
+    for module in approx.modules():
+        if isinstance(module, nn.GELU):
+            module.approximate = "tanh"
+    ids = torch.randint(0, cfg.vocab_size, (1, min(SAMPLE_TOKENS, cfg.max_seq_len)),
+                        generator=torch.Generator().manual_seed(0)).to(model.device)
+    with torch.no_grad():
+        exact, tanh = model.backbone(ids)[0].float(), approx(ids)[0].float()
+    return (exact - tanh).abs().max().item(), ((exact - tanh).norm() / exact.norm()).item()
+
+
+def gguf_tensors(backbone: nn.Module, cfg: TransformerConfig, gguf: Any, architecture: str) -> dict[str, np.ndarray]:
+    """llama.cpp's tensors (float32, its names) from the backbone's.
+
+    lmkit's parameter names are GPT-2's (lmkit.hf.weight_map), so gguf's own GPT-2 name map names them;
+    starcoder2 differs only in separate q/k/v and no position table."""
+    state = {k: v.detach().float().cpu() for k, v in backbone.state_dict().items()}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
+    source = [n for n in weight_map(cfg.n_layer) if n != "transformer.wpe.weight"]
+    if not cfg.tie_weights:
+        source.append("lm_head.weight")
+    tensors = {}
+    for name in source:
+        tensor = state.get(name)
+        if tensor is None:  # a bias the model leaves out: zeros, the same shape as its weight's rows
+            tensor = torch.zeros(state[name.removesuffix(".bias") + ".weight"].shape[0])
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[: cfg.vocab_size]  # rows past the vocabulary are padding (model.pad_vocab_to)
+        tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = tensor
+    if cfg.position == "learned":
+        tensors["position_embd.weight"] = state["transformer.wpe.weight"]
+    elif cfg.position == "sinusoidal":
+        tensors["position_embd.weight"] = backbone.pe.float().cpu()
+    if architecture == "starcoder2":
+        for i in range(cfg.n_layer):
+            for kind in ("weight", "bias"):
+                q, k, v = tensors.pop(f"blk.{i}.attn_qkv.{kind}").chunk(3, dim=0)
+                tensors.update({f"blk.{i}.attn_q.{kind}": q, f"blk.{i}.attn_k.{kind}": k,
+                                f"blk.{i}.attn_v.{kind}": v})
+    return {name: t.contiguous().numpy() for name, t in tensors.items()}
+
+
+def _encode(gguf: Any, name: str, array: np.ndarray, type: str, head: str) -> tuple[np.ndarray, Any]:
+    """A tensor in the file's type: vectors and the position table stay float32 (as llama.cpp's converter
+    keeps them); under q4_0 the output head stays at 8 bits, as llama-quantize keeps it above the rest."""
+    if array.ndim == 1 or type == "f32" or name == "position_embd.weight":
+        return array.astype(np.float32), None
+    if type == "f16":
+        return array.astype(np.float16), None
+    qtype = gguf.GGMLQuantizationType.Q8_0 if type == "q8_0" or name == head else gguf.GGMLQuantizationType.Q4_0
+    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+def _write(gguf: Any, path: Path, architecture: str, model: InferenceModel, cfg: TransformerConfig,
+           vocab: Vocabulary, tensors: dict[str, np.ndarray], type: str) -> None:
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name(f"lmkit {cfg.kind}")
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_feed_forward_length(cfg.ffn(0))
+    writer.add_block_count(cfg.n_layer)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_head)
+    writer.add_layer_norm_eps(cfg.layer_norm_eps)
+    if cfg.position == "rope":
+        writer.add_rope_freq_base(cfg.rope_base)
+        writer.add_rope_dimension_count(cfg.head_dim)
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_types[type]))
+    if type in ("q8_0", "q4_0"):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_string("lmkit.record", json.dumps(model.record.to_dict()))  # provenance travels inside the file
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, which lmkit's ByteLevel pre-tokenizer applies
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    writer.add_token_merges(vocab.merges)
+    writer.add_add_bos_token(False)
+    if vocab.eos is not None:
+        writer.add_bos_token_id(vocab.eos)
+        writer.add_eos_token_id(vocab.eos)
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    for name, array in tensors.items():
+        data, raw_dtype = _encode(gguf, name, array, type, head)
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def model_card(model: InferenceModel, architecture: str, type: str, size: int, vocab: Vocabulary,
+               gelu_note: str) -> str:
+    record = model.record
+    shape = ", ".join(f"{k}={v}" for k, v in record.model_settings.items() if k != "kind")
+    eos = (f"`{vocab.tokens[vocab.eos]}` (id {vocab.eos})" if vocab.eos is not None else
+           "none: lmkit's vocabulary has no end-of-text token, and llama.cpp then takes id 11 "
+           f"(`{vocab.tokens[11] if len(vocab.tokens) > 11 else '?'}`) as one; pass `--ignore-eos` (llama.cpp's "
+           "tools) or stop by length")
+    notes = f"\n- {gelu_note}" if gelu_note else ""
+    cfg = record.backbone
+    # transformers' GGUF reader maps gpt2's context_length and feed_forward_length to keys GPT2Config
+    # does not read, so those two must be given (its defaults are 1024 and 4 * n_embd).
+    hf_options = f", n_positions={cfg.max_seq_len}, n_inner={cfg.ffn(0)}" if architecture == "gpt2" else ""
+    return (f"# lmkit {record.kind} language model (GGUF, llama.cpp)\n\n"
+            f"- file: model.gguf, {size:,} bytes, {type}\n- llama.cpp architecture: `{architecture}`\n"
+            f"- shape: {shape}\n- tokenizer: {record.tokenizer}, as byte-level BPE ({len(vocab.tokens)} tokens, "
+            f"{len(vocab.merges)} merges)\n- end of text: {eos}{notes}\n"
+            f"- trained on: {json.dumps(record.data)}\n- source: {json.dumps(record.source)}\n\n"
+            "The lmkit record (config.json's content) is in the file's metadata as `lmkit.record`.\n\n"
+            "## Use\n\n```python\nfrom llama_cpp import Llama\n\nllm = Llama(\"model.gguf\")\n"
+            "print(llm(\"ROMEO:\", max_tokens=200, temperature=0.8, top_k=50)[\"choices\"][0][\"text\"])\n```\n\n"
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"model = AutoModelForCausalLM.from_pretrained(\"DIR\", gguf_file=\"model.gguf\"{hf_options})\n"
+            "tokenizer = AutoTokenizer.from_pretrained(\"DIR\", gguf_file=\"model.gguf\")\n```\n")
