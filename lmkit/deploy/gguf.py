@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from lmkit.backbones import TransformerConfig
+from lmkit.deploy import require
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory, check_free
 from lmkit.hf import weight_map
@@ -69,7 +70,7 @@ def export_gguf(model: InferenceModel, out: str | Path, *, type: str = "f32", ov
     check_free(Path(out), overwrite)
     cfg = _check_model(model, type)
     vocab = vocabulary(model)
-    gguf = _import_gguf()
+    gguf = require("gguf", "gguf")
     architecture = "starcoder2" if cfg.position == "rope" else "gpt2"
     warnings, gelu_note = [], ""
     if cfg.gelu == "none":
@@ -84,14 +85,6 @@ def export_gguf(model: InferenceModel, out: str | Path, *, type: str = "f32", ov
         size = (tmp / "model.gguf").stat().st_size
         (tmp / "README.md").write_text(model_card(model, architecture, type, size, vocab, gelu_note), encoding="utf-8")
     return GGUFExport(Path(out), architecture, type, warnings)
-
-
-def _import_gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise LmkitError("format=gguf needs the gguf package: pip install 'lmkit[gguf]'") from None
-    return gguf
 
 
 def _check_model(model: InferenceModel, type: str) -> TransformerConfig:
