@@ -11,6 +11,8 @@ Each command's keys and defaults are in conf/<command>.yaml (train: conf/train.y
                     num_samples=1 seed=1 stream=true]
     lmkit eval      model=PATH [data=text data.path=...]
     lmkit import-hf src=HF_DIR out=DIR
+    lmkit serve     model=PATH [host=127.0.0.1 port=8000 runtime=torch max_batch_size=32 workers=1 api_key=...]
+                                                      an OpenAI-compatible HTTP server (needs lmkit[serve])
     lmkit plugins                                     the installed compression plugins
     lmkit report    DIR [DIR ...] [out=pareto.png]    compare compressed exports of one model
 """
@@ -70,6 +72,24 @@ class ImportArgs:
     src: str
     out: str
     overwrite: bool
+
+
+@dataclass
+class ServeArgs:
+    model: str
+    name: Optional[str]
+    runtime: str
+    device: Optional[str]
+    host: str
+    port: int
+    max_batch_size: int
+    batch_timeout: float
+    workers: int
+    api_key: Optional[str]
+    max_tokens: int
+    max_tokens_limit: int
+    max_n: int
+    log_level: str
 
 
 def parse(schema: type, command: str, args: list[str], groups: tuple[str, ...] = ()) -> tuple[Any, Any]:
@@ -239,6 +259,13 @@ def _import_hf(args: list[str]) -> None:
     print(f"wrote {out}{note}")
 
 
+def _serve(args: list[str]) -> None:
+    from lmkit.serve import serve
+
+    a, _ = parse(ServeArgs, "serve", args)
+    serve(a)
+
+
 def _train(args: list[str]) -> None:
     check_conf_dir()
     from lmkit.train import main
@@ -250,7 +277,7 @@ def _train(args: list[str]) -> None:
 
 
 COMMANDS = {"train": _train, "export": _export, "generate": _generate, "eval": _eval, "import-hf": _import_hf,
-            "plugins": _plugins, "report": _report}
+            "plugins": _plugins, "report": _report, "serve": _serve}
 
 
 def main() -> None:
