@@ -3,7 +3,7 @@
 Each command's keys and defaults are in conf/<command>.yaml (train: conf/train.yaml).
 
     lmkit train     [overrides]                       same as python train.py
-    lmkit export    model=PATH out=DIR [format=lmkit|hf|gguf] [dtype=fp32|bf16|fp16] [overwrite=true]
+    lmkit export    model=PATH out=DIR [format=lmkit|hf|gguf|onnx] [dtype=fp32|bf16|fp16] [overwrite=true]
                     [gguf.type=f32|f16|q8_0|q4_0]
                     [compression=[prune,int8] compression.prune.amount=0.7 eval_windows=N gen_tokens=100
                     paths.cache_dir=DIR]
@@ -139,11 +139,13 @@ def _export(args: list[str]) -> None:
     from lmkit.hf import export_hf
 
     a, cfg = parse(ExportArgs, "export", args, groups=("paths", "compression"))
-    if a.format not in ("lmkit", "hf", "gguf"):
-        raise LmkitError(f"format={a.format!r} is not one of lmkit, hf, gguf")
+    if a.format not in ("lmkit", "hf", "gguf", "onnx"):
+        raise LmkitError(f"format={a.format!r} is not one of lmkit, hf, gguf, onnx")
     groups = _groups(cfg, "paths", "compression")
     model = load(a.model)
-    if groups["compression"]:
+    if a.format == "onnx":
+        out = _export_onnx(model, groups["compression"] or {}, a, groups["paths"]["cache_dir"])
+    elif groups["compression"]:
         from lmkit.compress import compress_and_export, training_context
 
         if a.format != "lmkit" or a.dtype != "fp32":
@@ -165,6 +167,27 @@ def _export(args: list[str]) -> None:
     else:
         out = export_hf(model, a.out, overwrite=a.overwrite)
     print(f"wrote {out}")
+
+
+def _export_onnx(model: Any, spec: dict[str, Any], a: ExportArgs, cache_dir: str) -> str:
+    """Steps that do not quantize (prune, prune_structured) run in torch as for lmkit artifacts; a quantizing
+    last step is onnxruntime's quantizer on the exported graph."""
+    from lmkit.deploy.onnx import export_onnx, split_recipe
+    from lmkit.files import check_free
+
+    if a.dtype != "fp32":
+        raise LmkitError(f"dtype={a.dtype}: format=onnx exports float32 (quantize with compression=int8 or int4)")
+    in_torch, quantization = split_recipe(model, spec)
+    check_free(Path(a.out), a.overwrite)  # before minutes of fine-tuning, not after
+    files = {}
+    if in_torch:
+        from lmkit.compress import compress, training_context
+
+        context = training_context(cache_dir=cache_dir, seed=a.seed)
+        model, report = compress(model, in_torch, context, eval_windows=a.eval_windows, gen_tokens=a.gen_tokens)
+        print(report_summary(report))
+        files["report.json"] = (json.dumps(report, indent=2) + "\n").encode()
+    return export_onnx(model, a.out, quantization=quantization, overwrite=a.overwrite, files=files)
 
 
 def report_summary(report: dict[str, Any]) -> str:

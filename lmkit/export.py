@@ -38,8 +38,13 @@ def is_artifact(path: Path) -> bool:
 
 def load(path: str | Path, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None) -> InferenceModel:
-    """Load an lmkit artifact directory or a Lightning checkpoint as an `InferenceModel` in eval mode."""
+    """Load an lmkit artifact directory, an ONNX export (run by onnxruntime) or a Lightning checkpoint as an
+    `InferenceModel` in eval mode."""
     path = Path(path)
+    if is_artifact(path) and (onnx := _onnx_runtime()).is_onnx_export(path):
+        if dtype is not None:
+            raise LmkitError(f"dtype={dtype}: {path} is an ONNX export and keeps the dtypes it was exported with")
+        return onnx.load_onnx(path, device)
     if is_artifact(path):
         model = _load_artifact(path)
     elif path.is_file():
@@ -55,6 +60,12 @@ def load(path: str | Path, device: str | torch.device | None = None,
         raise LmkitError(f"device={device}: compressed artifacts ({'+'.join(compression)}) load on the CPU here "
                          "(dynamic_int8 is CPU-only; int8 on a GPU is untested)")
     return model.to(device=device, dtype=dtype).eval() if dtype else model.to(device=device).eval()
+
+
+def _onnx_runtime():
+    import lmkit.deploy.onnx_runtime  # imports onnxruntime only when it loads a model
+
+    return lmkit.deploy.onnx_runtime
 
 
 def _load_artifact(path: Path) -> InferenceModel:

@@ -43,7 +43,8 @@ class InferenceModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        weight = next(self.parameters(), None)  # none in a backbone that onnxruntime runs
+        return weight.device if weight is not None else torch.device("cpu")
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab)."""

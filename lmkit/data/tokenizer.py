@@ -65,6 +65,21 @@ class CharTokenizer:
     def to_json(self) -> str:
         return json.dumps({"lmkit_tokenizer": "char", "version": 1, "chars": self.chars}, ensure_ascii=False)
 
+    def to_tokenizers_json(self) -> str:
+        """The same vocabulary as a `tokenizers` file, for runtimes without lmkit: a BPE model with no
+        merges splits text into characters (one id each, as here), and its decoder joins them. Unlike
+        `encode`, it drops characters outside the vocabulary rather than refusing them."""
+        from tokenizers import Tokenizer as HFTokenizer, decoders, models
+
+        tok = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(self.chars)}, merges=[]))
+        tok.decoder = decoders.Fuse()
+        return tok.to_str()
+
+    @classmethod
+    def from_tokenizers_json(cls, text: str) -> CharTokenizer:
+        vocab = json.loads(text)["model"]["vocab"]
+        return cls("".join(sorted(vocab, key=vocab.get)))
+
 
 def byte_level(tok):
     """GPT-2's byte-level pre-tokenizer and decoder on a `tokenizers.Tokenizer`."""

@@ -1,0 +1,261 @@
+"""ONNX export: one graph interface for every lmkit model, written by torch's exporter and quantized by
+onnxruntime's own tools (so the integer weights are ones onnxruntime's kernels run).
+
+The graph interface (config.json's `runtime` block names the inputs and outputs):
+
+    inputs   input_ids  int64 [batch, seq]
+             then the cache: a Transformer's past_key_values.{i}.key / .value [batch, heads, past_seq, head_dim]
+             (past_seq 0 is an empty cache); an LSTM's state.h / state.c, a GRU's state.h [layers, batch, hidden]
+             (zeros are an empty state)
+    outputs  logits [batch, seq, vocab], then present.*: output k+1 is input k+1 of the next call
+
+A prompt runs in one call, then one token per call; positions continue from the past length. Dynamic
+batch, sequence and past lengths. The decoding loop needs numpy, onnxruntime and tokenizers only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lmkit.deploy import require
+from lmkit.errors import LmkitError
+from lmkit.files import atomic_directory
+from lmkit.inference import InferenceModel
+from lmkit.plugins import plugin_class
+
+OPSET = 18
+QUANTIZERS = ("int8", "dynamic_int8", "int4")  # recipe names whose step onnxruntime's quantizer does
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits takes
+
+
+class PastCache:
+    """The KVCache protocol over explicit tensors, as ONNX passes them between calls: each layer's keys
+    and values grow by concatenation and become outputs. The mask is always explicit, so one graph
+    serves a whole prompt (past 0), a single new token and a chunk after a filled past alike."""
+
+    pad = None
+
+    def __init__(self, past: tuple[torch.Tensor, ...]) -> None:
+        self.past = past  # key and value of layer 0, of layer 1, ...
+        self.present: list[torch.Tensor] = []
+        self.pos = past[0].size(2)
+
+    def positions(self, T: int) -> torch.Tensor:
+        return torch.arange(self.pos, self.pos + T, device=self.past[0].device)
+
+    def mask(self, T: int) -> torch.Tensor:
+        end = self.pos + T
+        slots = torch.arange(end, device=self.past[0].device)
+        return slots <= torch.arange(self.pos, end, device=slots.device)[:, None]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = torch.cat([self.past[2 * layer], k], dim=2), torch.cat([self.past[2 * layer + 1], v], dim=2)
+        self.present += [k, v]
+        return k, v
+
+
+class TransformerGraph(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = PastCache(past)
+        # what the backbone checks in Python, said so the exporter keeps the graph's lengths symbolic
+        torch._check(cache.pos + input_ids.size(1) <= self.backbone.config.max_seq_len)
+        logits, _ = self.backbone(input_ids, cache)
+        return logits, *cache.present
+
+
+class RecurrentGraph(nn.Module):
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, input_ids: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, new = self.backbone(input_ids, state if len(state) == 2 else state[0])
+        return logits, *(new if isinstance(new, tuple) else (new,))
+
+
+def interface(model: InferenceModel) -> dict[str, Any]:
+    """The graph's input and output names, and an empty cache's shape per cache input (batch as 0)."""
+    cfg = model.record.backbone
+    if model.record.kind == "transformer":
+        names = [f"{i}.{part}" for i in range(cfg.n_layer) for part in ("key", "value")]
+        shapes = [[0, cfg.heads(i), 0, cfg.head_dim] for i in range(cfg.n_layer) for _ in ("key", "value")]
+        inputs = [f"past_key_values.{n}" for n in names]
+    else:
+        names = ["h", "c"] if cfg.cell == "lstm" else ["h"]
+        shapes = [[cfg.n_layer, 0, cfg.hidden_size or cfg.n_embd]] * len(names)
+        inputs = [f"state.{n}" for n in names]
+    return {"inputs": ["input_ids", *inputs], "outputs": ["logits", *(f"present.{n}" for n in names)],
+            "cache_shapes": shapes}
+
+
+def split_recipe(model: InferenceModel, spec: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, dict] | None]:
+    """A compression recipe for format=onnx: the steps that run in torch before export, and the quantizing
+    last step (name, settings) that onnxruntime's quantizer does on the exported graph."""
+    from lmkit.plugins import check_chain
+
+    names = list(spec)
+    check_chain(names, already=[r["plugin"] for r in model.record.compression])
+    quantization = (names[-1], spec[names[-1]] or {}) if names and names[-1] in QUANTIZERS else None
+    in_torch = {name: spec[name] for name in names if quantization is None or name != quantization[0]}
+    for name in in_torch:
+        if plugin_class(name).quantizes:
+            raise LmkitError(f"compression={name} has no ONNX form: onnxruntime quantizes ONNX exports "
+                             f"(compression=int8 or int4 as the last step)")
+    check_exportable(model, quantization[0] if quantization else None)
+    return in_torch, quantization
+
+
+def check_exportable(model: InferenceModel, quantization: str | None = None) -> None:
+    """Refuse, in one line, what the graph or onnxruntime's quantizers cannot express."""
+    for step in model.record.compression:
+        if plugin_class(step["plugin"]).quantizes:
+            raise LmkitError(f"{step['plugin']} has no ONNX form: export the model before it was quantized, with "
+                             f"format=onnx compression=int8 (or int4): onnxruntime's quantizer does it")
+    if model.record.kind != "transformer" and quantization is not None:
+        cell = model.record.backbone.cell
+        if quantization == "int4":
+            raise LmkitError(f"compression=int4 format=onnx: onnxruntime's 4-bit MatMulNBits does not cover the "
+                             f"{cell.upper()} op, whose weights are most of this model: use compression=int8")
+        if cell == "gru":
+            raise LmkitError(f"compression={quantization} format=onnx: onnxruntime has no int8 GRU op (it has one "
+                             "for LSTMs): export the GRU in float32")
+
+
+def export_graph(model: InferenceModel, path: Path) -> dict[str, Any]:
+    """Write `model` as a float ONNX graph at `path`; returns its interface."""
+    names = interface(model)
+    backbone = model.backbone.float().eval().cpu()
+    ids = torch.zeros(2, 3, dtype=torch.long)  # batch and lengths above 1, so none is taken for a constant
+    with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript"):
+        warnings.simplefilter("ignore")  # the exporters' deprecation and shape-renaming chatter
+        if model.record.kind == "transformer":
+            require("onnxscript", "onnx")
+            past = tuple(torch.zeros(2, s[1], 4, s[3]) for s in names["cache_shapes"])
+            batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+            program = torch.onnx.export(TransformerGraph(backbone), (ids, *past), dynamo=True, opset_version=OPSET,
+                                        optimize=True, input_names=names["inputs"], output_names=names["outputs"],
+                                        dynamic_shapes=({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past)))
+            program.save(str(path), external_data=False)
+            _name_output_dims(path, names)
+        else:
+            # torch.export takes nn.LSTM's sequence length for a constant (a constraint violation at any sample
+            # length), so recurrent models go through torch's TorchScript exporter, which keeps it dynamic
+            state = tuple(torch.zeros(s[0], 2, s[2]) for s in names["cache_shapes"])
+            axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"},
+                    **{name: {1: "batch"} for name in names["inputs"][1:] + names["outputs"][1:]}}
+            torch.onnx.export(RecurrentGraph(backbone), (ids, *state), str(path), dynamo=False, opset_version=OPSET,
+                              input_names=names["inputs"], output_names=names["outputs"], dynamic_axes=axes)
+    return names
+
+
+def _name_output_dims(path: Path, names: dict[str, Any]) -> None:
+    """The exporter keeps the sample's sequence length in the outputs' declared shapes; say [batch, seq,
+    vocab] so onnxruntime does not warn on every call."""
+    import onnx
+
+    model = onnx.load(str(path))
+    logits = model.graph.output[0].type.tensor_type.shape.dim
+    logits[1].ClearField("dim_value")
+    logits[1].dim_param = "seq"
+    onnx.save(model, str(path))
+
+
+def quantize(src: Path, dst: Path, method: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """onnxruntime's own quantizer on the float graph `src`; returns what config.json records."""
+    require("onnxruntime", "onnx")
+    if method in ("int8", "dynamic_int8"):
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # weights int8 per output channel, activations quantized on the fly: the MatMulInteger kernels
+        with _quiet("root"):
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul", "Gather", "LSTM"])
+        return {"method": "dynamic_int8", "tool": "onnxruntime.quantization.quantize_dynamic", "per_channel": True}
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    block_size = int(settings.get("blocksize", 32))
+    if block_size not in INT4_BLOCK_SIZES:
+        raise LmkitError(f"compression.int4.blocksize={block_size}: onnxruntime's MatMulNBits takes "
+                         f"{', '.join(map(str, INT4_BLOCK_SIZES))}")
+    with _quiet("root"):
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=block_size, is_symmetric=True,
+                                         op_types_to_quantize=("MatMul", "Gather"),
+                                         quant_axes=(("MatMul", 0), ("Gather", 1)))
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
+    return {"method": "int4", "tool": "onnxruntime MatMulNBitsQuantizer", "block_size": block_size,
+            "symmetric": True}
+
+
+def export_onnx(model: InferenceModel, out: str | Path, *, quantization: tuple[str, dict[str, Any]] | None = None,
+                overwrite: bool = False, files: dict[str, bytes] | None = None) -> Path:
+    """Write `model` to `out` as model.onnx (quantized by onnxruntime when `quantization` names int8 or int4),
+    tokenizer.json (the `tokenizers` library's format), config.json and README.md, in one atomic step;
+    `files` (report.json of the steps run in torch) go beside them."""
+    check_exportable(model, quantization[0] if quantization else None)
+    record = model.record
+    with atomic_directory(Path(out), overwrite) as tmp, tempfile.TemporaryDirectory() as work:
+        float_graph = Path(work) / "float.onnx"
+        names = export_graph(model, float_graph)
+        runtime = {"name": "onnx", "file": "model.onnx", "opset": OPSET,
+                   **{k: names[k] for k in ("inputs", "outputs", "cache_shapes")}, "quantization": None}
+        if quantization is not None:
+            runtime["quantization"] = quantize(float_graph, tmp / "model.onnx", *quantization)
+        else:
+            float_graph.replace(tmp / "model.onnx")
+        if model.has_tokenizer:
+            tokenizer = model.tokenizer
+            text = tokenizer.to_tokenizers_json() if tokenizer.kind == "char" else tokenizer.to_json()
+            (tmp / "tokenizer.json").write_text(text, encoding="utf-8")
+        config = {**record.replace(tokenizer=model.tokenizer.kind if model.has_tokenizer else None).to_dict(),
+                  "runtime": runtime}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(config, (tmp / "model.onnx").stat().st_size))
+        for name, content in (files or {}).items():
+            (tmp / name).write_bytes(content)
+    return Path(out)
+
+
+def model_card(config: dict[str, Any], size: int) -> str:
+    runtime = config["runtime"]
+    quant = runtime["quantization"]
+    steps = " -> ".join(r["plugin"] for r in config["compression"]) or "none"
+    return (f"# lmkit {config['model']['kind']} language model, ONNX\n\n"
+            f"- model.onnx: {size:,} bytes, opset {runtime['opset']}, weights "
+            f"{quant['method'] + ' (' + quant['tool'] + ')' if quant else 'float32'}\n"
+            f"- compression before export: {steps}\n- tokenizer.json: {config['tokenizer'] or 'none'} "
+            "(the `tokenizers` library's format)\n"
+            f"- inputs: {', '.join(runtime['inputs'])}\n- outputs: {', '.join(runtime['outputs'])}\n\n"
+            "Output k+1 feeds input k+1 on the next call; an empty cache (past length 0, or zero state) starts.\n\n"
+            "## Use\n\n```python\nimport lmkit\n\nmodel = lmkit.load(\"PATH\")  # onnxruntime underneath\n"
+            "print(model.generate(\"ROMEO:\", max_new_tokens=200, temperature=0.8, top_k=50))\n```\n\n"
+            "or with onnxruntime, numpy and tokenizers alone: see lmkit's README, \"ONNX Runtime\".\n")
+
+
+class _quiet:
+    """Silence the named loggers below ERROR for a block (the quantizers log every node they touch)."""
+
+    def __init__(self, *names: str) -> None:
+        self.loggers = [logging.getLogger(n if n != "root" else None) for n in names]
+
+    def __enter__(self) -> None:
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        for lg, level in zip(self.loggers, self.levels):
+            lg.setLevel(level)

@@ -1,0 +1,106 @@
+"""An ONNX export as a backbone: what `lmkit.load(DIR)` returns for one, run by onnxruntime.
+
+`OnnxBackbone` keeps the backbone interface (`forward(ids, state) -> (logits, state)`, `init_state`,
+`stack_states`, `max_seq_len`), so lmkit's one sampling loop, `lmkit generate|eval` and `lmkit serve`
+drive an ONNX model exactly as they drive a torch one. The graph's interface is in lmkit.deploy.onnx.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from lmkit.deploy import require
+from lmkit.errors import LmkitError
+from lmkit.inference import InferenceModel
+from lmkit.record import ModelRecord
+
+
+class OnnxState:
+    """What the graph returned as present.* (the next call's cache inputs), and how many tokens it holds."""
+
+    def __init__(self, arrays: list[np.ndarray], pos: int, batch_axis: int) -> None:
+        self.arrays, self.pos, self.batch_axis = arrays, pos, batch_axis  # keys/values [batch, ...]; RNN [layers, batch, ...]
+
+    @property
+    def batch_size(self) -> int:
+        return self.arrays[0].shape[self.batch_axis]
+
+
+class OnnxBackbone(nn.Module):
+    def __init__(self, session: Any, runtime: dict[str, Any], record: ModelRecord) -> None:
+        super().__init__()
+        self.session, self.runtime, self.config = session, runtime, record.backbone
+        self.recurrent = record.kind != "transformer"
+        self.max_seq_len: int | None = None if self.recurrent else record.backbone.max_seq_len
+        self.batch_axis = 1 if self.recurrent else 0
+        self.inputs, self.outputs = runtime["inputs"], runtime["outputs"]
+
+    def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> OnnxState:
+        """An empty cache: past length 0 for a Transformer, zeros for a recurrent state."""
+        arrays = []
+        for shape in self.runtime["cache_shapes"]:
+            shape = list(shape)
+            shape[self.batch_axis] = batch_size
+            arrays.append(np.zeros(shape, dtype=np.float32))
+        return OnnxState(arrays, 0, self.batch_axis)
+
+    def forward(self, ids: torch.Tensor, state: OnnxState | None = None) -> tuple[torch.Tensor, OnnxState]:
+        state = state if state is not None else self.init_state(ids.size(0))
+        if self.max_seq_len and state.pos + ids.size(1) > self.max_seq_len:
+            raise ValueError(f"sequence of {state.pos + ids.size(1)} tokens exceeds max_seq_len={self.max_seq_len}")
+        feeds = {"input_ids": ids.detach().cpu().numpy().astype(np.int64)}
+        feeds.update(zip(self.inputs[1:], state.arrays))
+        logits, *present = self.session.run(None, feeds)
+        return torch.from_numpy(logits), OnnxState(present, state.pos + ids.size(1), self.batch_axis)
+
+    def stack_states(self, states: list[OnnxState]) -> OnnxState:
+        """One batch of the rows of `states`. The graph has no padding mask, so a Transformer's rows must hold
+        texts of one length; a recurrent state's rows may differ."""
+        if not self.recurrent and len({s.pos for s in states}) > 1:
+            raise ValueError("an ONNX Transformer batches rows of equal length only (its graph has no padding mask)")
+        arrays = [np.concatenate(parts, axis=self.batch_axis) for parts in zip(*(s.arrays for s in states))]
+        return OnnxState(arrays, max(s.pos for s in states), self.batch_axis)
+
+    def select_states(self, state: OnnxState, rows: list[int]) -> OnnxState:
+        return OnnxState([a.take(rows, axis=self.batch_axis) for a in state.arrays], state.pos, self.batch_axis)
+
+
+def is_onnx_export(path: Path) -> bool:
+    try:
+        return json.loads((path / "config.json").read_text()).get("runtime", {}).get("name") == "onnx"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_onnx(path: Path, device: str | torch.device | None = None) -> InferenceModel:
+    """An ONNX export directory as an `InferenceModel` whose backbone onnxruntime runs (on the CPU)."""
+    ort = require("onnxruntime", "onnx")
+    from lmkit.data.tokenizer import CharTokenizer, tokenizer_from_json
+
+    if device is not None and torch.device(device).type != "cpu":
+        raise LmkitError(f"device={device}: lmkit runs ONNX exports with onnxruntime's CPU provider")
+    config = json.loads((path / "config.json").read_text())
+    record = ModelRecord.from_dict(config, str(path / "config.json"))
+    runtime = config["runtime"]
+    graph = path / runtime.get("file", "model.onnx")
+    if not graph.is_file():
+        raise LmkitError(f"{path} has no {graph.name}")
+    try:
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types, with a useful first line
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise LmkitError(f"{graph} is corrupt or not an ONNX model onnxruntime can run ({reason})") from None
+    found = [i.name for i in session.get_inputs()]
+    if found != runtime["inputs"]:
+        raise LmkitError(f"{graph} takes inputs {found}, not the {runtime['inputs']} config.json names")
+    tokenizer = None
+    if record.tokenizer is not None:
+        text = (path / "tokenizer.json").read_text(encoding="utf-8")
+        tokenizer = CharTokenizer.from_tokenizers_json(text) if record.tokenizer == "char" else tokenizer_from_json(text)
+    return InferenceModel(OnnxBackbone(session, runtime, record), tokenizer, record).eval()
