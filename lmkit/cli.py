@@ -85,6 +85,8 @@ class ServeArgs:
     max_batch_size: int
     batch_timeout: float
     workers: int
+    threads: Optional[int]
+    stream_interval: float
     api_key: Optional[str]
     max_tokens: int
     max_tokens_limit: int

@@ -37,7 +37,8 @@ def serve(a: Any) -> None:
     settings = Settings(model=a.model, name=a.name or (path.resolve().name if path.is_dir() else path.stem),
                         runtime=a.runtime, device=a.device, host=a.host, port=a.port, max_batch_size=a.max_batch_size,
                         batch_timeout=a.batch_timeout, workers=a.workers, api_key=a.api_key or None,
-                        limits=Limits(a.max_tokens, a.max_tokens_limit, a.max_n), log_level=a.log_level)
+                        limits=Limits(a.max_tokens, a.max_tokens_limit, a.max_n), stream_interval=a.stream_interval,
+                        threads=a.threads, log_level=a.log_level)
     run(settings, tokenizer)
 
 
@@ -52,8 +53,11 @@ def check(a: Any, hosts: tuple[str, ...]) -> None:
     for key in ("max_batch_size", "workers", "max_tokens", "max_tokens_limit", "max_n"):
         if getattr(a, key) < 1:
             raise LmkitError(f"{key}={getattr(a, key)} must be at least 1")
-    if a.batch_timeout < 0:
-        raise LmkitError(f"batch_timeout={a.batch_timeout} must not be negative")
+    for key in ("batch_timeout", "stream_interval"):
+        if getattr(a, key) < 0:
+            raise LmkitError(f"{key}={getattr(a, key)} must not be negative")
+    if a.threads is not None and a.threads < 1:
+        raise LmkitError(f"threads={a.threads} must be at least 1 (or null)")
     if a.max_tokens > a.max_tokens_limit:
         raise LmkitError(f"max_tokens={a.max_tokens} is above max_tokens_limit={a.max_tokens_limit}")
     if a.log_level not in LOG_LEVELS:

@@ -47,8 +47,18 @@ class Job:
 @dataclass
 class Row:
     tokens: list[int] = field(default_factory=list)
-    sent: int = 0  # characters of the decoded text already handed out
+    text: str = ""  # the decoded text of tokens[:decoded]
+    decoded: int = 0  # tokens whose text is final (they decode to whole characters)
+    sent: int = 0  # characters of the text already handed out
     finish: str | None = None  # "stop" | "length" once done
+
+    def decode(self, tokenizer: Any) -> str:
+        """The row's text, decoding only the tokens after the last whole character (O(new tokens), not O(text))."""
+        tail = tokenizer.decode(self.tokens[self.decoded:])
+        if tail.endswith("\ufffd"):  # a byte-level piece that a later token completes
+            return self.text + tail
+        self.text, self.decoded = self.text + tail, len(self.tokens)
+        return self.text
 
 
 @dataclass
@@ -63,7 +73,8 @@ class Group:
     job: Job
     rows: list[Row]
     length: int = 0  # tokens each row holds in the state (what `state.pos` is for the group alone)
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # its own, when the request has a seed
+    next: torch.Tensor | None = None  # (n,) the tokens drawn for its rows, to feed
 
     @property
     def open(self) -> bool:
@@ -91,6 +102,7 @@ class Engine:
         self.groups: list[Group] = []  # in the batch, in state order: group i's rows follow group i-1's
         self.state: Any = None
         self.logits: torch.Tensor | None = None  # (rows, vocab): what each row samples its next token from
+        self.unseeded = self._generator(None)  # requests without a seed draw from one generator, together
 
     # --- called from the server's scheduling thread: append and count only -----------------------------
 
@@ -121,98 +133,147 @@ class Engine:
 
     @torch.no_grad()
     def step(self, cancelled: set[str] | frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
-        """Admit what fits, draw one token for every row, feed them; returns each request's news:
-        `{"choices": [{"index", "text", "finish_reason"}], "done": bool, "completion_tokens": int}`."""
+        """Draw one token for every row, admit what fits, feed the batch once; returns each request's news:
+        `{"choices": [{"index", "text", "finish_reason"}], "done": bool, "completion_tokens": int}`.
+
+        Each group goes through exactly `stream_tokens`' sequence (prefill, draw, feed or re-prime, draw, ...);
+        a group that is prefilled or re-primed during a step also draws its next token in that step, so
+        that the batch's state changes (rows leave, rows join) at most once per step, in one `stack_states`."""
         news: dict[str, dict[str, Any]] = {}
         for uid in cancelled:
             self._cancel(uid, news)
-        self._admit()
-        if not self.groups:
-            return news
-        tokens = self._sample()
-        offset = 0
-        for group in self.groups:
-            for row, token in zip(group.rows, tokens[offset:offset + len(group.rows)].tolist()):
-                if row.finish is None:
-                    self._record(group, row, token, news)
-                else:
-                    row.tokens.append(token)  # a stopped row rides along until its group is done
-            offset += len(group.rows)
-        self._advance(tokens)
+        old = self.groups
+        if old:
+            self._draw(old, self.logits, news)
+        stay = [g for g in old if g.open and not self._full(g)]
+        ready: list[tuple[Group, Any]] = []  # groups with a state of their own, each with a token to feed
+        for group in [g for g in old if g.open and self._full(g)]:
+            self._ready(group, *self._reprime(group), news, ready)
+        self._admit(stay, ready, news)
+        self._restack(old, stay, ready)
+        if self.groups:
+            tokens = torch.cat([g.next for g in self.groups])[:, None]
+            logits, self.state = self.backbone(tokens, self.state)
+            self.logits = logits[:, -1]
+            for group in self.groups:
+                group.length += 1
         return news
 
-    def _cancel(self, uid: str, news: dict[str, dict[str, Any]]) -> None:
-        if uid not in self.requests and not any(g.uid == uid for g in self.arrivals):
-            return
-        for group in [g for g in self.arrivals if g.uid == uid]:
-            self.arrivals.remove(group)
-        self._keep([g for g in self.groups if g.uid != uid])
-        self.requests.pop(uid, None)
-        news[uid] = {"choices": [], "done": True, "cancelled": True}
+    def _full(self, group: Group) -> bool:
+        return bool(self.limit) and group.length >= self.limit
 
-    def _admit(self) -> None:
-        states, logits = [], []
-        rows = self.rows()
+    def _cancel(self, uid: str, news: dict[str, dict[str, Any]]) -> None:
+        """A cancelled group's rows are marked finished: it leaves the batch at this step's restack."""
+        known = uid in self.requests or any(g.uid == uid for g in list(self.arrivals))
+        for group in [g for g in list(self.arrivals) if g.uid == uid]:
+            self.arrivals.remove(group)
+        for group in self.groups:
+            if group.uid == uid:
+                for row in group.rows:
+                    row.finish = row.finish or "cancelled"
+        self.requests.pop(uid, None)
+        if known:
+            news[uid] = {"choices": [], "done": True, "cancelled": True}
+
+    def _admit(self, stay: list[Group], ready: list[tuple[Group, Any]], news: dict[str, dict[str, Any]]) -> None:
+        rows = sum(len(g.rows) for g in stay) + sum(len(g.rows) for g, _ in ready)
         while self.arrivals:
             group = self.arrivals[0]
             if rows and (not self.batched or rows + len(group.rows) > self.max_rows):
-                break
+                return
             self.arrivals.popleft()
             job = group.job
             if group.uid not in self.requests:
                 self.requests[group.uid] = Request(job, open_groups=len(job.prompts))
-            group.generator = self._generator(job.seed)
+            group.generator = self._generator(job.seed) if job.seed is not None else None
             ids = torch.tensor([group.prompt] * job.n, device=self.device)
             ids = ids[:, -self.limit:] if self.limit else ids
-            out, state = self.backbone(ids, self.backbone.init_state(job.n))
+            logits, state = self.backbone(ids, self.backbone.init_state(job.n))
             group.length = ids.size(1)
-            self.groups.append(group)
-            states.append(state)
-            logits.append(out[:, -1])
+            self._ready(group, state, logits[:, -1], news, ready)
             rows += job.n
-            if not self.batched:
-                break
-        if states:
-            self._join(states, logits)
+
+    def _ready(self, group: Group, state: Any, logits: torch.Tensor, news: dict[str, dict[str, Any]],
+               ready: list[tuple[Group, Any]]) -> None:
+        """A group with a fresh state draws its next token (re-priming again while its context is full)."""
+        while True:
+            self._draw([group], logits, news)
+            if not group.open:
+                return
+            if not self._full(group):
+                ready.append((group, state))
+                return
+            state, logits = self._reprime(group)
 
     def _generator(self, seed: int | None) -> torch.Generator:
         generator = torch.Generator(device=self.device)  # seeded as InferenceModel.generate seeds it
         generator.manual_seed(seed) if seed is not None else generator.seed()
         return generator
 
-    def _join(self, states: list[Any], logits: list[torch.Tensor]) -> None:
-        """Append the states and logits of groups already appended to self.groups."""
-        if self.state is not None:
-            states, logits = [self.state, *states], [self.logits, *logits]
-        self.state = self.backbone.stack_states(states) if len(states) > 1 else states[0]
-        self.logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-
-    def _sample(self) -> torch.Tensor:
-        """One token per row: each group draws its rows together with its own generator, as
-        `stream_tokens` draws a `num_samples` batch; greedy rows need no generator and go in one call."""
-        tokens = torch.empty(self.logits.size(0), dtype=torch.long, device=self.logits.device)
-        greedy, offset = [], 0
-        for group in self.groups:
-            n, job = len(group.rows), group.job
-            if job.temperature == 0:
-                greedy += range(offset, offset + n)
+    def _restack(self, old: list[Group], stay: list[Group], ready: list[tuple[Group, Any]]) -> None:
+        """The batch becomes `stay` (kept rows of the old batch, in order) then the `ready` groups."""
+        self.groups = stay + [g for g, _ in ready]
+        if len(stay) == len(old) and not ready:
+            return  # nothing left or joined: the state is as it was
+        states = [s for _, s in ready]
+        if stay:
+            if len(stay) < len(old):
+                offsets, offset = {}, 0
+                for group in old:
+                    offsets[id(group)], offset = offset, offset + len(group.rows)
+                index = [offsets[id(g)] + j for g in stay for j in range(len(g.rows))]
+                states.insert(0, self.backbone.select_states(self.state, index))
             else:
-                tokens[offset:offset + n] = sample_next(self.logits[offset:offset + n], temperature=job.temperature,
+                states.insert(0, self.state)
+        if not states:
+            self.state = None
+        elif len(states) == 1 and (len(stay) == len(old) or not stay):
+            self.state = states[0]
+        else:  # stack_states also re-aligns rows that stayed: the cache is only as long as its longest row
+            self.state = self.backbone.stack_states(states)
+
+    def _draw(self, groups: list[Group], logits: torch.Tensor, news: dict[str, dict[str, Any]]) -> None:
+        """One token per row of `groups` (whose rows `logits` holds, in order); sets each group's `next`.
+
+        A seeded group draws its rows together with its own generator, as `stream_tokens` draws a
+        `num_samples` batch, so its tokens do not depend on the rest of the batch. Rows that need no
+        particular generator (greedy, or no seed) are drawn in one call per setting: one sampling call
+        per request would cost more than the model's step at 32 rows."""
+        tokens = torch.empty(logits.size(0), dtype=torch.long, device=logits.device)
+        shared: dict[tuple, list[int]] = {}
+        offset = 0
+        for group in groups:
+            n, job = len(group.rows), group.job
+            if group.generator is not None and job.temperature > 0:
+                tokens[offset:offset + n] = sample_next(logits[offset:offset + n], temperature=job.temperature,
                                                         top_k=job.top_k, top_p=job.top_p,
                                                         generator=group.generator)[:, 0]
+            else:
+                setting = (job.temperature, job.top_k, job.top_p) if job.temperature > 0 else (0, None, None)
+                shared.setdefault(setting, []).extend(range(offset, offset + n))
             offset += n
-        if greedy:
-            index = torch.tensor(greedy, device=tokens.device)
-            tokens[index] = sample_next(self.logits[index], temperature=0)[:, 0]
-        return tokens
+        for (temperature, top_k, top_p), rows in shared.items():
+            index = torch.tensor(rows, device=tokens.device)
+            tokens[index] = sample_next(logits[index], temperature=temperature, top_k=top_k, top_p=top_p,
+                                        generator=self.unseeded)[:, 0]
+        offset, values = 0, tokens.tolist()
+        for group in groups:
+            group.next = tokens[offset:offset + len(group.rows)]
+            for row, token in zip(group.rows, values[offset:offset + len(group.rows)]):
+                if row.finish is None:
+                    self._record(group, row, token, news)
+                else:
+                    row.tokens.append(token)  # a stopped row rides along until its group is done
+            offset += len(group.rows)
 
     def _record(self, group: Group, row: Row, token: int, news: dict[str, dict[str, Any]]) -> None:
         """Add a row's token; hand out the text no stop sequence can still claim; finish the row if due."""
         row.tokens.append(token)
         job, request = group.job, self.requests[group.uid]
         request.completion_tokens += 1  # a stopped row's later tokens are not counted: nobody sees them
-        text = self.tokenizer.decode(row.tokens)
-        cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
+        text = row.decode(self.tokenizer)
+        # text before `sent` holds no stop sequence, nor the start of one (held_back keeps those back)
+        cut = min((i for i in (text.find(s, row.sent) for s in job.stop) if i >= 0), default=-1)
         if cut >= 0:
             row.finish, end = "stop", cut
         elif len(row.tokens) >= job.max_tokens:
@@ -232,49 +293,12 @@ class Engine:
                 update.update(done=True, completion_tokens=request.completion_tokens)
                 del self.requests[group.uid]
 
-    def _advance(self, tokens: torch.Tensor) -> None:
-        """Feed every row its token; finished groups leave; a Transformer group whose context is full is
-        re-primed with its latest three quarters instead, as `stream_tokens` does."""
-        offsets, offset = {}, 0
-        for group in self.groups:
-            offsets[id(group)], offset = offset, offset + len(group.rows)
-        going = [g for g in self.groups if g.open]
-        full = [g for g in going if self.limit and g.length >= self.limit]
-        fed = [g for g in going if not (self.limit and g.length >= self.limit)]
-        index = [offsets[id(g)] + j for g in fed for j in range(len(g.rows))]
-        self._keep(fed)
-        if self.groups:
-            logits, self.state = self.backbone(tokens[index][:, None], self.state)
-            self.logits = logits[:, -1]
-            for group in self.groups:
-                group.length += 1
-        if full:
-            reprimed = [self._reprime(group) for group in full]
-            self.groups += full
-            self._join([s for s, _ in reprimed], [lg for _, lg in reprimed])
-
     def _reprime(self, group: Group) -> tuple[Any, torch.Tensor]:
         """`stream_tokens` at a full context: the latest three quarters of each row's text, prefilled anew."""
         rows = [(group.prompt + row.tokens)[-self.keep:] for row in group.rows]
         logits, state = self.backbone(torch.tensor(rows, device=self.device), self.backbone.init_state(len(rows)))
         group.length = len(rows[0])
         return state, logits[:, -1]
-
-    def _keep(self, groups: list[Group]) -> None:
-        """Keep only `groups` (in their order) in the batch, its state and its logits."""
-        if len(groups) == len(self.groups) and all(a is b for a, b in zip(groups, self.groups)):
-            return
-        offsets, offset = {}, 0
-        for group in self.groups:
-            offsets[id(group)], offset = offset, offset + len(group.rows)
-        index = [offsets[id(g)] + j for g in groups for j in range(len(g.rows))]
-        self.groups = list(groups)
-        if not index:
-            self.state, self.logits = None, None
-            return
-        # stack_states of the kept rows re-aligns them: the cache is only as long as its longest row
-        self.state = self.backbone.stack_states([self.backbone.select_states(self.state, index)])
-        self.logits = self.logits[torch.tensor(index, device=self.logits.device)]
 
 
 def held_back(text: str, stops: list[str]) -> int:

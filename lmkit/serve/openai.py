@@ -93,6 +93,8 @@ class ChatRequest(Options):
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name of max_tokens
 
 
+FIELDS = {name for model in (CompletionRequest, ChatRequest, Message, TextPart, StreamOptions)
+          for name in model.model_fields}
 UNSUPPORTED = {"logprobs": (None, False, 0), "echo": (False,), "best_of": (None, 1), "presence_penalty": (0,),
                "frequency_penalty": (0,), "logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, []),
                "response_format": (None, {"type": "text"})}
@@ -140,7 +142,8 @@ def parse(body: Any, schema: type[Options]) -> Options:
         return schema.model_validate(body)
     except ValidationError as e:
         first = e.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        # the location without pydantic's union tags ("str", "list[int]"): field names and list indices
+        param = ".".join(str(part) for part in first["loc"] if isinstance(part, int) or part in FIELDS) or None
         given = f" (got {first['input']!r})" if first["type"] != "missing" else ""
         raise ApiError(400, f"{param}: {first['msg']}{given}", param=param) from None
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import litserve as ls
+import torch
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -63,6 +64,8 @@ class Settings:
     workers: int
     api_key: str | None
     limits: Limits
+    stream_interval: float
+    threads: int | None
     log_level: str
 
 
@@ -92,7 +95,8 @@ class CancelledIds:
 
 
 class Loop(ContinuousBatchingLoop):
-    """LitServe's continuous batching loop, waiting for work when idle instead of spinning on the CPU."""
+    """LitServe's continuous batching loop, waiting for work when idle instead of spinning on the CPU, and
+    stepping until a step has news to send (LitServe's loop sleeps 10 ms after a step with none)."""
 
     _wake: asyncio.Event | None = None
 
@@ -117,6 +121,16 @@ class Loop(ContinuousBatchingLoop):
                 await asyncio.sleep(lit_api.batch_timeout)
         await super().run(lit_api, *args)
 
+    async def step(self, prev_outputs: list[Output] | None, lit_api: ls.LitAPI, lit_spec: Any) -> list[Output]:
+        return await asyncio.to_thread(self._steps, prev_outputs, lit_api)
+
+    @staticmethod
+    def _steps(prev_outputs: list[Output] | None, lit_api: ls.LitAPI) -> list[Output]:
+        while True:
+            outputs = lit_api.step(prev_outputs)
+            if outputs or not lit_api.has_active_requests():
+                return outputs
+
 
 class ModelAPI(ls.LitAPI):
     """Runs in each inference worker: the engine, fed by LitServe's loop."""
@@ -132,10 +146,14 @@ class ModelAPI(ls.LitAPI):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the main process stops us
         s = self.settings
         logging.getLogger("litserve").setLevel(s.log_level.upper())  # a spawned worker starts with LitServe's INFO
+        # one core stays with each worker's HTTP process; on a small machine a second torch thread only contends
+        torch.set_num_threads(s.threads or max(1, ((os.cpu_count() or 1) - s.workers) // s.workers))
         model = load_model(s.model, s.runtime, s.device or device)
         self.engine = Engine(model, max_rows=s.max_batch_size)
         self.cancel_queue = self.cancels[int(os.environ.get("LITSERVE_WORKER_ID", "0"))]
         self.cancelled = CancelledIds()
+        self.unsent: dict[str, dict[str, Any]] = {}  # news not yet sent, by request
+        self.last_sent: dict[str, float] = {}
 
     # LitServe's continuous batching hooks
     def add_request(self, uid: str, request: Job) -> None:
@@ -154,14 +172,31 @@ class ModelAPI(ls.LitAPI):
         except Exception as e:  # a bug, not a bad request (those never get here): fail what is running, live on
             logger.exception("decoding step failed")
             return [Output(uid, RuntimeError(f"decoding failed: {e}"), LitAPIStatus.ERROR) for uid in self.engine.reset()]
-        outputs = []
         for uid, update in news.items():
             if update.get("cancelled"):
                 self.cancelled.ids.pop(uid, None)
-            elif update["choices"] or update["done"]:
-                outputs.append(Output(uid, update, LitAPIStatus.OK))
+                self.unsent.pop(uid, None)
+            else:
+                merge(self.unsent.setdefault(uid, {"choices": [], "done": False}), update)
+        return self._due(news)
+
+    def _due(self, news: dict[str, dict[str, Any]]) -> list[Output]:
+        """Send a request's news when it has its first text, when it is done, and otherwise at most once per
+        `stream_interval`: each message costs two process hops, and a char model makes thousands of tokens/s."""
+        now, outputs = time.monotonic(), []
+        for uid in [u for u, n in news.items() if n.get("cancelled")]:
+            outputs.append(Output(uid, None, LitAPIStatus.FINISH_STREAMING))
+            self.last_sent.pop(uid, None)
+        for uid, update in list(self.unsent.items()):
+            last = self.last_sent.get(uid)
+            if not (update["done"] or last is None or now - last >= self.settings.stream_interval):
+                continue
+            if update["choices"] or update["done"]:
+                outputs.append(Output(uid, self.unsent.pop(uid), LitAPIStatus.OK))
+                self.last_sent[uid] = now
             if update["done"]:
                 outputs.append(Output(uid, None, LitAPIStatus.FINISH_STREAMING))
+                self.last_sent.pop(uid, None)
         return outputs
 
     def _drain_cancels(self) -> None:
@@ -309,6 +344,21 @@ class OpenAIEndpoints(LitSpec):
         while not await request.is_disconnected():
             await asyncio.sleep(0.5)
         self._cancel(uid)
+
+
+def merge(into: dict[str, Any], update: dict[str, Any]) -> None:
+    """Fold one step's news of a request into what is waiting to be sent: texts append, per choice."""
+    choices = {c["index"]: c for c in into["choices"]}
+    for c in update["choices"]:
+        if c["index"] in choices:
+            choices[c["index"]]["text"] += c["text"]
+            choices[c["index"]]["finish_reason"] = c["finish_reason"]
+        else:
+            choices[c["index"]] = dict(c)
+    into["choices"] = list(choices.values())
+    into["done"] = update["done"]
+    if "completion_tokens" in update:
+        into["completion_tokens"] = update["completion_tokens"]
 
 
 def sse(event: dict[str, Any]) -> str:

@@ -1,0 +1,372 @@
+"""`lmkit serve`: a real server on 127.0.0.1 in a subprocess, spoken to with the official `openai` client and
+raw HTTP; the batching engine alone against `InferenceModel.generate`.
+
+One server for the module (starting one takes seconds): a tiny LSTM with random weights, API key on,
+8 rows per batch (so 32 clients queue and rows join and leave mid-flight), a high max_tokens_limit (so a
+stream nobody reads would run for minutes: the disconnect test sees whether its rows were freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("litserve")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from lmkit.backbones import backbone_config, build_backbone  # noqa: E402
+from lmkit.cli import ServeArgs, _serve  # noqa: E402
+from lmkit.data.tokenizer import CharTokenizer  # noqa: E402
+from lmkit.errors import LmkitError  # noqa: E402
+from lmkit.export import save  # noqa: E402
+from lmkit.inference import InferenceModel  # noqa: E402
+from lmkit.record import ModelRecord  # noqa: E402
+from lmkit.serve.engine import Engine, Job, held_back  # noqa: E402
+from lmkit.serve.openai import chat_prompt, Message  # noqa: E402
+from tests.conftest import CONF  # noqa: E402
+
+CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+KEY = "test-key"
+NAME = "tiny"
+LMKIT = Path(sys.executable).parent / "lmkit"
+
+
+def tiny_model(kind: str = "lstm", **options) -> InferenceModel:
+    """Every weight drawn from N(0, 0.3): at the default init a tiny model's next token barely depends on
+    its context, and a batching bug (a row reading another row's state) would go unseen."""
+    torch.manual_seed(0)
+    shape = dict(n_layer=2, n_embd=16, **({"n_head": 2, "max_seq_len": 32} if kind == "transformer" else {}))
+    record = ModelRecord(backbone=backbone_config(kind, len(CHARS), **{**shape, **options}), tokenizer="char")
+    model = InferenceModel(build_backbone(record.backbone).eval(), CharTokenizer(CHARS), record)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """This module's in-process decoding is one row or a few: a second torch thread only contends (with the
+    server, on a 2-core machine) and made the engine test 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, port: int, *options: str) -> None:
+        self.port, self.lines = port, []
+        env = {**os.environ, "LMKIT_API_KEY": KEY}
+        self.proc = subprocess.Popen([str(LMKIT), "serve", f"model={model_dir}", f"port={port}", f"name={NAME}",
+                                      *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     start_new_session=True)  # its own process group: teardown can end all of it
+        threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the server
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(f"lmkit serve: {NAME} at http://127.0.0.1:{self.port}/v1" in x for x in self.lines):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("lmkit serve did not start:\n" + "".join(self.lines))
+            time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save(tiny_model(), tmp_path_factory.mktemp("serve") / NAME)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path):
+    server = Server(model_dir, free_port(), "max_batch_size=8", "max_tokens_limit=100000", "max_n=4")
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> InferenceModel:
+    import lmkit
+
+    return lmkit.load(model_dir)
+
+
+def post(server: Server, path: str, body, key: str | None = KEY, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={**headers, "Content-Type": "application/json"},
+                      timeout=60, **kwargs)
+
+
+# --- the server --------------------------------------------------------------------------------------------
+
+def test_health_models_and_auth(server):
+    assert httpx.get(server.url + "/health").text == "ok"  # load balancers probe without a key
+    models = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == [NAME]
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        refused = httpx.get(server.url + "/v1/models", headers=headers)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert post(server, "/v1/completions", {"model": NAME, "prompt": "A"}, key=None).status_code == 401
+
+
+def test_greedy_completion_is_lmkit_generates(server, client, model_dir):
+    result = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=30, temperature=0)
+    cli = subprocess.run([str(LMKIT), "generate", f"model={model_dir}", "prompt=ROMEO:", "max_new_tokens=30",
+                          "temperature=0"], capture_output=True, text=True, check=True)
+    assert cli.stdout == "ROMEO:" + result.choices[0].text + "\n"
+    assert result.choices[0].finish_reason == "length"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (6, 30, 36)
+
+
+def test_seeded_sampling_is_generates(client, model):
+    options = dict(max_tokens=25, temperature=0.9, top_p=0.9, seed=7)
+    one = client.completions.create(model=NAME, prompt="ROMEO:", extra_body={"top_k": 12}, **options)
+    want = model.generate("ROMEO:", max_new_tokens=25, temperature=0.9, top_k=12, top_p=0.9, seed=7)
+    assert "ROMEO:" + one.choices[0].text == want
+    two = client.completions.create(model=NAME, prompt="ROMEO:", n=2, extra_body={"top_k": 12}, **options)
+    want = model.generate("ROMEO:", max_new_tokens=25, temperature=0.9, top_k=12, top_p=0.9, num_samples=2, seed=7)
+    assert ["ROMEO:" + c.text for c in sorted(two.choices, key=lambda c: c.index)] == want
+    assert two.choices[0].text != two.choices[1].text and two.usage.completion_tokens == 50
+
+
+def test_streaming_completion_and_chat(server, client):
+    whole = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=40, temperature=0).choices[0].text
+    chunks = list(client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=40, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 40
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
+    chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=30, temperature=0)
+    streamed = list(client.chat.completions.create(model=NAME, messages=messages, max_tokens=30, temperature=0,
+                                                   stream=True))
+    assert streamed[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == chat.choices[0].message.content
+    raw = post(server, "/v1/chat/completions", {"model": NAME, "messages": messages, "max_tokens": 5, "stream": True})
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_chat_is_the_documented_template(client):
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    prompt = chat_prompt([Message(**m) for m in messages])
+    assert prompt == "USER:\nWho art thou?\n\nASSISTANT:\n"
+    chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=60, temperature=0)
+    completion = client.completions.create(model=NAME, prompt=prompt, max_tokens=60, temperature=0, stop=["\n\n"])
+    assert chat.choices[0].message.content == completion.choices[0].text
+    assert chat.choices[0].finish_reason == completion.choices[0].finish_reason
+
+
+def test_stop_sequences(client):
+    whole = client.completions.create(model=NAME, prompt="BEN:", max_tokens=60, temperature=0).choices[0].text
+    stop = next(whole[i:i + 2] for i in range(3, len(whole) - 2) if whole[i:i + 2] not in whole[:i + 1])
+    cut = whole[:whole.index(stop)]
+    result = client.completions.create(model=NAME, prompt="BEN:", max_tokens=60, temperature=0, stop=[stop, "#"])
+    assert (result.choices[0].text, result.choices[0].finish_reason) == (cut, "stop")
+    streamed = client.completions.create(model=NAME, prompt="BEN:", max_tokens=60, temperature=0, stop=stop,
+                                         stream=True)
+    pieces = [(c.choices[0].text, c.choices[0].finish_reason) for c in streamed]
+    assert "".join(text for text, _ in pieces) == cut and pieces[-1][1] == "stop"
+
+
+def test_n_and_a_list_of_prompts(client, model):
+    result = client.completions.create(model=NAME, prompt=["A", "ROMEO:"], n=2, max_tokens=10, temperature=0)
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]
+    want = [model.generate(p, max_new_tokens=10, temperature=0)[len(p):] for p in ("A", "A", "ROMEO:", "ROMEO:")]
+    assert [c.text for c in result.choices] == want
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (7, 40)
+    ids = client.completions.create(model=NAME, prompt=model.encode("ROMEO:"), max_tokens=10, temperature=0)
+    assert ids.choices[0].text == want[2]
+
+
+def test_32_concurrent_clients_all_answered_as_if_alone(server, model):
+    """8 rows per batch: requests queue, join mid-flight and leave; each still decodes as it would alone."""
+    prompts = ["A", "ROMEO:", "Be it so, my lord", "O"]
+    want = {p: model.generate(p, max_new_tokens=20, temperature=0)[len(p):] for p in prompts}
+
+    async def clients() -> list[tuple[str, str]]:
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
+            async def one(i: int) -> tuple[str, str]:
+                prompt = prompts[i % len(prompts)]
+                stream = await c.completions.create(model=NAME, prompt=prompt, max_tokens=20, temperature=0,
+                                                    stream=True)
+                return prompt, "".join([chunk.choices[0].text async for chunk in stream])
+
+            return await asyncio.gather(*(one(i) for i in range(32)))
+
+    results = asyncio.run(clients())
+    assert len(results) == 32 and all(text == want[prompt] for prompt, text in results)
+
+
+BAD = [  # (path, body, status, param)
+    ("/v1/completions", "{not json", 400, None),
+    ("/v1/completions", [1, 2], 400, None),
+    ("/v1/completions", {"model": NAME}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "A"}, 400, "model"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "max_tokens": 100001}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "temperature": -0.5}, 400, "temperature"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "n": 5}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"model": NAME, "prompt": "Déjà vu"}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": [9999]}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "A"}, 404, "model"),
+    ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/nothing", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_is_an_openai_error_and_the_server_lives_on(server, client, path, body, status, param):
+    response = post(server, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) >= {"message", "type", "param"} and error["param"] == param and error["message"]
+    assert client.completions.create(model=NAME, prompt="A", max_tokens=3, temperature=0).choices[0].text
+
+
+def test_bad_input_through_the_openai_client(client):
+    with pytest.raises(openai.BadRequestError, match="max_tokens=100001 is above this server's limit of 100000"):
+        client.completions.create(model=NAME, prompt="A", max_tokens=100001)
+    with pytest.raises(openai.NotFoundError, match="model 'gpt-4' is not served here"):
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_a_client_that_hangs_up_frees_its_rows(server, client):
+    """8 streams of 100000 tokens fill the batch; if hanging up did not free their rows, the next request
+    would wait minutes behind them."""
+    body = {"model": NAME, "prompt": "A", "max_tokens": 100000, "stream": True}
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
+        for _ in range(8):
+            with http.stream("POST", server.url + "/v1/completions", json=body) as stream:
+                assert next(stream.iter_lines()).startswith("data: ")
+    started = time.monotonic()
+    quick = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=30)
+    assert len(quick.completions.create(model=NAME, prompt="A", max_tokens=5).choices[0].text) == 5
+    assert time.monotonic() - started < 30
+
+
+def test_option_errors_are_one_line(model_dir, server, monkeypatch):
+    for args, message in [(["runtime=onnx"], "runtime=onnx: lmkit cannot run ONNX exports yet"),
+                          (["runtime=tf"], "runtime='tf' is not one of torch, onnx"),
+                          (["host=localhost"], "host='localhost': LitServe binds only 127.0.0.1, 0.0.0.0, ::"),
+                          (["port=80"], "port=80 is not in 1024-65535"),
+                          ([f"port={server.port}"], f"port={server.port}: cannot listen on 127.0.0.1:{server.port}"),
+                          (["max_batch_size=0"], "max_batch_size=0 must be at least 1"),
+                          (["max_tokens=500", "max_tokens_limit=100"], "max_tokens=500 is above max_tokens_limit")]:
+        with pytest.raises(LmkitError, match=message.replace("?", r"\?").replace("[", r"\[")):
+            _serve([f"model={model_dir}", *args])
+    monkeypatch.setitem(sys.modules, "litserve", None)  # as if the extra were not installed
+    with pytest.raises(LmkitError, match=r"pip install 'lmkit\[serve\]'"):
+        _serve([f"model={model_dir}"])
+
+
+def test_serve_keys_are_conf_serves():
+    assert [f.name for f in fields(ServeArgs)] == list(OmegaConf.load(CONF / "serve.yaml").keys())
+
+
+def test_sigterm_stops_the_server_and_its_processes(server):
+    """Last: it stops the module's server."""
+    children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+    assert children  # LitServe's worker, HTTP server and manager
+    assert server.stop() == 0
+    assert "lmkit serve: stopped" in "".join(server.lines) and "Traceback" not in "".join(server.lines)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health")
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+             and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
+    assert not alive
+
+
+# --- the engine alone ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["transformer", "lstm"])
+def test_engine_rows_joining_and_leaving_decode_as_generate(kind):
+    """Requests of different lengths join a running batch and leave it; a 16-token Transformer re-primes
+    its context several times. Each request's text equals InferenceModel.generate's (greedy and seeded)."""
+    model = tiny_model(kind, **({"max_seq_len": 16} if kind == "transformer" else {}))
+    engine = Engine(model, max_rows=6)
+    jobs = {}
+    for i, prompt in enumerate(["ROMEO:", "A", "Be it so, my lord, and more", "O"]):
+        jobs[f"greedy{i}"] = (prompt, Job([model.encode(prompt)], n=1, max_tokens=30 + 7 * i, temperature=0))
+        jobs[f"seeded{i}"] = (prompt, Job([model.encode(prompt)], n=2, max_tokens=40, temperature=0.9, top_k=20,
+                                          seed=i))
+    texts: dict[str, dict[int, str]] = {uid: {} for uid in jobs}
+    waiting = list(jobs)
+    while waiting or engine.busy():
+        if waiting and engine.has_capacity():
+            uid = waiting.pop(0)
+            engine.arrive(uid, jobs[uid][1])
+        for uid, news in engine.step().items():
+            for c in news["choices"]:
+                texts[uid][c["index"]] = texts[uid].get(c["index"], "") + c["text"]
+    for uid, (prompt, job) in jobs.items():
+        want = model.generate(prompt, max_new_tokens=job.max_tokens, temperature=job.temperature, top_k=job.top_k,
+                              num_samples=job.n, seed=job.seed)
+        want = [want] if isinstance(want, str) else want
+        assert [prompt + texts[uid][i] for i in range(job.n)] == want, uid
+
+
+def test_held_back_keeps_what_could_start_a_stop_sequence():
+    assert held_back("the end.\n", ["\n\n"]) == 1
+    assert held_back("the end.", ["\n\n"]) == 0
+    assert held_back("abc STO", ["STOP", "x"]) == 3
+    assert held_back("abc", []) == 0
