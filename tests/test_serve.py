@@ -305,7 +305,7 @@ def test_a_client_that_hangs_up_frees_its_rows(server, client):
 
 
 def test_option_errors_are_one_line(model_dir, server, monkeypatch):
-    for args, message in [(["runtime=onnx"], "runtime=onnx: lmkit cannot run ONNX exports yet"),
+    for args, message in [(["runtime=onnx"], f"runtime=onnx: {model_dir} is not an ONNX export"),
                           (["runtime=tf"], "runtime='tf' is not one of torch, onnx"),
                           (["host=localhost"], "host='localhost': LitServe binds only 127.0.0.1, 0.0.0.0, ::"),
                           (["port=80"], "port=80 is not in 1024-65535"),
@@ -334,6 +334,30 @@ def test_sigterm_stops_the_server_and_its_processes(server):
     alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
              and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
     assert not alive
+
+
+def test_an_onnx_export_serves_the_same_text(tmp_path, model):
+    """runtime=onnx: the same server over what lmkit.load returns for an ONNX export (onnxruntime)."""
+    pytest.importorskip("onnxruntime")
+    from lmkit.deploy.onnx import export_onnx
+
+    onnx_dir = export_onnx(model, tmp_path / NAME)
+    with pytest.raises(LmkitError, match="is an ONNX export: serve it with runtime=onnx"):
+        _serve([f"model={onnx_dir}"])
+    server = Server(onnx_dir, free_port(), "runtime=onnx")
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        prompts = ["ROMEO:", "Be it so"]
+        result = client.completions.create(model=NAME, prompt=prompts, max_tokens=20, temperature=0)
+        assert [c.text for c in result.choices] == [model.generate(p, max_new_tokens=20, temperature=0)[len(p):]
+                                                    for p in prompts]
+        seeded = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=20, temperature=0.9, seed=3,
+                                           stream=True)
+        assert "ROMEO:" + "".join(c.choices[0].text for c in seeded) == model.generate(
+            "ROMEO:", max_new_tokens=20, temperature=0.9, seed=3)
+    finally:
+        assert server.stop() == 0
 
 
 # --- the engine alone ----------------------------------------------------------------------------------------

@@ -92,17 +92,31 @@ class Engine:
     def __init__(self, model: Any, *, max_rows: int) -> None:
         self.backbone = model.backbone
         self.tokenizer = model.tokenizer
-        self.device = getattr(model, "device", torch.device("cpu"))
+        self.device = next((p.device for p in self.backbone.parameters()), torch.device("cpu"))  # ONNX: none
         self.max_rows = max_rows
         self.limit: int | None = getattr(self.backbone, "max_seq_len", None)
         self.keep = self.limit - self.limit // 4 if self.limit else None
-        self.batched = hasattr(self.backbone, "stack_states") and hasattr(self.backbone, "select_states")
+        self.batched = self._can_batch()
         self.arrivals: deque[Group] = deque()  # appended by the server's thread, drained by step()
         self.requests: dict[str, Request] = {}
         self.groups: list[Group] = []  # in the batch, in state order: group i's rows follow group i-1's
         self.state: Any = None
         self.logits: torch.Tensor | None = None  # (rows, vocab): what each row samples its next token from
         self.unseeded = self._generator(None)  # requests without a seed draw from one generator, together
+
+    @torch.no_grad()
+    def _can_batch(self) -> bool:
+        """Whether rows of different lengths, prefilled apart, decode together (an ONNX Transformer's graph
+        has no padding mask, so its stack_states refuses them): then one request is served at a time."""
+        if not (hasattr(self.backbone, "stack_states") and hasattr(self.backbone, "select_states")):
+            return False
+        states = [self.backbone(torch.zeros(1, n, dtype=torch.long, device=self.device),
+                                self.backbone.init_state(1))[1] for n in (1, 2)]
+        try:
+            self.backbone.stack_states(states)
+        except ValueError:
+            return False
+        return True
 
     # --- called from the server's scheduling thread: append and count only -----------------------------
 

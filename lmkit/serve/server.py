@@ -29,6 +29,7 @@ import urllib.request
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import litserve as ls
@@ -70,15 +71,20 @@ class Settings:
 
 
 def load_model(path: str, runtime: str, device: str | None) -> Any:
-    """The model behind the server: anything with the loaded-model interface. The one place a runtime is chosen."""
+    """The model behind the server: anything `lmkit.load` returns, torch or ONNX (one interface). The one
+    place a runtime is chosen; `runtime` says which the user meant, so a mix-up is an error, not a surprise."""
     import lmkit
+    from lmkit.deploy.onnx_runtime import is_onnx_export
     from lmkit.errors import LmkitError
 
-    if runtime == "torch":
-        return lmkit.load(path, device=device)
-    if runtime == "onnx":
-        raise LmkitError("runtime=onnx: lmkit cannot run ONNX exports yet; serve the lmkit artifact with runtime=torch")
-    raise LmkitError(f"runtime={runtime!r} is not one of torch, onnx")
+    if runtime not in ("torch", "onnx"):
+        raise LmkitError(f"runtime={runtime!r} is not one of torch, onnx")
+    onnx = is_onnx_export(Path(path))
+    if runtime == "torch" and onnx:
+        raise LmkitError(f"{path} is an ONNX export: serve it with runtime=onnx")
+    if runtime == "onnx" and not onnx:
+        raise LmkitError(f"runtime=onnx: {path} is not an ONNX export (lmkit export format=onnx writes one)")
+    return lmkit.load(path, device=device)
 
 
 class CancelledIds:
