@@ -101,8 +101,10 @@ class CancelledIds:
 
 
 class Loop(ContinuousBatchingLoop):
-    """LitServe's continuous batching loop, waiting for work when idle instead of spinning on the CPU, and
-    stepping until a step has news to send (LitServe's loop sleeps 10 ms after a step with none)."""
+    """LitServe's continuous batching loop with three fixes for 0.2.19: it waits for work when idle instead
+    of spinning on the CPU; it steps until a step has news to send (LitServe's loop sleeps 10 ms after a
+    step with none); and a request held back while the batch was full joins as soon as rows free up
+    (LitServe's prefill retries held requests only after the next new request or a 1 s poll)."""
 
     _wake: asyncio.Event | None = None
 
@@ -126,6 +128,18 @@ class Loop(ContinuousBatchingLoop):
             if lit_api.batch_timeout:  # let more requests join the first step
                 await asyncio.sleep(lit_api.batch_timeout)
         await super().run(lit_api, *args)
+
+    async def prefill(self, pending_requests: list, lit_api: ls.LitAPI, lit_spec: Any, request_queue: Any,
+                      transport: Any, **kwargs: Any) -> list:
+        if not pending_requests:
+            return await super().prefill(pending_requests, lit_api, lit_spec, request_queue, transport, **kwargs)
+        while pending_requests and self.has_capacity(lit_api):  # as LitServe admits held requests
+            response_queue_id, uid, request = pending_requests.pop(0)
+            self.add_request(uid, request, lit_api, lit_spec, transport)
+            self.response_queue_ids[uid] = response_queue_id
+        if pending_requests:
+            await asyncio.sleep(0.002)  # rows free up at the end of a step, every few ms
+        return pending_requests
 
     async def step(self, prev_outputs: list[Output] | None, lit_api: ls.LitAPI, lit_spec: Any) -> list[Output]:
         return await asyncio.to_thread(self._steps, prev_outputs, lit_api)
