@@ -5,6 +5,7 @@
     generate     generation tokens/s at 50 and 500 new tokens, with and without the cache
     scale        tokenizing 10 MB / 100 MB / 1 GB corpora (time, peak RSS); tokens/s as models grow
     compression  size / perplexity / speed of each compression recipe; where int8 kernels pay, by width
+    deploy       torch vs onnxruntime (fp32, int8, int4): perplexity and bytes of the default models, tokens/s by width
 
 Each prints its table and writes bench/results/<name>.json. Run on an otherwise idle machine:
 on 2 cores a second busy process halves every number.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "generate.py", "scale": "scale.py",
-           "compression": "compression.py"}
+           "compression": "compression.py", "deploy": "deploy.py"}
 
 
 def main() -> int:

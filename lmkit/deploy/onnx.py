@@ -15,6 +15,8 @@ batch, sequence and past lengths. The decoding loop needs numpy, onnxruntime and
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import tempfile
@@ -138,8 +140,8 @@ def export_graph(model: InferenceModel, path: Path) -> dict[str, Any]:
     names = interface(model)
     backbone = model.backbone.float().eval().cpu()
     ids = torch.zeros(2, 3, dtype=torch.long)  # batch and lengths above 1, so none is taken for a constant
-    with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript"):
-        warnings.simplefilter("ignore")  # the exporters' deprecation and shape-renaming chatter
+    with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript"), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")  # the exporters' progress lines, deprecation and shape-renaming chatter
         if model.record.kind == "transformer":
             require("onnxscript", "onnx")
             past = tuple(torch.zeros(2, s[1], 4, s[3]) for s in names["cache_shapes"])
@@ -148,7 +150,7 @@ def export_graph(model: InferenceModel, path: Path) -> dict[str, Any]:
                                         optimize=True, input_names=names["inputs"], output_names=names["outputs"],
                                         dynamic_shapes=({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past)))
             program.save(str(path), external_data=False)
-            _name_output_dims(path, names)
+            _tidy(path)
         else:
             # torch.export takes nn.LSTM's sequence length for a constant (a constraint violation at any sample
             # length), so recurrent models go through torch's TorchScript exporter, which keeps it dynamic
@@ -160,15 +162,19 @@ def export_graph(model: InferenceModel, path: Path) -> dict[str, Any]:
     return names
 
 
-def _name_output_dims(path: Path, names: dict[str, Any]) -> None:
-    """The exporter keeps the sample's sequence length in the outputs' declared shapes; say [batch, seq,
-    vocab] so onnxruntime does not warn on every call."""
+def _tidy(path: Path) -> None:
+    """What the dynamo exporter leaves that a deployed file need not carry: the sample's sequence length in
+    the logits' declared shape (onnxruntime would warn on every call) and each node's Python stack and
+    module path (a third of a small model's file)."""
     import onnx
 
     model = onnx.load(str(path))
     logits = model.graph.output[0].type.tensor_type.shape.dim
     logits[1].ClearField("dim_value")
     logits[1].dim_param = "seq"
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.ClearField("doc_string")
     onnx.save(model, str(path))
 
 
