@@ -6,6 +6,7 @@
     scale        tokenizing 10 MB / 100 MB / 1 GB corpora (time, peak RSS); tokens/s as models grow
     compression  size / perplexity / speed of each compression recipe; where int8 kernels pay, by width
     deploy       torch vs onnxruntime (fp32, int8, int4): perplexity and bytes of the default models, tokens/s by width
+    serve        lmkit serve at 1, 8 and 32 streaming clients: requests/s, tokens/s, p50/p99 first-token and total latency
 
 Each prints its table and writes bench/results/<name>.json. Run on an otherwise idle machine:
 on 2 cores a second busy process halves every number.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "generate.py", "scale": "scale.py",
-           "compression": "compression.py", "deploy": "deploy.py"}
+           "compression": "compression.py", "deploy": "deploy.py", "serve": "serve.py"}
 
 
 def main() -> int:
