@@ -160,9 +160,10 @@ class Engine:
         if old:
             self._draw(old, self.logits, news)
         stay = [g for g in old if g.open and not self._full(g)]
-        ready: list[tuple[Group, Any]] = []  # groups with a state of their own, each with a token to feed
-        for group in [g for g in old if g.open and self._full(g)]:
-            self._ready(group, *self._reprime(group), news, ready)
+        ready: list[tuple[list[Group], Any]] = []  # groups with a state of their own and a token to feed
+        full = [g for g in old if g.open and self._full(g)]
+        if full:  # all re-primed in one pass: their rows hold the same number of tokens
+            self._ready(full, *self._reprime(full), news, ready)
         self._admit(stay, ready, news)
         self._restack(old, stay, ready)
         if self.groups:
@@ -189,8 +190,8 @@ class Engine:
         if known:
             news[uid] = {"choices": [], "done": True, "cancelled": True}
 
-    def _admit(self, stay: list[Group], ready: list[tuple[Group, Any]], news: dict[str, dict[str, Any]]) -> None:
-        rows = sum(len(g.rows) for g in stay) + sum(len(g.rows) for g, _ in ready)
+    def _admit(self, stay: list[Group], ready: list[tuple[list[Group], Any]], news: dict[str, dict[str, Any]]) -> None:
+        rows = sum(len(g.rows) for g in stay) + sum(len(g.rows) for groups, _ in ready for g in groups)
         while self.arrivals:
             group = self.arrivals[0]
             if rows and (not self.batched or rows + len(group.rows) > self.max_rows):
@@ -204,29 +205,29 @@ class Engine:
             ids = ids[:, -self.limit:] if self.limit else ids
             logits, state = self.backbone(ids, self.backbone.init_state(job.n))
             group.length = ids.size(1)
-            self._ready(group, state, logits[:, -1], news, ready)
+            self._ready([group], state, logits[:, -1], news, ready)
             rows += job.n
 
-    def _ready(self, group: Group, state: Any, logits: torch.Tensor, news: dict[str, dict[str, Any]],
-               ready: list[tuple[Group, Any]]) -> None:
-        """A group with a fresh state draws its next token (re-priming again while its context is full)."""
+    def _ready(self, groups: list[Group], state: Any, logits: torch.Tensor, news: dict[str, dict[str, Any]],
+               ready: list[tuple[list[Group], Any]]) -> None:
+        """Groups with a fresh state draw their next token; a new group whose prompt filled the context is
+        re-primed and draws again. A group that finished here rides along one step (leaving would cost a
+        restack of its state): its tokens are not used and it leaves the batch at the next step."""
         while True:
-            self._draw([group], logits, news)
-            if not group.open:
+            self._draw(groups, logits, news)
+            if not any(g.open and self._full(g) for g in groups):
+                ready.append((groups, state))
                 return
-            if not self._full(group):
-                ready.append((group, state))
-                return
-            state, logits = self._reprime(group)
+            state, logits = self._reprime(groups)  # a lone new group
 
     def _generator(self, seed: int | None) -> torch.Generator:
         generator = torch.Generator(device=self.device)  # seeded as InferenceModel.generate seeds it
         generator.manual_seed(seed) if seed is not None else generator.seed()
         return generator
 
-    def _restack(self, old: list[Group], stay: list[Group], ready: list[tuple[Group, Any]]) -> None:
+    def _restack(self, old: list[Group], stay: list[Group], ready: list[tuple[list[Group], Any]]) -> None:
         """The batch becomes `stay` (kept rows of the old batch, in order) then the `ready` groups."""
-        self.groups = stay + [g for g, _ in ready]
+        self.groups = stay + [g for groups, _ in ready for g in groups]
         if len(stay) == len(old) and not ready:
             return  # nothing left or joined: the state is as it was
         states = [s for _, s in ready]
@@ -307,11 +308,12 @@ class Engine:
                 update.update(done=True, completion_tokens=request.completion_tokens)
                 del self.requests[group.uid]
 
-    def _reprime(self, group: Group) -> tuple[Any, torch.Tensor]:
+    def _reprime(self, groups: list[Group]) -> tuple[Any, torch.Tensor]:
         """`stream_tokens` at a full context: the latest three quarters of each row's text, prefilled anew."""
-        rows = [(group.prompt + row.tokens)[-self.keep:] for row in group.rows]
+        rows = [(g.prompt + row.tokens)[-self.keep:] for g in groups for row in g.rows]
         logits, state = self.backbone(torch.tensor(rows, device=self.device), self.backbone.init_state(len(rows)))
-        group.length = len(rows[0])
+        for group in groups:
+            group.length = len(rows[0])
         return state, logits[:, -1]
 
 
