@@ -7,12 +7,13 @@ interface: `model.backbone(ids, state) -> (logits, state)`, `backbone.init_state
 `backbone.stack_states(states)` and `backbone.select_states(state, rows)`. A backbone without them is
 served one request at a time.
 
-Each prompt of a request is a *group* of `n` rows sampled with one `torch.Generator`, exactly as
-`lmkit generate num_samples=n seed=S` samples its rows: the prompt is prefilled on its own (n identical
-rows, cropped to the context like `stream_tokens`), a Transformer row whose context fills up is
-re-primed with its latest three quarters, and each step draws the group's tokens with
-`sample_next(..., generator)`. So a request decodes the same tokens whatever else is in the batch
-(up to the last bits of float rounding, which a batched matmul may order differently).
+Each prompt of a request is a *group* of `n` rows that goes through `stream_tokens`' own sequence, as
+`lmkit generate num_samples=n seed=S` does: the prompt is prefilled on its own (n identical rows,
+cropped to the context), each step draws the group's tokens with `sample_next`, and a Transformer group
+whose context fills up is re-primed with its latest three quarters. A request with a seed has its own
+`torch.Generator`, seeded as `InferenceModel.generate` seeds it, so it decodes the same tokens whatever
+else is in the batch (up to the last bits of float rounding, which a batched matmul may order
+differently); requests without one share a generator (one sampling call per setting, not per request).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class Row:
     text: str = ""  # the decoded text of tokens[:decoded]
     decoded: int = 0  # tokens whose text is final (they decode to whole characters)
     sent: int = 0  # characters of the text already handed out
-    finish: str | None = None  # "stop" | "length" once done
+    finish: str | None = None  # "stop" | "length" | "cancelled" once done
 
     def decode(self, tokenizer: Any) -> str:
         """The row's text, decoding only the tokens after the last whole character (O(new tokens), not O(text))."""
@@ -135,6 +136,9 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.groups or self.arrivals)
 
+    def knows(self, uid: str) -> bool:
+        return uid in self.requests or any(g.uid == uid for g in list(self.arrivals))
+
     def reset(self) -> list[str]:
         """Forget every request (after a failed step); returns their ids."""
         uids = list(dict.fromkeys([*self.requests, *(g.uid for g in list(self.arrivals))]))
@@ -179,7 +183,7 @@ class Engine:
 
     def _cancel(self, uid: str, news: dict[str, dict[str, Any]]) -> None:
         """A cancelled group's rows are marked finished: it leaves the batch at this step's restack."""
-        known = uid in self.requests or any(g.uid == uid for g in list(self.arrivals))
+        known = self.knows(uid)
         for group in [g for g in list(self.arrivals) if g.uid == uid]:
             self.arrivals.remove(group)
         for group in self.groups:

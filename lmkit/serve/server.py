@@ -21,6 +21,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
 import threading
@@ -171,13 +172,16 @@ class ModelAPI(ls.LitAPI):
         model = load_model(s.model, s.runtime, s.device or device)
         self.engine = Engine(model, max_rows=s.max_batch_size)
         self.cancel_queue = self.cancels[int(os.environ.get("LITSERVE_WORKER_ID", "0"))]
-        self.cancelled = CancelledIds()
+        self.cancelled = CancelledIds()  # cancels of requests this worker has not seen (yet)
+        self.to_cancel: deque[str] = deque()  # cancels for the engine's next step
         self.unsent: dict[str, dict[str, Any]] = {}  # news not yet sent, by request
         self.last_sent: dict[str, float] = {}
 
     # LitServe's continuous batching hooks
     def add_request(self, uid: str, request: Job) -> None:
         self.engine.arrive(uid, request)
+        if uid in self.cancelled.ids:  # its client went away while it waited in LitServe's queue
+            self.to_cancel.append(uid)
 
     def has_capacity(self) -> bool:
         return self.engine.has_capacity()
@@ -187,14 +191,16 @@ class ModelAPI(ls.LitAPI):
 
     def step(self, prev_outputs: list[Output] | None) -> list[Output]:
         self._drain_cancels()
+        cancel = set()
+        while self.to_cancel:
+            cancel.add(self.to_cancel.popleft())
         try:
-            news = self.engine.step(set(self.cancelled.ids))
+            news = self.engine.step(cancel)
         except Exception as e:  # a bug, not a bad request (those never get here): fail what is running, live on
             logger.exception("decoding step failed")
             return [Output(uid, RuntimeError(f"decoding failed: {e}"), LitAPIStatus.ERROR) for uid in self.engine.reset()]
         for uid, update in news.items():
             if update.get("cancelled"):
-                self.cancelled.ids.pop(uid, None)
                 self.unsent.pop(uid, None)
             else:
                 merge(self.unsent.setdefault(uid, {"choices": [], "done": False}), update)
@@ -222,9 +228,13 @@ class ModelAPI(ls.LitAPI):
     def _drain_cancels(self) -> None:
         while True:
             try:
-                self.cancelled.add(self.cancel_queue.get_nowait())
-            except Exception:  # queue.Empty
+                uid = self.cancel_queue.get_nowait()
+            except queue.Empty:
                 return
+            if self.engine.knows(uid):
+                self.to_cancel.append(uid)
+            else:  # not arrived yet, another worker's, or already done
+                self.cancelled.add(uid)
 
     def encode_response(self, output: Any, **kwargs: Any) -> Any:
         return output if output is not None else ""
@@ -295,24 +305,24 @@ class OpenAIEndpoints(LitSpec):
         prepared = openai.prepare(openai.parse(body, schema), model_name=self.settings.name, tokenizer=self.tokenizer,
                                   vocab_size=self.vocab_size, limits=self.settings.limits)
         uid = uuid.uuid4().hex
-        queue, event = deque(), asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=queue)
+        buffer, event = deque(), asyncio.Event()
+        self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=buffer)
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), prepared.job))
-        updates = self._updates(queue, event)
+        updates = self._updates(buffer, event)
         if prepared.stream:
             return StreamingResponse(self._stream(uid, updates, prepared), media_type="text/event-stream")
         return await self._collect(uid, updates, prepared, request)
 
-    async def _updates(self, queue: deque, event: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
-        async for data, status in self.data_streamer(queue, event, send_status=True):
+    async def _updates(self, buffer: deque, event: asyncio.Event) -> AsyncIterator[dict[str, Any]]:
+        async for data, status in self.data_streamer(buffer, event, send_status=True):
             if status == LitAPIStatus.ERROR:
                 raise ApiError(500, "the model's worker failed on this request (the server's log says why)",
                                type="server_error")
             yield json.loads(data)
 
     def _cancel(self, uid: str) -> None:
-        for queue in self.cancels:  # the request's worker is not known here: tell them all
-            queue.put(uid)
+        for cancels in self.cancels:  # the request's worker is not known here: tell them all
+            cancels.put(uid)
 
     async def _stream(self, uid: str, updates: AsyncIterator[dict[str, Any]], p: openai.Prepared) -> AsyncIterator[str]:
         rid, name, done, seen = openai.new_id(p.chat), self.settings.name, False, set()
