@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--only", choices=list(MODELS))
     args = parser.parse_args()
-    rows = []
+    rows, load_before = [], os.getloadavg()
     header = (f"{'model':<28} {'runtime':<7} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'p99':>7} "
               f"{'latency p50':>12} {'p99':>7} {'fail':>5}")
     print(header)
@@ -168,7 +168,7 @@ def main() -> None:
         print(f"{name}, {runtime}: {max(CONCURRENCY)} clients give {most['tokens_s'] / one['tokens_s']:.1f}x "
               "the tokens/s of one")
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-              "load_average": os.getloadavg(), "seconds": args.seconds, "max_tokens": args.max_tokens, "rows": rows}
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "seconds": args.seconds, "max_tokens": args.max_tokens, "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -20,6 +20,7 @@ from lmkit.errors import LmkitError
 from lmkit.serve.engine import Job
 
 MAX_STOPS = 4  # as OpenAI
+MAX_PROMPTS = 2048  # prompts in one request, as OpenAI
 
 
 class ApiError(Exception):
@@ -186,6 +187,8 @@ def prompt_ids(prompt: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
         return [tokenize(prompt, tokenizer, "prompt")]
     if not prompt:
         raise ApiError(400, "prompt is an empty list", param="prompt")
+    if len(prompt) > MAX_PROMPTS and not isinstance(prompt[0], int):
+        raise ApiError(400, f"prompt: {len(prompt)} prompts in one request, more than {MAX_PROMPTS}", param="prompt")
     if isinstance(prompt[0], str):
         return [tokenize(text, tokenizer, f"prompt.{i}") for i, text in enumerate(prompt)]
     prompts = [prompt] if isinstance(prompt[0], int) else prompt
