@@ -356,8 +356,11 @@ def test_an_onnx_export_serves_the_same_text(tmp_path, model):
                                            stream=True)
         assert "ROMEO:" + "".join(c.choices[0].text for c in seeded) == model.generate(
             "ROMEO:", max_new_tokens=20, temperature=0.9, seed=3)
+        os.killpg(server.proc.pid, signal.SIGINT)  # Ctrl-C at a console reaches the whole process group
+        assert server.proc.wait(30) == 0
+        assert "lmkit serve: stopped" in "".join(server.lines) and "Traceback" not in "".join(server.lines)
     finally:
-        assert server.stop() == 0
+        server.stop()
 
 
 # --- the engine alone ----------------------------------------------------------------------------------------

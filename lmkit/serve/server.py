@@ -454,12 +454,13 @@ def run(settings: Settings, tokenizer: Any) -> None:
 
     main = os.getpid()
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        if os.getpid() != main:  # a forked HTTP server, which uvicorn has already shut down
-            raise SystemExit(0)
-        raise KeyboardInterrupt  # LitServe's graceful shutdown, as for Ctrl-C
+    def on_signal(signum: int, frame: Any) -> None:
+        if os.getpid() != main:  # a forked process (uvicorn re-raises the signal once it has shut down): go quietly
+            os._exit(0)
+        raise KeyboardInterrupt  # LitServe's graceful shutdown, for SIGTERM as for Ctrl-C
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     stop = threading.Event()
     threading.Thread(target=announce_when_ready, args=(settings, stop), daemon=True).start()
     try:
