@@ -125,6 +125,9 @@ def check_exportable(model: InferenceModel, quantization: str | None = None) -> 
         if plugin_class(step["plugin"]).quantizes:
             raise LmkitError(f"{step['plugin']} has no ONNX form: export the model before it was quantized, with "
                              f"format=onnx compression=int8 (or int4): onnxruntime's quantizer does it")
+    if model.record.backbone.num_parameters() * 4 >= 2**31:
+        raise LmkitError(f"{model.record.backbone.num_parameters():,} parameters make a float32 graph over ONNX's "
+                         "2 GB protobuf limit, and lmkit does not write ONNX external data yet")
     if model.record.kind != "transformer" and quantization is not None:
         cell = model.record.backbone.cell
         if quantization == "int4":
