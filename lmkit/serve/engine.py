@@ -139,13 +139,11 @@ class Engine:
     def knows(self, uid: str) -> bool:
         return uid in self.requests or any(g.uid == uid for g in list(self.arrivals))
 
-    def reset(self) -> list[str]:
-        """Forget every request (after a failed step); returns their ids."""
-        uids = list(dict.fromkeys([*self.requests, *(g.uid for g in list(self.arrivals))]))
+    def reset(self) -> None:
+        """Forget every request (after a failed step)."""
         self.arrivals.clear()
         self.requests.clear()
         self.groups, self.state, self.logits = [], None, None
-        return uids
 
     # --- called from the decoding thread ---------------------------------------------------------------
 

@@ -176,9 +176,11 @@ class ModelAPI(ls.LitAPI):
         self.to_cancel: deque[str] = deque()  # cancels for the engine's next step
         self.unsent: dict[str, dict[str, Any]] = {}  # news not yet sent, by request
         self.last_sent: dict[str, float] = {}
+        self.active: set[str] = set()  # requests given to the engine and not finished: what a failure must answer
 
     # LitServe's continuous batching hooks
     def add_request(self, uid: str, request: Job) -> None:
+        self.active.add(uid)
         self.engine.arrive(uid, request)
         if uid in self.cancelled.ids:  # its client went away while it waited in LitServe's queue
             self.to_cancel.append(uid)
@@ -198,7 +200,11 @@ class ModelAPI(ls.LitAPI):
             news = self.engine.step(cancel)
         except Exception as e:  # a bug, not a bad request (those never get here): fail what is running, live on
             logger.exception("decoding step failed")
-            return [Output(uid, RuntimeError(f"decoding failed: {e}"), LitAPIStatus.ERROR) for uid in self.engine.reset()]
+            self.engine.reset()
+            failed, self.active = self.active, set()
+            self.unsent.clear()
+            self.last_sent.clear()
+            return [Output(uid, RuntimeError(f"decoding failed: {e}"), LitAPIStatus.ERROR) for uid in failed]
         for uid, update in news.items():
             if update.get("cancelled"):
                 self.unsent.pop(uid, None)
@@ -213,6 +219,7 @@ class ModelAPI(ls.LitAPI):
         for uid in [u for u, n in news.items() if n.get("cancelled")]:
             outputs.append(Output(uid, None, LitAPIStatus.FINISH_STREAMING))
             self.last_sent.pop(uid, None)
+            self.active.discard(uid)
         for uid, update in list(self.unsent.items()):
             last = self.last_sent.get(uid)
             if not (update["done"] or last is None or now - last >= self.settings.stream_interval):
@@ -223,6 +230,7 @@ class ModelAPI(ls.LitAPI):
             if update["done"]:
                 outputs.append(Output(uid, None, LitAPIStatus.FINISH_STREAMING))
                 self.last_sent.pop(uid, None)
+                self.active.discard(uid)
         return outputs
 
     def _drain_cancels(self) -> None:
