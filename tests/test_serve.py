@@ -392,6 +392,24 @@ def test_engine_rows_joining_and_leaving_decode_as_generate(kind):
         assert [prompt + texts[uid][i] for i in range(job.n)] == want, uid
 
 
+def test_engine_a_row_that_stops_rides_along_and_its_sibling_draws_as_in_generate():
+    """n=2 with a stop sequence: a row that stops early stays in the batch, unused, so the other row of its
+    prompt draws exactly what `generate(num_samples=2, seed)` draws for it; each text is generate's, cut."""
+    model = tiny_model("transformer", max_seq_len=16)
+    want = [t[len("ROMEO:"):] for t in model.generate("ROMEO:", max_new_tokens=40, temperature=0.9, num_samples=2,
+                                                      seed=5)]
+    stop = next(want[0][i:i + 2] for i in range(1, 30) if want[0][i:i + 2] not in want[1][:30])
+    engine = Engine(model, max_rows=4)
+    engine.arrive("r", Job([model.encode("ROMEO:")], n=2, max_tokens=40, temperature=0.9, seed=5, stop=[stop]))
+    texts, reasons = {0: "", 1: ""}, {}
+    while engine.busy():
+        for c in engine.step().get("r", {"choices": []})["choices"]:
+            texts[c["index"]] += c["text"]
+            reasons[c["index"]] = c["finish_reason"] or reasons.get(c["index"])
+    cut = [w[:w.find(stop)] if stop in w else w for w in want]
+    assert texts == {0: cut[0], 1: cut[1]} and reasons[0] == "stop"
+
+
 def test_held_back_keeps_what_could_start_a_stop_sequence():
     assert held_back("the end.\n", ["\n\n"]) == 1
     assert held_back("the end.", ["\n\n"]) == 0
