@@ -4,13 +4,14 @@ Processes (LitServe's): the main process checks the options and the model, then 
 inference workers (spawned; each loads the model and runs an `Engine`) and its HTTP servers (uvicorn,
 forked). An HTTP server checks and tokenizes a request, queues it on LitServe's request queue and
 relays what the worker sends back; the worker's `ContinuousBatchingLoop` admits requests between
-decoding steps while there are free rows, and sends each request's news after every step.
+decoding steps while there are free rows, and sends each request's news (at most every
+`stream_interval`).
 
 What LitServe 0.2.19 does not give, added here in small pieces: the OpenAI endpoints beyond chat (its
 `OpenAISpec` serves only /v1/chat/completions, always says finish_reason "stop", has no seed or
 top_k and answers errors as `{"detail": ...}`), a way to tell a worker that a client went away (a
-queue per worker that the HTTP side puts the request's id on), and an idle loop that waits instead of
-spinning (the continuous batching loop polls `has_active_requests` without sleeping).
+queue per worker that the HTTP side puts the request's id on), and three fixes to its continuous
+batching loop (see `Loop`).
 """
 
 from __future__ import annotations
