@@ -12,7 +12,8 @@
    torchao's `quantize_(Int8DynamicActivationInt8WeightConfig())`, through
    `torch.ao.quantization.quantize_dynamic`, and as dynamic_int8 builds it: why it uses what it uses.
 
-`--only recipes|widths|kernels` runs one part (the JSON then holds that part only).
+`--only recipes|widths|kernels` runs one part (the JSON then holds that part only); `--wide [CKPT]`
+adds the recipes on a Transformer 6 x 384 (WIDE below), trained here for `--wide-steps` unless given.
 """
 
 from __future__ import annotations
@@ -41,38 +42,52 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {
     "int8": {"int8": {}},
     "dynamic_int8": {"dynamic_int8": {}},
-    "prune one-shot": {"prune": {"finetune_steps": 0}},
+    "int4": {"int4": {}},
+    "prune magnitude one-shot": {"prune": {"criterion": "magnitude", "finetune_steps": 0}},
+    "prune wanda one-shot": {"prune": {"criterion": "wanda", "finetune_steps": 0}},
+    "prune sparsegpt one-shot": {"prune": {"criterion": "sparsegpt", "finetune_steps": 0}},
+    "prune sparsegpt row one-shot": {"prune": {"criterion": "sparsegpt", "scope": "row", "finetune_steps": 0}},
+    "prune magnitude finetune": {"prune": {"criterion": "magnitude", "recovery": "finetune"}},  # before issue 12
     "prune": {"prune": {}},
-    "prune+int8 one-shot": {"prune": {"finetune_steps": 0}, "int8": {}},
+    "prune 2:4": {"prune": {"pattern": "2:4"}},
     "prune+int8": {"prune": {}, "int8": {}},
+    "prune+int4": {"prune": {}, "int4": {}},
+    "prune_structured magnitude finetune": {"prune_structured": {"criterion": "magnitude", "recovery": "finetune"}},
     "prune_structured": {"prune_structured": {}},
     "prune_structured+dynamic_int8": {"prune_structured": {}, "dynamic_int8": {}},
 }
+# --wide: a Transformer 6 x 384 trained for a few minutes, so the recipes are not judged on 128-wide layers only
+WIDE = ["model=transformer", "model.n_layer=6", "model.n_head=6", "model.n_embd=384", "optim.lr=1e-3"]
 WIDTHS = (128, 256, 384, 512, 768, 1024)
 
 
-def train(model: str, run_dir: Path, cache_dir: str) -> Path:
-    cmd = [sys.executable, str(ROOT / "train.py"), f"model={model}", f"hydra.run.dir={run_dir}",
+def train(overrides: list[str], run_dir: Path, cache_dir: str) -> Path:
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
            f"paths.cache_dir={cache_dir}", "trainer.enable_progress_bar=false"]
     print("$", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, capture_output=True)
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def recipes(checkpoints: dict[str, Path], cache_dir: str) -> dict[str, dict]:
+def recipes(checkpoints: dict[str, Path], cache_dir: str, only: list[str] | None = None) -> dict[str, dict]:
     results = {}
     context = training_context(cache_dir=cache_dir, seed=1337)
     for kind, ckpt in checkpoints.items():
         dense = lmkit.load(ckpt)
-        labelled = []
+        labelled, baseline = [], None
         for label, spec in RECIPES.items():
+            if only and label not in only:
+                continue
             started = time.perf_counter()
-            _, report = compress(dense, spec, context, gen_tokens=200)
+            _, report = compress(dense, spec, context, gen_tokens=200, baseline=baseline)
+            baseline = report["before"]  # the dense model measured once
             report["seconds"] = round(time.perf_counter() - started, 1)
             results[f"{kind} {label}"] = report
-            labelled.append((label, report["after"]))
+            step_labels = [f"{st['plugin']} ({st['summary']})" if st.get("summary") else st["plugin"]
+                           for st in report["steps"]]
+            labelled.append((f"{label}: " + "+".join(step_labels), report["after"]))
             print(f"  {kind} {label}: {report['after_vs_before']} ({report['seconds']} s)", flush=True)
-        base = results[f"{kind} int8"]["before"]
+        base = baseline
         print(f"\n{kind} ({ckpt})\n" + table([("dense", base), *labelled], base), flush=True)
     return results
 
@@ -174,6 +189,11 @@ def main() -> None:
     parser.add_argument("--transformer", type=Path, help="checkpoint of the default Transformer (default: train it)")
     parser.add_argument("--cache-dir", default=os.environ.get("LMKIT_CACHE", ".cache/lmkit"))
     parser.add_argument("--only", choices=("recipes", "widths", "kernels"))
+    parser.add_argument("--wide", type=Path, nargs="?", const=True, default=None,
+                        help="also the recipes on a Transformer 6x384 (trained here for --wide-steps, or this checkpoint)")
+    parser.add_argument("--wide-steps", type=int, default=400, help="training steps of the wide model (a few minutes)")
+    parser.add_argument("--models", default="lstm,transformer", help="which default models' recipes to run")
+    parser.add_argument("--recipes", help="comma-separated labels of RECIPES to run (default: all)")
     parser.add_argument("--train-dir", type=Path, help="keep the trained runs here (default: a temporary folder)")
     args = parser.parse_args()
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
@@ -181,9 +201,13 @@ def main() -> None:
     if args.only in (None, "recipes"):
         with tempfile.TemporaryDirectory() as tmp:
             runs = args.train_dir or Path(tmp)
-            checkpoints = {kind: getattr(args, kind) or train(kind, runs / kind, args.cache_dir)
-                           for kind in ("lstm", "transformer")}
-            result["recipes"] = recipes(checkpoints, args.cache_dir)
+            checkpoints = {kind: getattr(args, kind) or train([f"model={kind}"], runs / kind, args.cache_dir)
+                           for kind in args.models.split(",") if kind}
+            if args.wide:
+                checkpoints["transformer 6x384"] = args.wide if isinstance(args.wide, Path) else train(
+                    [*WIDE, f"trainer.max_steps={args.wide_steps}", f"trainer.val_check_interval={args.wide_steps}"],
+                    runs / "wide", args.cache_dir)
+            result["recipes"] = recipes(checkpoints, args.cache_dir, args.recipes.split(",") if args.recipes else None)
     if args.only in (None, "widths"):
         result["widths"] = widths()
     if args.only in (None, "kernels"):

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from lmkit.errors import LmkitError
@@ -29,7 +30,7 @@ from lmkit.export import save, write_tensors
 from lmkit.files import check_free
 from lmkit.generate import stream_tokens
 from lmkit.inference import InferenceModel
-from lmkit.plugins import CompressContext, check_chain, recipe
+from lmkit.plugins import CompressContext, Teacher, check_chain, recipe
 from lmkit.tensors import count_parameters, unique_tensors
 
 log = logging.getLogger("lmkit")
@@ -81,16 +82,21 @@ def measure(model: InferenceModel, tokens: Any, *, seq_len: int, batch_size: int
 
 
 def compress(model: InferenceModel, spec: dict[str, dict[str, Any] | None], context: CompressContext,
-             *, eval_windows: int | None = None, gen_tokens: int = 100) -> tuple[InferenceModel, dict[str, Any]]:
-    """Apply the plugins of `spec` in order to a copy of `model`; returns it and the report."""
+             *, eval_windows: int | None = None, gen_tokens: int = 100,
+             baseline: dict[str, Any] | None = None) -> tuple[InferenceModel, dict[str, Any]]:
+    """Apply the plugins of `spec` in order to a copy of `model`; returns it and the report.
+
+    `baseline`: the report's `before` of an earlier compress of this same model with the same measure
+    options, reused instead of measured again (a benchmark compressing one model many ways)."""
     done = [r["plugin"] for r in model.record.compression]
     plugins = recipe(spec)
     check_chain([p.name for p in plugins], already=done)
     has_corpus = bool(model.record.data) and model.has_tokenizer
-    tuning = [p.name for p in plugins if p.finetunes and p.settings.get("finetune_steps")]
-    if tuning and not has_corpus:
-        raise LmkitError(f"compression: {', '.join(tuning)} fine-tunes on the model's training corpus, and this "
-                         f"model records none (or no tokenizer): set compression.{tuning[0]}.finetune_steps=0")
+    needs = [(p.name, p.needs_corpus()) for p in plugins if p.needs_corpus()]
+    if needs and not has_corpus:
+        name, (why, fix) = needs[0]
+        raise LmkitError(f"compression: {name} {why} on the model's training corpus, and this model records none "
+                         f"(or no tokenizer): set " + " ".join(f"compression.{name}.{kv}" for kv in fix.split()))
     for plugin in plugins:  # before minutes of measuring and fine-tuning
         plugin.check_model(model)
     # float32 in, so that what is measured is what the artifact (float32 plus its plugins' dtypes) holds
@@ -107,13 +113,13 @@ def compress(model: InferenceModel, spec: dict[str, dict[str, Any] | None], cont
         log.warning("the model records no training corpus or no tokenizer: the report has no perplexity")
     measure_now = lambda: measure(model, tokens, seq_len=seq_len, batch_size=batch_size,  # noqa: E731
                                   windows=eval_windows, gen_tokens=gen_tokens)
-    before = measure_now()
+    before = baseline if baseline is not None else measure_now()
     steps = []
     for plugin in plugins:
         context.log(f"compression: {plugin.name} {json.dumps(plugin.settings)}")
         record = {"plugin": plugin.name, "settings": plugin.settings, **plugin.apply(model, context)}
         model.record = model.record.replace(compression=[*model.record.compression, record])
-        steps.append({**record, **measure_now()})
+        steps.append({**record, "summary": plugin.describe(), **measure_now()})
     report = {"model": dense_shape, "dense_digest": fingerprint, "compressed_before": done,
               "source": model.record.source,
               "data": model.record.data, "recipe": [p.name for p in plugins],
@@ -134,13 +140,31 @@ def training_context(*, cache_dir: str, seed: int, log: Any = print, train_devic
     """A CompressContext whose fine-tunes run lmkit's training loop (Lightning) on the model's own corpus,
     on `train_device` (None: where the model is)."""
 
-    def finetune(model: InferenceModel, *, steps: int, lr: float | None = None, callbacks: list | None = None) -> None:
+    def finetune(model: InferenceModel, *, steps: int, lr: float | None = None, callbacks: list | None = None,
+                 teacher: Teacher | None = None) -> None:
         from lmkit.finetune import finetune as lightning_finetune
 
-        lightning_finetune(model, steps=steps, lr=lr, callbacks=callbacks, cache_dir=cache_dir, seed=seed,
-                           device=train_device)
+        lightning_finetune(model, steps=steps, lr=lr, callbacks=callbacks, teacher=teacher, cache_dir=cache_dir,
+                           seed=seed, device=train_device)
 
-    return CompressContext(cache_dir=cache_dir, seed=seed, log=log, finetune=finetune)
+    def calibration(model: InferenceModel, windows: int) -> torch.Tensor:
+        return calibration_windows(model, windows, cache_dir=cache_dir, seed=seed)
+
+    return CompressContext(cache_dir=cache_dir, seed=seed, log=log, finetune=finetune, calibration=calibration)
+
+
+def calibration_windows(model: InferenceModel, windows: int, *, cache_dir: str, seed: int) -> torch.Tensor:
+    """`windows` random windows (windows, seq_len) of token ids from the model's own training split: what
+    activation-aware pruning measures inputs on (never the test split its report is measured on)."""
+    datamodule = own_datamodule(model, cache_dir, seed=seed)
+    datamodule.prepare_data()
+    tokens, seq_len = datamodule.cache.split("train"), datamodule.seq_len
+    if model.backbone.max_seq_len:
+        seq_len = min(seq_len, model.backbone.max_seq_len)
+    if len(tokens) <= seq_len:
+        raise LmkitError(f"the training split has {len(tokens)} tokens, too few for a calibration window of {seq_len}")
+    starts = np.random.default_rng(seed).integers(0, len(tokens) - seq_len, size=windows)
+    return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))
 
 
 def compress_and_export(model: InferenceModel, spec: dict[str, dict[str, Any] | None], out: str | Path,
@@ -158,7 +182,7 @@ def rows(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(label, measures) for the model as given and after each step."""
     out, names = [("dense" if not report.get("compressed_before") else "before", report["before"])], []
     for step in report["steps"]:
-        names.append(step["plugin"])
+        names.append(step["plugin"] + (f" ({step['summary']})" if step.get("summary") else ""))
         out.append(("+".join(names), step))
     return out
 

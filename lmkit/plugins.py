@@ -20,8 +20,10 @@ plus anything `apply` added), so loading rebuilds the exact model from plain JSO
 Plugins are found by name through the entry-point group `lmkit.plugins`: a name in a file only
 ever selects one of the installed plugins, it never names code to import. Loading must not need
 Lightning or Hydra, so a plugin imports Lightning inside `callbacks` only; its recovery training is
-`context.finetune(model, steps=..., lr=..., callbacks=[...])`, injected by whoever compresses. This
-module imports nothing of lmkit's training stack; tensor helpers for plugins are in lmkit.tensors.
+`context.finetune(model, steps=..., lr=..., callbacks=[...], teacher=Teacher(...))` (with a teacher:
+distillation from it), and its calibration data `context.calibration(model, windows)`, both injected
+by whoever compresses. This module imports nothing of lmkit's training stack; tensor helpers for
+plugins are in lmkit.tensors.
 """
 
 from __future__ import annotations
@@ -43,15 +45,30 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "lmkit.plugins"
 
 
+@dataclass
+class Teacher:
+    """Distillation during a fine-tune: the loss becomes (1 - weight) * the data loss + weight * T^2 *
+    KL(teacher || student) on logits softened by the temperature T (Hinton et al. 2015)."""
+
+    backbone: nn.Module  # the model as it was before the plugin changed it, in eval mode; never trained
+    temperature: float = 2.0
+    weight: float = 0.5
+
+
 class Finetune(Protocol):
     def __call__(self, model: InferenceModel, *, steps: int, lr: float | None = None,
-                 callbacks: list[Any] | None = None) -> None: ...
+                 callbacks: list[Any] | None = None, teacher: Teacher | None = None) -> None: ...
 
 
 def no_finetune(model: InferenceModel, *, steps: int, lr: float | None = None,
-                callbacks: list[Any] | None = None) -> None:
+                callbacks: list[Any] | None = None, teacher: Teacher | None = None) -> None:
     if steps > 0:
         raise LmkitError(f"this compression run cannot fine-tune ({steps} steps asked): set finetune_steps=0")
+
+
+def no_calibration(model: InferenceModel, windows: int) -> torch.Tensor:
+    raise LmkitError("this compression run has no calibration data (the model's training corpus): "
+                     "choose a criterion that needs none (criterion=magnitude)")
 
 
 @dataclass
@@ -64,7 +81,9 @@ class CompressContext:
     cache_dir: str  # the token cache (for fine-tuning and evaluation on the model's own corpus)
     seed: int = 1337
     log: Callable[[str], Any] = print  # where progress lines go
-    finetune: Finetune = no_finetune  # finetune(model, steps=N, lr=..., callbacks=[...]) trains model in place
+    finetune: Finetune = no_finetune  # finetune(model, steps=N, lr=..., callbacks=[...], teacher=...) trains in place
+    # calibration(model, N): N windows (N, seq_len) of token ids from the model's own training split
+    calibration: Callable[[InferenceModel, int], torch.Tensor] = no_calibration
 
 
 class Plugin:
@@ -97,6 +116,15 @@ class Plugin:
 
     def check_model(self, model: InferenceModel) -> None:
         """Raise LmkitError if this plugin cannot compress `model` (called before any work starts)."""
+
+    def needs_corpus(self) -> tuple[str, str] | None:
+        """(why, the settings that avoid it) if these settings need the model's training corpus, e.g.
+        ("fine-tunes", "finetune_steps=0"): compressing a model that records none is refused before any work."""
+        return ("fine-tunes", "finetune_steps=0") if self.finetunes and self.settings.get("finetune_steps") else None
+
+    def describe(self) -> str:
+        """A few words on how this step ran (criterion, pattern, recovery, ...) for the report's rows."""
+        return ""
 
     def callbacks(self, module: Any) -> list[Any]:
         return []
@@ -170,6 +198,8 @@ def check_chain(names: list[str], already: list[str] | None = None) -> None:
             if earlier.quantizes and i < len(done):
                 raise LmkitError(f"compression: {later} cannot run on this model: it is already quantized by {name} "
                                  "(start from the unquantized checkpoint)")
+            if earlier.quantizes and plugin_class(later).quantizes:
+                raise LmkitError(f"compression: {later} cannot follow {name} (both quantize the weights: choose one)")
             if earlier.quantizes:
                 raise LmkitError(f"compression: {later} cannot follow {name} ({name} quantizes the weights, so the "
                                  f"model is final{'' if later == name else f'; put {later} before {name}'})")

@@ -1,21 +1,31 @@
 """`prune_structured`: remove whole FFN neurons, attention heads or recurrent hidden units.
 
-The least important units (by weight magnitude: the norm of what a unit reads times the norm of
-what it writes) are cut out and the layers rebuilt smaller, so the model has fewer parameters and
-runs faster with ordinary dense kernels. `amount` is the fraction of the model's parameters to
-remove (at least): the plan is the smallest cut that gets there. A short recovery fine-tune follows.
+The least important units are cut out and the layers rebuilt smaller, so the model has fewer
+parameters and runs faster with ordinary dense kernels. `amount` is the fraction of the model's
+parameters to remove (at least). Importance (`criterion`):
 
-- Transformer: the same fraction of the MLP neurons and (with `heads`) of the attention heads in
-  every layer, at least one head kept; embeddings stay. Kept widths are multiples of 8 (fast kernels). The new widths are per-layer config keys (`layer_ffn`,
-  `layer_heads`), so the artifact is an ordinary model with a different config.json.
-- LSTM/GRU: `nn.LSTM` needs one hidden size for all layers, so every layer keeps the same number
-  of units (its own most important ones). With a tied head and no projection the last layer's
-  units are the embedding's dimensions: those are cut from the embedding, the head and the first
-  layer's input too.
+- `activation` (default): measured on `calibration_windows` windows of the model's training split:
+  the energy a unit adds to the residual stream (a neuron's activation, a head's output, times the
+  norm of the output-projection columns it owns), or for a recurrent unit the energy its state
+  sends on (to its own recurrence and to the next layer or head). These compare across layers, so
+  the Transformer's layers lose different amounts: the units with the lowest importance per
+  parameter go first, neurons in groups of 8 (kept widths stay multiples of 8: fast kernels), heads
+  one at a time (one stays per layer).
+- `magnitude`: the norm of what a unit reads times the norm of what it writes, from the weights
+  alone (no corpus); the same fraction of neurons and heads in every layer.
+
+The new widths are per-layer config keys (`layer_ffn`, `layer_heads`), so the artifact is an
+ordinary model with a different config.json. `nn.LSTM` needs one hidden size for all its layers, so
+every LSTM layer keeps the same number of units (its own most important ones): per-layer amounts
+are the Transformer's only. With a tied head and no projection the last layer's units are the
+embedding's dimensions: those are cut from the embedding, the head and the first layer's input too.
+
+Then a short recovery (`finetune_steps`), by fine-tuning or by distillation from the unpruned model.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +34,8 @@ import torch.nn as nn
 
 from lmkit.backbones import LSTMConfig, TransformerConfig, build_backbone
 from lmkit.errors import LmkitError
-from lmkit.plugins import CompressContext, Plugin
+from lmkit.plugins import CompressContext, Plugin, Teacher
+from plugins.calibrate import collect
 
 
 def multiple_of_8(n: float) -> int:
@@ -43,26 +54,54 @@ def gate_rows(units: torch.Tensor, hidden: int, gates: int) -> torch.Tensor:
     return torch.cat([g * hidden + units for g in range(gates)])
 
 
-@torch.no_grad()
-def shrink_transformer(state: dict[str, torch.Tensor], cfg: TransformerConfig) -> dict[str, torch.Tensor]:
-    """Cut each layer down to `cfg.layer_ffn` neurons and `cfg.layer_heads` heads, the most important."""
-    n_layer, d = cfg.n_layer, cfg.head_dim
-    for i in range(n_layer):
+def weight_scores(state: dict[str, torch.Tensor], cfg: TransformerConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(neuron scores, head scores) of each layer from the weights alone: the norm of what a unit
+    reads times the norm of what it writes."""
+    out, d = [], cfg.head_dim
+    for i in range(cfg.n_layer):
         p = f"transformer.h.{i}."
-        # MLP neurons: what each reads (c_fc row) times what it writes (c_proj column)
         fc, proj = state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"]
-        neuron_scores = fc.norm(dim=1) * proj.norm(dim=0)
+        attn, attn_out = state[p + "attn.c_attn.weight"], state[p + "attn.c_proj.weight"]
+        n_head = attn_out.size(1) // d
+        inner = n_head * d
+        per_head = lambda t: t.reshape(n_head, -1).norm(dim=1)  # noqa: E731
+        heads = (sum(per_head(attn[j * inner:(j + 1) * inner]) ** 2 for j in range(3)).sqrt()
+                 * per_head(attn_out.t().contiguous()))
+        out.append((fc.norm(dim=1) * proj.norm(dim=0), heads))
+    return out
+
+
+@torch.no_grad()
+def activation_scores(backbone: nn.Module, cfg: TransformerConfig, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(neuron scores, head scores) of each layer, measured: the energy each unit adds to the residual
+    stream over the calibration tokens, sum_t x_j^2 * ||W_proj[:, j]||^2 over the columns j of the
+    output projection it owns. Units of different layers and kinds compare in the same currency."""
+    out = []
+    for i in range(cfg.n_layer):
+        per_column = []
+        for part in ("mlp", "attn"):
+            name = f"transformer.h.{i}.{part}.c_proj.weight"
+            weight = backbone.get_parameter(name)
+            per_column.append(collect(backbone, name, ids, "norm") * weight.pow(2).sum(0))
+        neurons, columns = per_column
+        out.append((neurons, columns.view(-1, cfg.head_dim).sum(1)))
+    return out
+
+
+@torch.no_grad()
+def shrink_transformer(state: dict[str, torch.Tensor], cfg: TransformerConfig,
+                       scores: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Cut each layer down to `cfg.layer_ffn` neurons and `cfg.layer_heads` heads, the highest scoring."""
+    d = cfg.head_dim
+    for i, (neuron_scores, head_scores) in enumerate(scores):
+        p = f"transformer.h.{i}."
+        fc, proj = state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"]
         kept = keep_top(neuron_scores, cfg.layer_ffn[i])
         state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"] = fc[kept], proj[:, kept]
         if p + "mlp.c_fc.bias" in state:
             state[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"][kept]
-        # attention heads: the norm of a head's q, k, v rows times that of its output columns
         attn, out = state[p + "attn.c_attn.weight"], state[p + "attn.c_proj.weight"]
-        n_head = out.size(1) // d
-        inner = n_head * d
-        per_head = lambda t: t.reshape(n_head, -1).norm(dim=1)  # noqa: E731
-        head_scores = (sum(per_head(attn[j * inner:(j + 1) * inner]) ** 2 for j in range(3)).sqrt()
-                       * per_head(out.t().contiguous()))
+        inner = out.size(1)
         kept_heads = keep_top(head_scores, cfg.layer_heads[i])
         cols = torch.cat([h * d + torch.arange(d) for h in kept_heads.tolist()])
         rows = torch.cat([j * inner + cols for j in range(3)])
@@ -72,23 +111,52 @@ def shrink_transformer(state: dict[str, torch.Tensor], cfg: TransformerConfig) -
     return state
 
 
+def readers(state: dict[str, torch.Tensor], layer: int, n_layer: int) -> torch.Tensor:
+    """The matrix that reads layer `layer`'s hidden state besides its own recurrence."""
+    if layer + 1 < n_layer:
+        return state[f"rnn.weight_ih_l{layer + 1}"]
+    return state["proj.weight"] if "proj.weight" in state else state["head.weight"]
+
+
+def rnn_weight_scores(state: dict[str, torch.Tensor], cfg: LSTMConfig, tied_to_embedding: bool) -> list[torch.Tensor]:
+    """Each layer's hidden-unit scores from the weights: the norm of what a unit reads times what it writes."""
+    gates, units = 4 if cfg.cell == "lstm" else 3, []
+    hidden = state["rnn.weight_hh_l0"].size(1)
+    for layer in range(cfg.n_layer):
+        w_ih, w_hh = state[f"rnn.weight_ih_l{layer}"], state[f"rnn.weight_hh_l{layer}"]
+        reads = w_ih.reshape(gates, hidden, -1).norm(dim=(0, 2)) ** 2 + w_hh.reshape(gates, hidden, -1).norm(dim=(0, 2)) ** 2
+        writes = w_hh.norm(dim=0) ** 2 + readers(state, layer, cfg.n_layer).norm(dim=0) ** 2
+        if layer == cfg.n_layer - 1 and tied_to_embedding:  # these units are the embedding's dimensions
+            writes = writes + state["embedding.weight"].norm(dim=0) ** 2 + state["rnn.weight_ih_l0"].norm(dim=0) ** 2
+        units.append(reads.sqrt() * writes.sqrt())
+    return units
+
+
 @torch.no_grad()
-def shrink_rnn(state: dict[str, torch.Tensor], cfg: LSTMConfig, keep: int,
-               tied_to_embedding: bool) -> dict[str, torch.Tensor]:
-    """Keep the `keep` most important hidden units of every layer (the embedding's dimensions too when tied)."""
+def rnn_activation_scores(backbone: nn.Module, cfg: LSTMConfig, ids: torch.Tensor,
+                          tied_to_embedding: bool) -> list[torch.Tensor]:
+    """Each layer's hidden-unit scores, measured: the energy a unit's state sends on over the calibration
+    tokens, sum_t h_j^2 * (||W_hh[:, j]||^2 + ||W_next[:, j]||^2); when the last layer's units are the
+    tied embedding's dimensions, also the energy of that dimension entering the first layer."""
+    state, units = backbone.state_dict(), []
+    for layer in range(cfg.n_layer):
+        energy = collect(backbone, f"rnn.weight_hh_l{layer}", ids, "norm")  # h_{t-1}: every state but the last
+        w_hh = state[f"rnn.weight_hh_l{layer}"]
+        score = energy * (w_hh.pow(2).sum(0) + readers(state, layer, cfg.n_layer).pow(2).sum(0))
+        if layer == cfg.n_layer - 1 and tied_to_embedding:
+            score = score + collect(backbone, "rnn.weight_ih_l0", ids, "norm") * state["rnn.weight_ih_l0"].pow(2).sum(0)
+        units.append(score)
+    return units
+
+
+@torch.no_grad()
+def shrink_rnn(state: dict[str, torch.Tensor], cfg: LSTMConfig, keep: int, tied_to_embedding: bool,
+               scores: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keep the `keep` highest-scoring hidden units of every layer (the embedding's dimensions too when tied)."""
     n_layer = cfg.n_layer
     gates = 4 if cfg.cell == "lstm" else 3
     hidden = state["rnn.weight_hh_l0"].size(1)
-    units = []
-    for layer in range(n_layer):
-        w_ih, w_hh = state[f"rnn.weight_ih_l{layer}"], state[f"rnn.weight_hh_l{layer}"]
-        reads = w_ih.reshape(gates, hidden, -1).norm(dim=(0, 2)) ** 2 + w_hh.reshape(gates, hidden, -1).norm(dim=(0, 2)) ** 2
-        nxt = state[f"rnn.weight_ih_l{layer + 1}"] if layer + 1 < n_layer else (
-            state["proj.weight"] if "proj.weight" in state else state["head.weight"])
-        writes = w_hh.norm(dim=0) ** 2 + nxt.norm(dim=0) ** 2
-        if layer == n_layer - 1 and tied_to_embedding:  # these units are the embedding's dimensions
-            writes = writes + state["embedding.weight"].norm(dim=0) ** 2 + state["rnn.weight_ih_l0"].norm(dim=0) ** 2
-        units.append(keep_top(reads.sqrt() * writes.sqrt(), keep))
+    units = [keep_top(layer_scores, keep) for layer_scores in scores]
     for layer, kept in enumerate(units):
         rows = gate_rows(kept, hidden, gates)
         state[f"rnn.weight_hh_l{layer}"] = state[f"rnn.weight_hh_l{layer}"][rows][:, kept]
@@ -121,6 +189,42 @@ def transformer_plan(cfg: TransformerConfig, budget: int, heads: bool) -> Transf
     raise LmkitError("compression.prune_structured: the amount asks for more than cutting 95% of every layer removes")
 
 
+def importance_plan(cfg: TransformerConfig, budget: int, heads: bool,
+                    scores: list[tuple[torch.Tensor, torch.Tensor]]) -> TransformerConfig:
+    """Per-layer widths by measured importance: remove the units with the lowest score per parameter,
+    across all layers and both kinds (neurons 8 at a time, so widths stay multiples of 8; heads one at
+    a time, one kept per layer), until the model fits in `budget` parameters."""
+    d, bias = cfg.n_embd, int(cfg.bias)
+    neuron_cost, head_cost = 2 * d + bias, cfg.head_dim * (4 * d + 3 * bias)
+    ffn = [cfg.ffn(i) for i in range(cfg.n_layer)]
+    head_counts = [cfg.heads(i) for i in range(cfg.n_layer)]
+    candidates = []  # (score per parameter, layer, kind, parameters removed)
+    for i, (neuron_scores, head_scores) in enumerate(scores):
+        ranked, start = neuron_scores.sort().values, 0
+        odd = ffn[i] % 8  # an odd width first loses its lowest few, then groups of 8; 8 always stay
+        for size in ([odd] if odd else []) + [8] * max(0, ffn[i] // 8 - 1):
+            group = ranked[start:start + size]
+            start += size
+            candidates.append((float(group.sum()) / (size * neuron_cost), i, "ffn", size))
+        if heads:
+            candidates += [(float(v) / head_cost, i, "head", 1) for v in head_scores.sort().values[:-1]]
+    total = cfg.num_parameters()
+    for _, i, kind, count in sorted(candidates):
+        if total <= budget:
+            break
+        if kind == "ffn":
+            ffn[i] -= count
+            total -= count * neuron_cost
+        else:
+            head_counts[i] -= 1
+            total -= head_cost
+    plan = replace(cfg, layer_ffn=ffn, layer_heads=head_counts)
+    if plan.num_parameters() > budget:
+        raise LmkitError("compression.prune_structured: the amount asks for more than cutting every layer to "
+                         "8 neurons and one head removes")
+    return plan
+
+
 def rnn_plan(cfg: LSTMConfig, budget: int, tied_to_embedding: bool) -> tuple[LSTMConfig, int]:
     """The widest hidden size (a multiple of 8) whose model fits in `budget` parameters."""
     hidden = cfg.hidden_size or cfg.n_embd
@@ -137,32 +241,68 @@ class PruneStructured(Plugin):
     name = "prune_structured"
     finetunes = True
     summary = "removes FFN neurons, attention heads and LSTM hidden units: a smaller dense model, no sparse kernels needed"
-    defaults = {"amount": 0.3, "heads": True, "finetune_steps": 200, "finetune_lr": None}
+    defaults = {"amount": 0.3, "heads": True, "criterion": "activation", "calibration_windows": 128,
+                "finetune_steps": 200, "finetune_lr": None, "recovery": "distill", "temperature": 2.0,
+                "distill_weight": 0.5}
 
     def check(self) -> None:
         s = self.settings
+        key = "compression.prune_structured"
         if not 0 <= s["amount"] < 1:
-            raise LmkitError(f"compression.prune_structured.amount={s['amount']} must be in [0, 1)")
-        if s["finetune_steps"] < 0:
-            raise LmkitError(f"compression.prune_structured.finetune_steps={s['finetune_steps']} must be >= 0")
+            raise LmkitError(f"{key}.amount={s['amount']} must be in [0, 1)")
+        if s["criterion"] not in ("activation", "magnitude"):
+            raise LmkitError(f"{key}.criterion={s['criterion']!r} is not one of activation, magnitude")
+        if s["recovery"] not in ("finetune", "distill"):
+            raise LmkitError(f"{key}.recovery={s['recovery']!r} is not one of finetune, distill")
+        if s["finetune_steps"] < 0 or s["calibration_windows"] < 1 or s["temperature"] <= 0 \
+                or not 0 <= s["distill_weight"] <= 1:
+            raise LmkitError(f"{key}: finetune_steps={s['finetune_steps']} must be >= 0, calibration_windows="
+                             f"{s['calibration_windows']} >= 1, temperature={s['temperature']} > 0 and "
+                             f"distill_weight={s['distill_weight']} in [0, 1]")
+
+    def needs_corpus(self) -> tuple[str, str] | None:
+        s = self.settings
+        tunes = super().needs_corpus()
+        if s["criterion"] == "magnitude":
+            return tunes
+        return ("measures unit importance (criterion=activation)" + (" and fine-tunes" if tunes else ""),
+                "criterion=magnitude" + (" finetune_steps=0" if tunes else ""))
+
+    def describe(self) -> str:
+        s = self.settings
+        steps = s["finetune_steps"]
+        return f"{s['criterion']}, " + (f"{s['recovery']} {steps} steps" if steps else "no recovery")
 
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
+        s = self.settings
         cfg = model.record.backbone
+        steps = s["finetune_steps"]
+        teacher = (Teacher(copy.deepcopy(model.backbone).eval(), temperature=s["temperature"], weight=s["distill_weight"])
+                   if s["recovery"] == "distill" and steps else None)
+        ids = context.calibration(model, s["calibration_windows"]).to(model.device) \
+            if s["criterion"] == "activation" else None
         state = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-        budget = int((1 - self.settings["amount"]) * cfg.num_parameters())
+        budget = int((1 - s["amount"]) * cfg.num_parameters())
         if isinstance(cfg, TransformerConfig):
-            cfg = transformer_plan(cfg, budget, self.settings["heads"])
-            state = shrink_transformer(state, cfg)
+            if ids is None:  # weight norms do not compare across layers: the same cut everywhere
+                scores = weight_scores(state, cfg)
+                cfg = transformer_plan(cfg, budget, s["heads"])
+            else:
+                scores = activation_scores(model.backbone, cfg, ids)
+                cfg = importance_plan(cfg, budget, s["heads"], scores)
+            state = shrink_transformer(state, cfg, scores)
         elif isinstance(cfg, LSTMConfig):
             backbone = model.backbone
             tied = backbone.proj is None and backbone.head.weight is backbone.embedding.weight
-            cfg, keep = rnn_plan(cfg, budget, tied)
-            state = shrink_rnn(state, cfg, keep, tied)
+            scores = (rnn_weight_scores(state, cfg, tied) if ids is None
+                      else rnn_activation_scores(backbone, cfg, ids, tied))
+            cfg, keep = rnn_plan(cfg, budget, tied)  # nn.LSTM has one hidden size for all its layers
+            state = shrink_rnn(state, cfg, keep, tied, scores)
         else:
             raise LmkitError(f"compression.prune_structured does not know the {cfg.kind} backbone")
         smaller = build_backbone(cfg).to(model.device)
         smaller.load_state_dict(state, strict=True)
         model.backbone = smaller.eval()
         model.record = model.record.replace(backbone=cfg)
-        context.finetune(model, steps=self.settings["finetune_steps"], lr=self.settings["finetune_lr"])
-        return {"finetuned_steps": self.settings["finetune_steps"]}
+        context.finetune(model, steps=steps, lr=s["finetune_lr"], teacher=teacher)
+        return {"finetuned_steps": steps}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,14 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import lmkit
-from lmkit.compress import compress_and_export, training_context
+from lmkit.backbones import LSTM, LSTMConfig, Transformer, TransformerConfig
+from lmkit.backbones.unrolled import UnrolledRNN
+from lmkit.compress import compress, compress_and_export, training_context
 from lmkit.errors import LmkitError
 from lmkit.export import save
-from lmkit.plugins import CompressContext, installed, make
+from lmkit.finetune import distillation_loss
+from lmkit.plugins import CompressContext, Teacher, installed, make, recipe
 from lmkit.train import run
+from plugins.calibrate import collect
+from plugins.int4 import Int4Weight, nibbles, unnibble
+from plugins.prune import targets, wanda_scores
 from tests.conftest import TINY, TINY_TRANSFORMER
 from tests.helpers import decode_by_hand
 
@@ -28,11 +37,15 @@ RECIPES = {
     "prune": {"prune": {"finetune_steps": 40}},
     "prune_structured": {"prune_structured": {"amount": 0.25, "finetune_steps": 40}},
     "prune+int8": {"prune": {"finetune_steps": 40}, "int8": {}},
+    "int4": {"int4": {}},
+    "prune+int4": {"prune": {"criterion": "wanda", "finetune_steps": 0}, "int4": {"quant_type": "fp4", "blocksize": 32}},
+    "prune-2:4": {"prune": {"criterion": "magnitude", "pattern": "2:4", "finetune_steps": 20, "recovery": "finetune"}},
 }
 # (largest bytes ratio, largest perplexity ratio) against the dense model, on 48-wide models trained
 # 300 steps; the bounds are loose for tiny layers (scales and biases weigh more) but far from no-op.
 BOUNDS = {"int8": (0.35, 1.01), "dynamic_int8": (0.35, 1.02), "prune": (0.80, 1.10),
-          "prune_structured": (0.85, 1.35), "prune+int8": (0.25, 1.10)}
+          "prune_structured": (0.85, 1.35), "prune+int8": (0.25, 1.10), "int4": (0.22, 1.06),
+          "prune+int4": (0.17, 1.25), "prune-2:4": (0.80, 1.15)}
 KINDS = ("lstm", "transformer")
 
 
@@ -150,7 +163,8 @@ def test_lstm_weights_are_really_pruned_and_tied_weights_stay_tied(exports, trai
     assert backbone.head.weight is backbone.embedding.weight
     # asked to, it prunes the embedding and the tied head with it, once
     model = lmkit.load(trained["lstm"])
-    make("prune", {"embeddings": True, "finetune_steps": 0, "scope": "layer"}).apply(model, CompressContext(cache_dir=""))
+    make("prune", {"criterion": "magnitude", "embeddings": True, "finetune_steps": 0, "scope": "layer"}).apply(
+        model, CompressContext(cache_dir=""))
     assert model.backbone.head.weight is model.backbone.embedding.weight
     assert abs(float((model.backbone.embedding.weight == 0).float().mean()) - 0.5) < 0.01
 
@@ -169,7 +183,7 @@ def test_structured_pruning_rebuilds_smaller_layers(exports):
         assert report["after_vs_before"]["parameters"] <= 0.75  # amount=0.25: at least a quarter removed
         assert report["after"]["sparsity"] < 0.01  # smaller, not sparser
     cfg = exports["transformer", "prune_structured"]["model"].record.backbone
-    assert cfg.layer_ffn[0] < 4 * 48 and cfg.layer_ffn[0] % 8 == 0 and cfg.layer_heads == [1]
+    assert cfg.layer_ffn[0] < 4 * 48 and cfg.layer_ffn[0] % 8 == 0 and 1 <= cfg.layer_heads[0] <= 2
     assert exports["lstm", "prune_structured"]["model"].record.backbone.n_embd == 40  # tied: 48 -> 40 wide
 
 
@@ -189,6 +203,8 @@ def test_bad_compression_input_is_one_line_and_writes_nothing(trained, exports, 
         "unknown compression plugin": ["compression=nosuch"],
         "must be in [0, 1)": ["compression=prune", "compression.prune.amount=1.5"],
         "cannot follow int8": ["compression=[int8,prune]"],
+        "pattern=2:4 keeps 2 of every 4": ["compression=prune", "compression.prune.pattern=2:4",
+                                           "compression.prune.scope=global"],
         "would fill prune's zeros back in": ["compression=[prune,prune_structured]"],
         "compression.prune.amount='abc' must be a number": ["compression=prune", "compression.prune.amount=abc"],
         "compression.prune.embeddings='no' must be true or false": ["compression=prune", "compression.prune.embeddings=no"],
@@ -265,7 +281,8 @@ def test_third_party_plugin_is_found_through_its_entry_point(trained, cache_dir,
 
 def test_train_py_compresses_after_training_and_prunes_during_it(make_cfg):
     cfg = make_cfg(*TINY, "trainer.max_steps=60", "trainer.val_check_interval=60", "logger=none",
-                   "compression=[prune,int8]", "compression.prune.during_training=true", "compression.prune.ramp=0.5")
+                   "compression=[prune,int8]", "compression.prune.during_training=true", "compression.prune.ramp=0.5",
+                   "compression.prune.criterion=magnitude")
     metrics, objects = run(cfg)
     rnn = objects["module"].backbone.rnn  # the trained model itself was pruned by the schedule
     assert abs(float((rnn.weight_hh_l0 == 0).float().mean()) - 0.5) < 0.1
@@ -274,3 +291,147 @@ def test_train_py_compresses_after_training_and_prunes_during_it(make_cfg):
     assert metrics["export_bytes_ratio"] < 0.3
     exported = lmkit.load(metrics["export_dir"])  # its greedy text: argmax of full forward passes, token by token
     assert exported.generate("A", max_new_tokens=10, temperature=0) == decode_by_hand(exported, "A", 10)
+
+
+@pytest.fixture(scope="module")
+def context(cache_dir):
+    return training_context(cache_dir=str(cache_dir), seed=1337)
+
+
+def zeros_per_row(p: torch.Tensor) -> torch.Tensor:
+    return (p == 0).reshape(p.size(0), -1).sum(1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
+def test_each_criterion_prunes_exactly_the_asked_sparsity_and_pattern(kind, criterion, trained, context):
+    dense = lmkit.load(trained[kind])
+    for pattern, amount in (("unstructured", 0.3), ("2:4", 0.5)):
+        model = copy.deepcopy(dense)
+        plugin = make("prune", {"criterion": criterion, "pattern": pattern, "amount": amount, "finetune_steps": 0,
+                                "calibration_windows": 8})
+        plugin.apply(model, context)
+        params = targets(model.backbone)
+        assert any(name.startswith("rnn.weight_hh") for name in params) == (kind == "lstm")
+        if pattern == "2:4":  # exactly 2 zeros in every group of 4 consecutive inputs of every row
+            for name, p in params.items():
+                per_group = (p == 0).reshape(p.size(0), -1, 4).sum(-1)
+                assert (per_group == 2).all(), (name, per_group.unique())
+        elif plugin.scope == "global":
+            total = sum(p.numel() for p in params.values())
+            assert sum(int((p == 0).sum()) for p in params.values()) == int(0.3 * total)
+        elif plugin.scope == "row":
+            for name, p in params.items():
+                assert (zeros_per_row(p) == int(0.3 * p.size(1))).all(), name
+        else:
+            for name, p in params.items():
+                assert int((p == 0).sum()) == int(0.3 * p.numel()), name
+        if criterion == "sparsegpt":  # the weights it kept were updated to make up for the pruned ones
+            kept = {n: (p != 0) for n, p in params.items()}
+            before = targets(dense.backbone)
+            assert any(not torch.equal(p[kept[n]], before[n][kept[n]]) for n, p in params.items())
+
+
+def test_wanda_scores_equal_a_direct_computation():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (5, 12))
+    gpt = Transformer(TransformerConfig(vocab_size=30, n_layer=2, n_head=2, n_embd=16, max_seq_len=12)).eval()
+    seen = []
+    layer = gpt.transformer.h[1].mlp.c_proj
+    handle = layer.register_forward_hook(lambda m, args, out: seen.append(args[0].reshape(-1, args[0].size(-1))))
+    with torch.no_grad():
+        gpt(ids)
+    handle.remove()
+    direct = layer.weight.abs() * seen[0].norm(dim=0)  # |W_ij| * ||X_j|| over every token
+    name = "transformer.h.1.mlp.c_proj.weight"
+    assert torch.allclose(wanda_scores(layer.weight, collect(gpt, name, ids, "norm", batch_size=2)), direct,
+                          rtol=1e-5, atol=1e-7)
+    # a 2-layer LSTM: layer 1's input-to-hidden matrix reads layer 0's states, its hidden-to-hidden
+    # matrix its own previous state: read off an unrolled copy, one step at a time
+    rnn = LSTM(LSTMConfig(vocab_size=30, n_layer=2, n_embd=16)).eval()
+    unrolled = UnrolledRNN(rnn.rnn)
+    inputs: dict[str, list[torch.Tensor]] = {"ih": [], "hh": []}
+    hooks = [lin.register_forward_hook(lambda m, args, out, k=k: inputs[k].append(args[0].reshape(-1, 16)))
+             for k, lin in (("ih", unrolled.ih[1]), ("hh", unrolled.hh[1]))]
+    with torch.no_grad():
+        unrolled(rnn.embedding(ids))
+    for hook in hooks:
+        hook.remove()
+    for kind in ("ih", "hh"):
+        expected = torch.cat(inputs[kind]).pow(2).sum(0)
+        assert torch.allclose(collect(rnn, f"rnn.weight_{kind}_l1", ids, "norm"), expected, rtol=1e-4, atol=1e-6), kind
+
+
+def kl_to(teacher: nn.Module, student: nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(distillation_loss(student(ids)[0], teacher(ids)[0], 1.0))
+
+
+def test_distillation_lowers_the_kl_to_the_teacher(trained, context):
+    model = lmkit.load(trained["lstm"])
+    teacher = copy.deepcopy(model.backbone).eval()
+    make("prune", {"criterion": "magnitude", "amount": 0.8, "finetune_steps": 0}).apply(model, context)
+    ids = context.calibration(model, 16)
+    before = kl_to(teacher, model.backbone, ids)
+    context.finetune(model, steps=30, teacher=Teacher(teacher, temperature=2.0, weight=1.0))
+    after = kl_to(teacher, model.backbone, ids)
+    assert after < 0.8 * before, (before, after)
+    assert torch.equal(teacher.rnn.weight_hh_l0, lmkit.load(trained["lstm"]).backbone.rnn.weight_hh_l0)  # untouched
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_int4_weights_are_bitsandbytes_codes_and_round_trip(quant_type):
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 96)
+    w[:, ::3] = 0  # pruned weights stay exactly zero, and read as zero bytes
+    q = Int4Weight(w, quant_type, 32)
+    packed, state = bnbf.quantize_4bit(w, blocksize=32, quant_type=quant_type)
+    state.absmax = state.absmax.half().float()  # int4 keeps its scales at fp16 precision
+    assert torch.equal(q.dequantize(), bnbf.dequantize_4bit(packed, state))
+    assert (q.dequantize()[:, ::3] == 0).all() and (q.codes[:, ::3] == 0).all()
+    assert (q.dequantize() - w).abs().max() < 0.25 * w.abs().max()
+    ids = torch.tensor([[0, 39], [7, 7]])
+    assert torch.equal(q.rows(ids), F.embedding(ids, q.dequantize()))
+    odd = torch.randint(0, 16, (7,), dtype=torch.uint8)
+    assert torch.equal(unnibble(nibbles(odd), 7), odd) and nibbles(odd).numel() == math.ceil(7 / 2)
+
+
+def test_bad_criterion_pattern_and_int4_input_is_one_clear_line(trained, context):
+    with pytest.raises(LmkitError, match=r"pattern=2:4 keeps 2 of every 4 .* scope=global means nothing"):
+        make("prune", {"pattern": "2:4", "scope": "global"})
+    with pytest.raises(LmkitError, match=r"pattern=2:4 removes exactly half the weights: amount=0.7"):
+        make("prune", {"pattern": "2:4", "amount": 0.7})
+    with pytest.raises(LmkitError, match=r"compression.int4.blocksize=48 must be a power of two"):
+        make("int4", {"blocksize": 48})
+    with pytest.raises(LmkitError, match=r"int4 cannot follow int8 \(both quantize the weights"):
+        recipe({"int8": {}, "int4": {}})
+    model = lmkit.load(trained["lstm"])
+    model.record = model.record.replace(data=None)  # a model that records no training corpus
+    with pytest.raises(LmkitError, match=r"prune calibrates \(criterion=wanda\) on the model's training corpus, and "
+                                         r"this model records none .*compression.prune.criterion=magnitude"):
+        compress(model, {"prune": {"criterion": "wanda", "finetune_steps": 0}}, context)
+    with pytest.raises(LmkitError, match=r"during_training ramps unstructured magnitude sparsity"):
+        make("prune", {"during_training": True, "criterion": "wanda"}).callbacks(None)
+
+
+def test_structured_plan_cuts_the_least_important_layers_most():
+    from plugins.prune_structured import importance_plan
+
+    cfg = TransformerConfig(vocab_size=30, n_layer=2, n_head=4, n_embd=32, max_seq_len=16)
+    weak, strong = (torch.rand(128), torch.rand(4)), (10 + torch.rand(128), 10 + torch.rand(4))
+    budget = int(0.8 * cfg.num_parameters())
+    plan = importance_plan(cfg, budget, True, [weak, strong])
+    assert plan.num_parameters() <= budget
+    assert plan.layer_ffn[0] < plan.layer_ffn[1] == 128 and plan.layer_heads[1] == 4
+    assert all(f % 8 == 0 for f in plan.layer_ffn) and min(plan.layer_heads) >= 1
+
+
+def test_report_says_how_each_step_ran(exports):
+    out = exports["lstm", "prune-2:4"]["out"]
+    step = json.loads((out / "report.json").read_text())["steps"][0]
+    assert step["settings"]["pattern"] == "2:4" and step["summary"] == "magnitude, 2:4, finetune 20 steps"
+    assert "| prune (magnitude, 2:4, finetune 20 steps) |" in (out / "README.md").read_text()
+    steps = json.loads((exports["transformer", "prune+int4"]["out"] / "report.json").read_text())["steps"]
+    assert [s["summary"] for s in steps] == ["wanda, unstructured, one-shot", "fp4, blocks of 32"]
