@@ -253,12 +253,14 @@ class Transformer(nn.Module):
         ref = states[0].k[0]
         out = self.init_state(len(lengths), ref.device, ref.dtype)
         out.pos = max(lengths)
-        rows = [(state, b) for state in states for b in range(state.batch_size)]
-        for row, ((state, b), n) in enumerate(zip(rows, lengths)):  # right-align each row's filled slots
+        row = 0
+        for state in states:  # one block per state: its rows are right-aligned at state.pos already
+            n, rows = max(state.lengths()), slice(row, row + state.batch_size)
             for layer in range(len(out.k)):
-                out.k[layer][row, :, out.pos - n:out.pos] = state.k[layer][b, :, state.pos - n:state.pos]
-                out.v[layer][row, :, out.pos - n:out.pos] = state.v[layer][b, :, state.pos - n:state.pos]
-        pad = torch.tensor([out.pos - n for n in lengths], device=ref.device)
+                out.k[layer][rows, :, out.pos - n:out.pos] = state.k[layer][:, :, state.pos - n:state.pos]
+                out.v[layer][rows, :, out.pos - n:out.pos] = state.v[layer][:, :, state.pos - n:state.pos]
+            row += state.batch_size
+        pad = torch.tensor([out.pos - n for n in lengths], device=ref.device)  # slots before a row's text: masked
         out.pad = pad if pad.any() else None
         return out
 
