@@ -31,7 +31,7 @@ from lmkit.inference import InferenceModel
 from lmkit.plugins import CompressContext, make
 from lmkit.record import ModelRecord
 
-ONNX = {"onnx fp32": None, "onnx int8": ("int8", {}), "onnx int4": ("int4", {"blocksize": 32})}
+ONNX = {"onnx fp32": None, "onnx int8": ("int8", {}), "onnx int4": ("int4", {})}  # conf/compression's settings
 
 
 def onnx_variants(model: InferenceModel, folder: Path) -> dict[str, Path]:

@@ -31,7 +31,7 @@ from lmkit.deploy import require
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
-from lmkit.plugins import plugin_class
+from lmkit.plugins import make, plugin_class
 
 OPSET = 18
 QUANTIZERS = ("int8", "dynamic_int8", "int4")  # recipe names whose step onnxruntime's quantizer does
@@ -195,7 +195,7 @@ def quantize(src: Path, dst: Path, method: str, settings: dict[str, Any]) -> dic
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    block_size = int(settings.get("blocksize", 32))
+    block_size = make("int4", settings).settings["blocksize"]  # the int4 recipe's setting, its default included
     if block_size not in INT4_BLOCK_SIZES:
         raise LmkitError(f"compression.int4.blocksize={block_size}: onnxruntime's MatMulNBits takes "
                          f"{', '.join(map(str, INT4_BLOCK_SIZES))}")
