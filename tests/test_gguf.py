@@ -107,8 +107,13 @@ def test_exact_gelu_exports_with_a_measured_warning(bpe, tmp_path):
     assert "exact GELU" in (tmp_path / "gguf" / "README.md").read_text()
 
 
-def _with_compression(model: InferenceModel, plugin: str) -> InferenceModel:
-    model.record = model.record.replace(compression=[{"plugin": plugin, "settings": {}}])
+def _with_compression(model: InferenceModel, plugin: str, **settings) -> InferenceModel:
+    """`model` compressed by the real plugin, its step recorded as lmkit.compress records it."""
+    from lmkit.plugins import CompressContext, make
+
+    step = make(plugin, settings)
+    record = {"plugin": plugin, "settings": step.settings, **step.apply(model, CompressContext(cache_dir=""))}
+    model.record = model.record.replace(compression=[record])
     return model
 
 
@@ -129,9 +134,8 @@ def test_what_gguf_cannot_express_is_one_line_and_nothing_written(bpe, tmp_path,
 
 
 def test_pruned_weights_export_dense(bpe, tmp_path):
-    model = _with_compression(tiny_lm(bpe), "prune")  # a plain dense model with zeros: exported as it is
-    with torch.no_grad():
-        model.backbone.transformer.h[0].mlp.c_fc.weight[:, ::2] = 0
+    model = _with_compression(tiny_lm(bpe), "prune", criterion="magnitude", finetune_steps=0)  # dense, with zeros
+    assert (model.backbone.transformer.h[0].mlp.c_fc.weight == 0).float().mean() > 0.3
     export_gguf(model, tmp_path / "gguf")
     assert compare(model, tmp_path / "gguf")[0] < 1e-4
 
