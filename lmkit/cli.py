@@ -137,6 +137,7 @@ def _groups(cfg: Any, *names: str) -> dict[str, Any]:
 
 
 def _export(args: list[str]) -> None:
+    from lmkit.deploy.onnx_runtime import OnnxBackbone
     from lmkit.export import load, save
     from lmkit.hf import export_hf
 
@@ -145,6 +146,8 @@ def _export(args: list[str]) -> None:
         raise LmkitError(f"format={a.format!r} is not one of lmkit, hf, gguf, onnx")
     groups = _groups(cfg, "paths", "compression")
     model = load(a.model)
+    if isinstance(model.backbone, OnnxBackbone):
+        raise LmkitError(f"model={a.model} is an ONNX export: export from the lmkit model or checkpoint it came from")
     if a.format == "onnx":
         out = _export_onnx(model, groups["compression"] or {}, a, groups["paths"]["cache_dir"])
     elif groups["compression"]:

@@ -11,6 +11,12 @@ class LmkitError(Exception):
     """A problem with the user's input (a path, a config value, a file); its message is the whole story."""
 
 
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """An exception's first line, cut to `limit` characters (its type's name when it has no message): the
+    reason part of a one-line error about a file some library could not read."""
+    return str(e).splitlines()[0][:limit] if str(e).strip() else type(e).__name__
+
+
 @contextmanager
 def exit_on_user_error(code: int = 2) -> Iterator[None]:
     """Turn an `LmkitError` into `error: <message>` on stderr and a non-zero exit; Ctrl-C into exit 130."""

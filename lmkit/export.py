@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from lmkit.backbones import build_backbone
 from lmkit.checkpoint import read_checkpoint
 from lmkit.data.tokenizer import tokenizer_from_json
-from lmkit.errors import LmkitError
+from lmkit.errors import LmkitError, first_line
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
 from lmkit.plugins import make
@@ -87,8 +87,7 @@ def _load_artifact(path: Path) -> InferenceModel:
             tensors = plugin.unpack(tensors, step)
         load_tensors(backbone, tensors)
     except (SafetensorError, OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise LmkitError(f"{weights} is corrupt, truncated or for another model ({reason})") from None
+        raise LmkitError(f"{weights} is corrupt, truncated or for another model ({first_line(e)})") from None
     tokenizer = None
     if record.tokenizer is not None:
         if not (path / "tokenizer.json").is_file():
@@ -105,7 +104,7 @@ def _load_checkpoint(path: Path) -> InferenceModel:
     try:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise LmkitError(f"{path}: weights do not fit the model settings ({str(e).splitlines()[0][:160]})") from None
+        raise LmkitError(f"{path}: weights do not fit the model settings ({first_line(e)})") from None
     tok_json = checkpoint.get("lmkit", {}).get("tokenizer")
     return InferenceModel(backbone, tokenizer_from_json(tok_json) if tok_json else None, record)
 

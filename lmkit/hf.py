@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.data.tokenizer import BPETokenizer, Tokenizer, byte_level
-from lmkit.errors import LmkitError
+from lmkit.errors import LmkitError, first_line
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
@@ -68,7 +68,7 @@ def import_hf(src: str | Path) -> InferenceModel:
         raise
     except Exception as e:  # safetensors, unpickling, JSON and key errors of a damaged directory
         raise LmkitError(f"src={src} could not be read as a GPT-2 checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+                         f"{first_line(e)})") from None
 
 
 def _import_hf(src: Path) -> InferenceModel:

@@ -136,10 +136,10 @@ def test_a_plain_onnxruntime_loop_without_torch_generates_the_same_text(exports,
     assert len(set(out["text"][6:])) > 3  # a real continuation, not one token repeated
 
 
-def op_types(path: Path) -> set[str]:
+def op_types(path: Path) -> list[str]:
     import onnx
 
-    return {node.op_type for node in onnx.load(str(path / "model.onnx")).graph.node}
+    return [node.op_type for node in onnx.load(str(path / "model.onnx")).graph.node]
 
 
 @pytest.mark.parametrize("name, method, op", [("learned", "int8", "MatMulInteger"), ("rope", "int4", "MatMulNBits"),
@@ -147,7 +147,10 @@ def op_types(path: Path) -> set[str]:
 def test_onnxruntime_quantizers_write_integer_kernels_that_decode_alike(exports, name, method, op, tmp_path):
     model, dense_path = exports[name]
     path = export_onnx(model, tmp_path / method, quantization=(method, {"blocksize": 32}))
-    assert op in op_types(path) and op not in op_types(dense_path)
+    assert op not in op_types(dense_path)
+    # every weight matrix, the tied output head included (it is exported untied, so that it is quantized too)
+    cfg = model.record.backbone
+    assert op_types(path).count(op) == (4 * cfg.n_layer + 1 if cfg.kind == "transformer" else cfg.n_layer)
     runtime = json.loads((path / "config.json").read_text())["runtime"]
     assert runtime["quantization"]["method"] == ("int4" if method == "int4" else "dynamic_int8")
     assert (path / "model.onnx").stat().st_size < 0.6 * (dense_path / "model.onnx").stat().st_size
@@ -213,4 +216,6 @@ def test_cli_exports_a_pruned_int8_model_that_generate_and_eval_run(trained, tmp
     refused = lmkit_cmd("export", f"model={trained['ckpt']}", f"out={tmp_path / 'no'}", "format=onnx",
                         "compression=[int8,prune]", cwd=tmp_path, env=env)
     one_error_line(refused, "int8")
+    again = lmkit_cmd("export", f"model={out}", f"out={tmp_path / 'no'}", cwd=tmp_path, env=env)
+    one_error_line(again, "is an ONNX export: export from the lmkit model or checkpoint it came from")
     assert not (tmp_path / "no").exists()

@@ -16,6 +16,7 @@ batch, sequence and past lengths. The decoding loop needs numpy, onnxruntime and
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -138,10 +139,17 @@ def check_exportable(model: InferenceModel, quantization: str | None = None) -> 
                              "for LSTMs): export the GRU in float32")
 
 
-def export_graph(model: InferenceModel, path: Path) -> dict[str, Any]:
-    """Write `model` as a float ONNX graph at `path`; returns its interface."""
+def export_graph(model: InferenceModel, path: Path, *, untie_head: bool = False) -> dict[str, Any]:
+    """Write `model` as a float ONNX graph at `path`; returns its interface.
+
+    `untie_head`: give a tied output head its own copy of the embedding. Tied, the head multiplies by the
+    embedding's transpose, which no quantizer sees as a weight, so it would stay float32 (or be dequantized
+    on every call); untied, both the embedding lookup and the head are quantized."""
     names = interface(model)
-    backbone = model.backbone.float().eval().cpu()
+    backbone = copy.deepcopy(model.backbone).float().eval().cpu()  # the caller's model stays where and as it was
+    if untie_head and model.record.backbone.tie_weights:
+        head = backbone.lm_head if model.record.kind == "transformer" else backbone.head
+        head.weight = nn.Parameter(head.weight.detach().clone())
     ids = torch.zeros(2, 3, dtype=torch.long)  # batch and lengths above 1, so none is taken for a constant
     with warnings.catch_warnings(), _quiet("torch.onnx", "onnxscript"), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporters' progress lines, deprecation and shape-renaming chatter
@@ -218,7 +226,7 @@ def export_onnx(model: InferenceModel, out: str | Path, *, quantization: tuple[s
     record = model.record
     with atomic_directory(Path(out), overwrite) as tmp, tempfile.TemporaryDirectory() as work:
         float_graph = Path(work) / "float.onnx"
-        names = export_graph(model, float_graph)
+        names = export_graph(model, float_graph, untie_head=quantization is not None)
         runtime = {"name": "onnx", "file": "model.onnx", "opset": OPSET,
                    **{k: names[k] for k in ("inputs", "outputs", "cache_shapes")}, "quantization": None}
         if quantization is not None:

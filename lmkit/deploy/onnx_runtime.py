@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from lmkit.deploy import require
-from lmkit.errors import LmkitError
+from lmkit.errors import LmkitError, first_line
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
 
@@ -88,19 +88,23 @@ def load_onnx(path: Path, device: str | torch.device | None = None) -> Inference
     config = json.loads((path / "config.json").read_text())
     record = ModelRecord.from_dict(config, str(path / "config.json"))
     runtime = config["runtime"]
-    graph = path / runtime.get("file", "model.onnx")
+    missing = [key for key in ("inputs", "outputs", "cache_shapes", "file") if key not in runtime]
+    if missing or Path(runtime.get("file", "")).name != runtime.get("file"):  # a file in this folder, no path
+        raise LmkitError(f"{path / 'config.json'}: the runtime block lacks {', '.join(missing) or 'a plain file name'}")
+    graph = path / runtime["file"]
     if not graph.is_file():
         raise LmkitError(f"{path} has no {graph.name}")
     try:
         session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types, with a useful first line
-        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise LmkitError(f"{graph} is corrupt or not an ONNX model onnxruntime can run ({reason})") from None
+        raise LmkitError(f"{graph} is corrupt or not an ONNX model onnxruntime can run ({first_line(e)})") from None
     found = [i.name for i in session.get_inputs()]
     if found != runtime["inputs"]:
         raise LmkitError(f"{graph} takes inputs {found}, not the {runtime['inputs']} config.json names")
     tokenizer = None
     if record.tokenizer is not None:
+        if not (path / "tokenizer.json").is_file():
+            raise LmkitError(f"{path}: config.json names a {record.tokenizer} tokenizer but tokenizer.json is missing")
         text = (path / "tokenizer.json").read_text(encoding="utf-8")
         tokenizer = CharTokenizer.from_tokenizers_json(text) if record.tokenizer == "char" else tokenizer_from_json(text)
     return InferenceModel(OnnxBackbone(session, runtime, record), tokenizer, record).eval()
