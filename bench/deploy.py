@@ -25,6 +25,7 @@ import torch
 import lmkit
 from compression import WIDTHS, speed, train
 from lmkit.backbones import backbone_config, build_backbone
+from lmkit.compress import stored_bytes
 from lmkit.deploy.onnx import export_onnx
 from lmkit.evaluate import evaluate, own_datamodule
 from lmkit.inference import InferenceModel
@@ -84,10 +85,15 @@ def widths() -> list[dict]:
             dense = InferenceModel(build_backbone(record.backbone).eval(), None, record)
             row = {"model": f"{kind} {options['n_layer']}x{width}", "tokens_per_s": {}, "bytes": {}}
             row["tokens_per_s"]["torch fp32"] = speed(dense.backbone)
+            row["bytes"]["torch fp32"] = stored_bytes(dense)  # model.safetensors, as lmkit export writes it
             quantized = InferenceModel(build_backbone(record.backbone).eval(), None, record)
             quantized.backbone.load_state_dict(dense.backbone.state_dict())
-            make("dynamic_int8").apply(quantized, CompressContext(cache_dir=""))
+            plugin = make("dynamic_int8")
+            details = plugin.apply(quantized, CompressContext(cache_dir=""))
+            quantized.record = quantized.record.replace(
+                compression=[{"plugin": "dynamic_int8", "settings": plugin.settings, **details}])
             row["tokens_per_s"]["dynamic_int8"] = speed(quantized.backbone)
+            row["bytes"]["dynamic_int8"] = stored_bytes(quantized)
             with tempfile.TemporaryDirectory() as tmp:
                 for label, path in onnx_variants(dense, Path(tmp)).items():
                     row["tokens_per_s"][label] = speed(lmkit.load(path).backbone)
@@ -96,6 +102,7 @@ def widths() -> list[dict]:
             out.append(row)
             print(f"{row['model']:<18} " + " ".join(f"{row['tokens_per_s'].get(label, '-'):>12}" for label in labels),
                   flush=True)
+            print(f"{'  bytes':<18} " + " ".join(f"{row['bytes'].get(label, '-'):>12}" for label in labels), flush=True)
     return out
 
 
