@@ -12,6 +12,22 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from lmkit.errors import LmkitError
+
+SEEDS = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes (a negative seed s draws as 2**64 + s)
+
+
+def seeded_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
+    """A generator on `device` seeded with `seed`, or with fresh entropy when `seed` is None (`seed=null`)."""
+    if seed is not None and not SEEDS[0] <= seed <= SEEDS[1]:
+        raise LmkitError(f"seed={seed} is out of range: give an integer from {SEEDS[0]} to {SEEDS[1]}")
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None = None, top_p: float | None = None,
                 generator: torch.Generator | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from lmkit.data.tokenizer import Tokenizer
 from lmkit.errors import LmkitError
-from lmkit.generate import stream_tokens
+from lmkit.generate import seeded_generator, stream_tokens
 from lmkit.record import ModelRecord
 
 NO_TOKENIZER = ("this model has no tokenizer, so it takes and returns token ids only: call model(ids), or attach "
@@ -80,8 +80,7 @@ class InferenceModel(nn.Module):
         if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
             raise LmkitError(f"top_k={top_k} must be at least 1 and top_p={top_p} in (0, 1]")
         ids = torch.tensor([self.encode(prompt)] * num_samples, device=self.device)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+        generator = seeded_generator(self.device, seed)
         new: list[torch.Tensor] = []
         shown = ""
         for token in stream_tokens(self.backbone, ids, max_new_tokens=max_new_tokens, temperature=temperature,

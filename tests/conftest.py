@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,10 @@ def run_train_py(*overrides: str, run_dir: Path, cache_dir: Path, timeout: int =
            *(o for o in overrides if not o.startswith("-"))]
     return subprocess.run(cmd, cwd=run_dir.parent, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a server or a rendezvous the test starts next)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, run_train_py
+from tests.conftest import ROOT, TINY, free_port, run_train_py
 
 DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 SMALL = ["model=lstm", *TINY, "trainer.max_steps=12", "trainer.val_check_interval=6"]
@@ -61,14 +60,8 @@ def test_multirun_of_ddp_jobs_gives_one_sweep_with_one_job_per_point(tmp_path, c
     assert not list(tmp_path.rglob("multirun")) and not list(tmp_path.rglob("multiruns"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_nodes_train_one_model(tmp_path, cache_dir):
-    run_dir, port = tmp_path / "run", _free_port()
+    run_dir, port = tmp_path / "run", free_port()
     torchrun = str(Path(sys.executable).parent / "torchrun")
     nodes = [subprocess.Popen(
         [torchrun, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}", "--master_addr=127.0.0.1",

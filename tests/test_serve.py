@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,8 +37,10 @@ from lmkit.export import save  # noqa: E402
 from lmkit.inference import InferenceModel  # noqa: E402
 from lmkit.record import ModelRecord  # noqa: E402
 from lmkit.serve.engine import Engine, Job, held_back  # noqa: E402
-from lmkit.serve.openai import chat_prompt, Message  # noqa: E402
-from tests.conftest import CONF  # noqa: E402
+from lmkit.serve.openai import chat_prompt, Limits, Message  # noqa: E402
+from lmkit.serve.server import ModelAPI, Settings, OpenAIEndpoints  # noqa: E402
+from litserve.utils import LitAPIStatus  # noqa: E402
+from tests.conftest import CONF, free_port  # noqa: E402
 
 CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 KEY = "test-key"
@@ -68,12 +70,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -179,6 +175,11 @@ def test_seeded_sampling_is_generates(client, model):
     want = model.generate("ROMEO:", max_new_tokens=25, temperature=0.9, top_k=12, top_p=0.9, num_samples=2, seed=7)
     assert ["ROMEO:" + c.text for c in sorted(two.choices, key=lambda c: c.index)] == want
     assert two.choices[0].text != two.choices[1].text and two.usage.completion_tokens == 50
+    # the seeds torch takes, to its ends (a negative seed s is 2**64 + s, in lmkit generate too); beyond: a 400
+    edge = client.completions.create(model=NAME, prompt="A", max_tokens=5, temperature=0.9, seed=2**64 - 1)
+    assert "A" + edge.choices[0].text == model.generate("A", max_new_tokens=5, temperature=0.9, seed=-1)
+    with pytest.raises(LmkitError, match=r"seed=18446744073709551616 is out of range"):
+        model.generate("A", seed=2**64)
 
 
 def test_streaming_completion_and_chat(server, client):
@@ -261,6 +262,9 @@ BAD = [  # (path, body, status, param)
     ("/v1/completions", {"model": NAME, "prompt": "A", "temperature": -0.5}, 400, "temperature"),
     ("/v1/completions", {"model": NAME, "prompt": "A", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"model": NAME, "prompt": "A", "n": 5}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "seed": 2**64}, 400, "seed"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "seed": -2**63 - 1}, 400, "seed"),
+    ("/v1/completions", {"model": NAME, "prompt": "A", "seed": 1.5}, 400, "seed"),
     ("/v1/completions", {"model": NAME, "prompt": "A", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"model": NAME, "prompt": "A", "echo": True}, 400, "echo"),
     ("/v1/completions", {"model": NAME, "prompt": "Déjà vu"}, 400, "prompt"),
@@ -363,6 +367,50 @@ def test_an_onnx_export_serves_the_same_text(tmp_path, model):
         server.stop()
 
 
+def test_a_request_added_while_a_failed_step_resets_is_answered_or_kept():
+    """LitServe adds requests on its event loop while a step runs in a thread. A step that fails resets the
+    engine and answers every active request with an error; a request added meanwhile must be either answered
+    and gone from the engine, or kept and served, never both (LitServe forgets an answered request, and the
+    engine's later news for it would fail LitServe's loop and every request in it). The interleaving is
+    forced, not hoped for: a profile hook adds the request just as the failing step's `Engine.reset` returns."""
+    model = tiny_model()
+    settings = Settings(model="", name=NAME, runtime="torch", device=None, host="127.0.0.1", port=8000,
+                        max_batch_size=8, batch_timeout=0.0, workers=1, api_key=None, limits=Limits(16, 16, 1),
+                        stream_interval=0.0, threads=None, log_level="warning")
+    cancels = [queue.Queue()]
+    api = ModelAPI(settings, OpenAIEndpoints(settings, model.tokenizer, len(CHARS), cancels), cancels)
+    api.start(model, worker=0)
+    api.add_request("bad", Job([[len(CHARS)]], n=1, max_tokens=3, temperature=0))  # no such token: the step raises
+    late = threading.Thread(target=api.add_request, args=("late", Job([model.encode("A")], n=1, max_tokens=3,
+                                                                         temperature=0)))
+
+    def add_late_at_reset(frame, event, arg):
+        if event == "return" and frame.f_code is Engine.reset.__code__:
+            late.start()
+            late.join(0.2)  # it waits for the failed step to finish answering (or slips in, without a lock)
+
+    outputs = []
+
+    def failing_step() -> None:
+        sys.setprofile(add_late_at_reset)
+        try:
+            outputs.extend(api.step(None))
+        finally:
+            sys.setprofile(None)
+
+    step = threading.Thread(target=failing_step)
+    step.start()
+    step.join()
+    late.join()
+    assert {(o.uid, o.status) for o in outputs} == {("bad", LitAPIStatus.ERROR)}
+    text = ""
+    while api.has_active_requests():
+        for o in api.step(None):
+            assert o.uid == "late" and o.status in (LitAPIStatus.OK, LitAPIStatus.FINISH_STREAMING)
+            text += "".join(c["text"] for c in o.output["choices"]) if o.output else ""
+    assert text == model.generate("A", max_new_tokens=3, temperature=0)[1:] and not api.active
+
+
 # --- the engine alone ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["transformer", "lstm"])
@@ -408,6 +456,44 @@ def test_engine_a_row_that_stops_rides_along_and_its_sibling_draws_as_in_generat
             reasons[c["index"]] = c["finish_reason"] or reasons.get(c["index"])
     cut = [w[:w.find(stop)] if stop in w else w for w in want]
     assert texts == {0: cut[0], 1: cut[1]} and reasons[0] == "stop"
+
+
+def decode_all(engine: Engine, arrivals: dict[int, list[tuple[str, Job]]]) -> dict[str, dict[int, tuple[str, str]]]:
+    """Step the engine until idle, handing it `arrivals[i]` before step i; each request's (text, finish_reason)
+    per choice index."""
+    out: dict[str, dict[int, tuple[str, str]]] = {}
+    step = 0
+    while step <= max(arrivals) or engine.busy():
+        for uid, job in arrivals.get(step, []):
+            engine.arrive(uid, job)
+        for uid, news in engine.step().items():
+            for c in news["choices"]:
+                text, reason = out.setdefault(uid, {}).get(c["index"], ("", None))
+                out[uid][c["index"]] = (text + c["text"], c["finish_reason"] or reason)
+        step += 1
+    return out
+
+
+@pytest.mark.parametrize("max_seq_len", [32, 3])
+def test_engine_a_group_done_at_once_on_a_full_context_leaves_without_being_fed(max_seq_len):
+    """A prompt cut to the context that finishes at its first token (max_tokens=1, or a stop sequence that
+    first token hits) holds a full cache: fed one more token, the backbone would raise and the server answer
+    every request with a 500. It leaves at once; the requests beside it decode as generate does. At
+    max_seq_len=3 a re-primed context (the latest 3/4) is full as well: a group finishing there leaves too."""
+    model = tiny_model("transformer", max_seq_len=max_seq_len)
+    long = "Be it so, my lord, and more than that: O"  # 40 tokens
+    first = model.generate(long, max_new_tokens=1, temperature=0)[len(long):]
+    # "done at re-prime" ends on the token drawn right after its context (and "other"'s, beside it) is re-primed
+    others = {"other": ("ROMEO:", 40), "done at re-prime": ("ROMEO:", max_seq_len - 6 + 2 if max_seq_len > 6 else 5)}
+    arrivals = {0: [(uid, Job([model.encode(p)], n=1, max_tokens=k, temperature=0)) for uid, (p, k) in others.items()],
+                2: [("one", Job([model.encode(long)], n=1, max_tokens=1, temperature=0)),
+                    ("stop", Job([model.encode(long)], n=2, max_tokens=10, temperature=0, stop=[first]))]}
+    out = decode_all(Engine(model, max_rows=8), arrivals)
+    assert out["one"] == {0: (first, "length")}
+    assert out["stop"] == {0: ("", "stop"), 1: ("", "stop")}
+    for uid, (prompt, max_tokens) in others.items():
+        assert out[uid] == {0: (model.generate(prompt, max_new_tokens=max_tokens, temperature=0)[len(prompt):],
+                                "length")}, uid
 
 
 def test_held_back_keeps_what_could_start_a_stop_sequence():

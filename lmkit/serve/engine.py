@@ -11,7 +11,7 @@ Each prompt of a request is a *group* of `n` rows that goes through `stream_toke
 `lmkit generate num_samples=n seed=S` does: the prompt is prefilled on its own (n identical rows,
 cropped to the context), each step draws the group's tokens with `sample_next`, and a Transformer group
 whose context fills up is re-primed with its latest three quarters. A request with a seed has its own
-`torch.Generator`, seeded as `InferenceModel.generate` seeds it, so it decodes the same tokens whatever
+`torch.Generator` (`seeded_generator`, as `InferenceModel.generate`'s), so it decodes the same tokens whatever
 else is in the batch (up to the last bits of float rounding, which a batched matmul may order
 differently); requests without one share a generator (one sampling call per setting, not per request).
 """
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmkit.generate import sample_next
+from lmkit.generate import sample_next, seeded_generator
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Job:
         return len(self.prompts) * self.n
 
 
-@dataclass
+@dataclass(eq=False)  # rows are told apart by identity (`group.rows.index(row)`): two greedy rows are equal in value
 class Row:
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # the decoded text of tokens[:decoded]
@@ -93,7 +93,7 @@ class Engine:
     def __init__(self, model: Any, *, max_rows: int) -> None:
         self.backbone = model.backbone
         self.tokenizer = model.tokenizer
-        self.device = next((p.device for p in self.backbone.parameters()), torch.device("cpu"))  # ONNX: none
+        self.device = model.device
         self.max_rows = max_rows
         self.limit: int | None = getattr(self.backbone, "max_seq_len", None)
         self.keep = self.limit - self.limit // 4 if self.limit else None
@@ -103,7 +103,7 @@ class Engine:
         self.groups: list[Group] = []  # in the batch, in state order: group i's rows follow group i-1's
         self.state: Any = None
         self.logits: torch.Tensor | None = None  # (rows, vocab): what each row samples its next token from
-        self.unseeded = self._generator(None)  # requests without a seed draw from one generator, together
+        self.unseeded = seeded_generator(self.device, None)  # requests without a seed draw from one generator, together
 
     @torch.no_grad()
     def _can_batch(self) -> bool:
@@ -122,8 +122,9 @@ class Engine:
     # --- called from the server's scheduling thread: append and count only -----------------------------
 
     def arrive(self, uid: str, job: Job) -> None:
-        self.arrivals.extend(Group(uid, p * job.n, prompt, job, [Row() for _ in range(job.n)])
-                             for p, prompt in enumerate(job.prompts))
+        groups = [Group(uid, p * job.n, prompt, job, [Row() for _ in range(job.n)])
+                  for p, prompt in enumerate(job.prompts)]
+        self.arrivals.extend(groups)  # a list: one atomic extend, so step() sees all of a request's prompts or none
 
     def rows(self) -> int:
         return sum(len(g.rows) for g in self.groups)
@@ -202,7 +203,7 @@ class Engine:
             job = group.job
             if group.uid not in self.requests:
                 self.requests[group.uid] = Request(job, open_groups=len(job.prompts))
-            group.generator = self._generator(job.seed) if job.seed is not None else None
+            group.generator = seeded_generator(self.device, job.seed) if job.seed is not None else None
             ids = torch.tensor([group.prompt] * job.n, device=self.device)
             ids = ids[:, -self.limit:] if self.limit else ids
             logits, state = self.backbone(ids, self.backbone.init_state(job.n))
@@ -212,42 +213,42 @@ class Engine:
 
     def _ready(self, groups: list[Group], state: Any, logits: torch.Tensor, news: dict[str, dict[str, Any]],
                ready: list[tuple[list[Group], Any]]) -> None:
-        """Groups with a fresh state draw their next token; a new group whose prompt filled the context is
-        re-primed and draws again. A group that finished here rides along one step (leaving would cost a
-        restack of its state): its tokens are not used and it leaves the batch at the next step."""
+        """Groups with a fresh state (prefilled or re-primed) draw their next token. A group that this token
+        finishes leaves here, never fed: its cache may be full already (a prompt cut to the context, or a
+        re-primed context at a max_seq_len below 4), and feeding it would cost a step and a restack for
+        nothing. A group whose context is full is re-primed and draws again; the rest join the batch."""
         while True:
             self._draw(groups, logits, news)
-            if not any(g.open and self._full(g) for g in groups):
+            still = [g for g in groups if g.open]
+            if len(still) < len(groups) and still:  # re-primed together: keep the open groups' rows
+                state = self.backbone.select_states(state, rows_of(still, among=groups))
+            groups = still
+            if not groups:
+                return
+            if not any(self._full(g) for g in groups):
                 ready.append((groups, state))
                 return
-            state, logits = self._reprime(groups)  # a lone new group
-
-    def _generator(self, seed: int | None) -> torch.Generator:
-        generator = torch.Generator(device=self.device)  # seeded as InferenceModel.generate seeds it
-        generator.manual_seed(seed) if seed is not None else generator.seed()
-        return generator
+            state, logits = self._reprime(groups)  # a new group whose prompt filled the context
 
     def _restack(self, old: list[Group], stay: list[Group], ready: list[tuple[list[Group], Any]]) -> None:
         """The batch becomes `stay` (kept rows of the old batch, in order) then the `ready` groups."""
         self.groups = stay + [g for groups, _ in ready for g in groups]
-        if len(stay) == len(old) and not ready:
-            return  # nothing left or joined: the state is as it was
-        states = [s for _, s in ready]
-        if stay:
-            if len(stay) < len(old):
-                offsets, offset = {}, 0
-                for group in old:
-                    offsets[id(group)], offset = offset, offset + len(group.rows)
-                index = [offsets[id(g)] + j for g in stay for j in range(len(g.rows))]
-                states.insert(0, self.backbone.select_states(self.state, index))
+        joining = [state for _, state in ready]  # each prefilled or re-primed on its own
+        kept_all = len(stay) == len(old)
+        if kept_all and not joining:  # nothing left or joined: the state is as it was
+            return
+        if not stay:  # nothing of the old batch stays: the state is what joined
+            if not joining:
+                self.state = None
+            elif len(joining) == 1:
+                self.state = joining[0]
             else:
-                states.insert(0, self.state)
-        if not states:
-            self.state = None
-        elif len(states) == 1 and (len(stay) == len(old) or not stay):
-            self.state = states[0]
-        else:  # stack_states also re-aligns rows that stayed: the cache is only as long as its longest row
-            self.state = self.backbone.stack_states(states)
+                self.state = self.backbone.stack_states(joining)
+            return
+        # rows stay, and others left or joined. Also when nothing joined, stack_states re-aligns the kept rows:
+        # the cache they share is only as long as the longest of them
+        kept = self.state if kept_all else self.backbone.select_states(self.state, rows_of(stay, among=old))
+        self.state = self.backbone.stack_states([kept, *joining])
 
     def _draw(self, groups: list[Group], logits: torch.Tensor, news: dict[str, dict[str, Any]]) -> None:
         """One token per row of `groups` (whose rows `logits` holds, in order); sets each group's `next`.
@@ -317,6 +318,14 @@ class Engine:
         for group in groups:
             group.length = len(rows[0])
         return state, logits[:, -1]
+
+
+def rows_of(groups: list[Group], *, among: list[Group]) -> list[int]:
+    """The state rows of `groups` in a state that holds the rows of `among` (a superset, in its order)."""
+    offsets, offset = {}, 0
+    for group in among:
+        offsets[id(group)], offset = offset, offset + len(group.rows)
+    return [offsets[id(g)] + j for g in groups for j in range(len(g.rows))]
 
 
 def held_back(text: str, stops: list[str]) -> int:

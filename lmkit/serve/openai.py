@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmkit.errors import LmkitError
+from lmkit.generate import SEEDS
 from lmkit.serve.engine import Job
 
 MAX_STOPS = 4  # as OpenAI
@@ -56,7 +57,7 @@ class Options(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=1)  # not OpenAI's, but vLLM's and lmkit generate's
     n: int = Field(1, ge=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=SEEDS[0], le=SEEDS[1])  # what torch's generators take (lmkit generate's)
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None

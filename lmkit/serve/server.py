@@ -137,8 +137,8 @@ class Loop(ContinuousBatchingLoop):
             return await super().prefill(pending_requests, lit_api, lit_spec, request_queue, transport, **kwargs)
         while pending_requests and self.has_capacity(lit_api):  # as LitServe admits held requests
             response_queue_id, uid, request = pending_requests.pop(0)
-            self.add_request(uid, request, lit_api, lit_spec, transport)
             self.response_queue_ids[uid] = response_queue_id
+            self.add_request(uid, request, lit_api, lit_spec, transport)
         if pending_requests:
             await asyncio.sleep(0.002)  # rows free up at the end of a step, every few ms
         return pending_requests
@@ -170,19 +170,27 @@ class ModelAPI(ls.LitAPI):
         logging.getLogger("litserve").setLevel(s.log_level.upper())  # a spawned worker starts with LitServe's INFO
         # one core stays with each worker's HTTP process; on a small machine a second torch thread only contends
         torch.set_num_threads(s.threads or max(1, ((os.cpu_count() or 1) - s.workers) // s.workers))
-        model = load_model(s.model, s.runtime, s.device or device)
-        self.engine = Engine(model, max_rows=s.max_batch_size)
-        self.cancel_queue = self.cancels[int(os.environ.get("LITSERVE_WORKER_ID", "0"))]
+        self.start(load_model(s.model, s.runtime, s.device or device), int(os.environ.get("LITSERVE_WORKER_ID", "0")))
+
+    def start(self, model: Any, worker: int) -> None:
+        """The engine and its bookkeeping over a loaded model: `setup` after the process-wide settings (and tests)."""
+        self.engine = Engine(model, max_rows=self.settings.max_batch_size)
+        self.cancel_queue = self.cancels[worker]
         self.cancelled = CancelledIds()  # cancels of requests this worker has not seen (yet)
         self.to_cancel: deque[str] = deque()  # cancels for the engine's next step
         self.unsent: dict[str, dict[str, Any]] = {}  # news not yet sent, by request
         self.last_sent: dict[str, float] = {}
         self.active: set[str] = set()  # requests given to the engine and not finished: what a failure must answer
+        # add_request runs on LitServe's event loop, step in a thread of its own: a failed step's reset and its
+        # answer to every active request must not interleave with a request being added (whose group would
+        # stay in the engine with no one to answer)
+        self.lock = threading.Lock()
 
     # LitServe's continuous batching hooks
     def add_request(self, uid: str, request: Job) -> None:
-        self.active.add(uid)
-        self.engine.arrive(uid, request)
+        with self.lock:
+            self.active.add(uid)
+            self.engine.arrive(uid, request)
         if uid in self.cancelled.ids:  # its client went away while it waited in LitServe's queue
             self.to_cancel.append(uid)
 
@@ -201,8 +209,9 @@ class ModelAPI(ls.LitAPI):
             news = self.engine.step(cancel)
         except Exception as e:  # a bug, not a bad request (those never get here): fail what is running, live on
             logger.exception("decoding step failed")
-            self.engine.reset()
-            failed, self.active = self.active, set()
+            with self.lock:  # every request the engine forgets is answered, and none added meanwhile is forgotten
+                self.engine.reset()
+                failed, self.active = self.active, set()
             self.unsent.clear()
             self.last_sent.clear()
             return [Output(uid, RuntimeError(f"decoding failed: {e}"), LitAPIStatus.ERROR) for uid in failed]
