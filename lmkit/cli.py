@@ -98,20 +98,22 @@ def parse(schema: type, command: str, args: list[str], groups: tuple[str, ...] =
     """key=value arguments over `conf/<command>.yaml` (`import-hf`: import_hf.yaml), checked against `schema`'s types.
 
     Unknown keys and bad types are one-line errors. Text fields take the value verbatim
-    (`prompt=ROMEO:` must stay text, not become YAML). Returns the typed options and the composed
-    config (whose `groups`, e.g. paths, data or compression, hold the rest)."""
+    (`prompt=ROMEO:` must stay text, not become YAML), except that an optional one (`Optional[str]`:
+    device, api_key, name, ...) is unset by `null` (any case, as in Hydra's overrides). Returns the typed
+    options and the composed config (whose `groups`, e.g. paths, data or compression, hold the rest)."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     config_name = command.replace("-", "_")
-    text = {f.name for f in fields(schema) if f.type in ("str", "Optional[str]")}
+    optional = ("Optional[str]", "str | None")
+    text = {f.name: f.type in optional for f in fields(schema) if f.type == "str" or f.type in optional}
     verbatim, overrides = {}, []
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep:
             raise LmkitError(f"lmkit {command}: arguments are key=value, got {arg!r}")
         if key in text:
-            verbatim[key] = value
+            verbatim[key] = None if text[key] and value.lower() == "null" else value
         else:
             overrides.append(arg)
     if groups:
