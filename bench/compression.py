@@ -69,7 +69,10 @@ def train(overrides: list[str], run_dir: Path, cache_dir: str) -> Path:
     return run_dir / "checkpoints" / "last.ckpt"
 
 
-def recipes(checkpoints: dict[str, Path], cache_dir: str, only: list[str] | None = None) -> dict[str, dict]:
+def recipes(checkpoints: dict[str, Path], cache_dir: str, only: list[str] | None = None, gen_tokens: int = 200,
+            partial: Path | None = None) -> dict[str, dict]:
+    """Every recipe on every checkpoint; with `partial`, the results so far are written there after each
+    recipe (a long run stopped early keeps what it measured)."""
     results = {}
     context = training_context(cache_dir=cache_dir, seed=1337)
     for kind, ckpt in checkpoints.items():
@@ -79,17 +82,41 @@ def recipes(checkpoints: dict[str, Path], cache_dir: str, only: list[str] | None
             if only and label not in only:
                 continue
             started = time.perf_counter()
-            _, report = compress(dense, spec, context, gen_tokens=200, baseline=baseline)
+            compressed, report = compress(dense, spec, context, gen_tokens=gen_tokens, baseline=baseline)
             baseline = report["before"]  # the dense model measured once
             report["seconds"] = round(time.perf_counter() - started, 1)
+            if "prune_structured" in spec:  # speed against the dense model measured beside it, not hours before
+                report["forward_speedup_alternated"] = forward_speedup(dense, compressed, cache_dir)
+                print(f"  {kind} {label}: batched forward {report['forward_speedup_alternated']}x dense "
+                      "(median of 5 alternated)", flush=True)
             results[f"{kind} {label}"] = report
             step_labels = [f"{st['plugin']} ({st['summary']})" if st.get("summary") else st["plugin"]
                            for st in report["steps"]]
             labelled.append((f"{label}: " + "+".join(step_labels), report["after"]))
             print(f"  {kind} {label}: {report['after_vs_before']} ({report['seconds']} s)", flush=True)
+            if partial:
+                partial.write_text(json.dumps(results, indent=2) + "\n")
         base = baseline
         print(f"\n{kind} ({ckpt})\n" + table([("dense", base), *labelled], base), flush=True)
     return results
+
+
+@torch.no_grad()
+def forward_speedup(dense: InferenceModel, smaller: InferenceModel, cache_dir: str, repeats: int = 5,
+                    windows: int = 256) -> float:
+    """Tokens/s reading `windows` test windows in batches (as the report's forward column), smaller over
+    dense, the two alternated `repeats` times on the same machine minute: the median ratio."""
+    from lmkit.evaluate import evaluate, own_datamodule
+
+    datamodule = own_datamodule(dense, cache_dir, seed=1337)
+    datamodule.prepare_data()
+    tokens = datamodule.cache.split("test")
+    options = dict(seq_len=datamodule.seq_len, batch_size=datamodule.eval_batch_size, max_windows=windows)
+    ratios = []
+    for _ in range(repeats):
+        base = evaluate(dense.eval(), tokens, **options)["tokens_per_s"]
+        ratios.append(evaluate(smaller.eval(), tokens, **options)["tokens_per_s"] / base)
+    return round(sorted(ratios)[len(ratios) // 2], 3)
 
 
 @torch.no_grad()
@@ -194,6 +221,7 @@ def main() -> None:
     parser.add_argument("--wide-steps", type=int, default=400, help="training steps of the wide model (a few minutes)")
     parser.add_argument("--models", default="lstm,transformer", help="which default models' recipes to run")
     parser.add_argument("--recipes", help="comma-separated labels of RECIPES to run (default: all)")
+    parser.add_argument("--gen-tokens", type=int, default=200, help="tokens generated per speed measurement (0: none)")
     parser.add_argument("--train-dir", type=Path, help="keep the trained runs here (default: a temporary folder)")
     args = parser.parse_args()
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
@@ -207,7 +235,8 @@ def main() -> None:
                 checkpoints["transformer 6x384"] = args.wide if isinstance(args.wide, Path) else train(
                     [*WIDE, f"trainer.max_steps={args.wide_steps}", f"trainer.val_check_interval={args.wide_steps}"],
                     runs / "wide", args.cache_dir)
-            result["recipes"] = recipes(checkpoints, args.cache_dir, args.recipes.split(",") if args.recipes else None)
+            result["recipes"] = recipes(checkpoints, args.cache_dir, args.recipes.split(",") if args.recipes else None,
+                                        args.gen_tokens, args.out.with_suffix(".partial.json") if args.out else None)
     if args.only in (None, "widths"):
         result["widths"] = widths()
     if args.only in (None, "kernels"):
