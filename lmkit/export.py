@@ -27,7 +27,7 @@ from lmkit.data.tokenizer import tokenizer_from_json
 from lmkit.errors import LmkitError, first_line
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
-from lmkit.plugins import make
+from lmkit.plugins import plugin_class
 from lmkit.record import ModelRecord, dtype_name, parse_dtype
 from lmkit.tensors import count_parameters, load_tensors, unique_tensors
 
@@ -77,7 +77,7 @@ def _load_artifact(path: Path) -> InferenceModel:
     if planned > 8 * weights.stat().st_size + 2**20:  # even all-zero tensors cost a bit each, as a bitmask
         raise LmkitError(f"{path / 'config.json'} describes a model of {planned:,} parameters, more than "
                          f"{weights.name} ({weights.stat().st_size:,} bytes) can hold")
-    steps = [(make(r["plugin"], r.get("settings")), r) for r in record.compression]
+    steps = [(plugin_class(r["plugin"]).from_record(r), r) for r in record.compression]
     backbone = build_backbone(record.backbone).to(parse_dtype(record.dtype))
     try:
         for plugin, step in steps:  # the compressed structure; the stored tensors fill it below
@@ -137,7 +137,7 @@ def save(model: InferenceModel, out: str | Path, *, dtype: str | torch.dtype | N
 def write_tensors(backbone: torch.nn.Module, path: Path, compression: list[dict]) -> None:
     tensors = unique_tensors(backbone)
     for step in compression:
-        tensors = make(step["plugin"], step.get("settings")).pack(tensors, step)
+        tensors = plugin_class(step["plugin"]).from_record(step).pack(tensors, step)
     save_file(tensors, str(path), metadata={"format": "lmkit"})
 
 

@@ -100,6 +100,14 @@ class Plugin:
     quantizes: ClassVar[bool] = False  # a quantized model is final: no plugin may follow one
     sparsifies: ClassVar[bool] = False  # leaves zeros that a later fine-tune would fill back in
     finetunes: ClassVar[bool] = False  # trains the model in `apply`
+    # Settings added after artifacts were first written, with the value those older artifacts imply: their
+    # records lack the key, and today's default may differ (prune's criterion was magnitude before sparsegpt).
+    introduced: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Plugin:
+        """The plugin as a step of `config.json` recorded it (an older lmkit's record included)."""
+        return cls(**{**cls.introduced, **(record.get("settings") or {})})
 
     def __init__(self, **settings: Any) -> None:
         unknown = sorted(set(settings) - set(self.defaults))

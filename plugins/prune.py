@@ -274,6 +274,8 @@ class Prune(Plugin):
                 "calibration_windows": 128, "embeddings": False, "biases": False, "finetune_steps": 200,
                 "finetune_lr": None, "recovery": "distill", "temperature": 2.0, "distill_weight": 0.5,
                 "ramp": 0.5, "every": 10, "during_training": False}
+    introduced = {"criterion": "magnitude", "pattern": "unstructured", "calibration_windows": 128,
+                  "recovery": "finetune", "temperature": 2.0, "distill_weight": 0.5}  # lmkit 0.1's prune
 
     def check(self) -> None:
         s = self.settings

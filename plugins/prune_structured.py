@@ -244,6 +244,8 @@ class PruneStructured(Plugin):
     defaults = {"amount": 0.3, "heads": True, "criterion": "activation", "calibration_windows": 128,
                 "finetune_steps": 200, "finetune_lr": None, "recovery": "distill", "temperature": 2.0,
                 "distill_weight": 0.5}
+    introduced = {"criterion": "magnitude", "calibration_windows": 128, "recovery": "finetune", "temperature": 2.0,
+                  "distill_weight": 0.5}  # lmkit 0.1's prune_structured ranked units by weight norm
 
     def check(self) -> None:
         s = self.settings
