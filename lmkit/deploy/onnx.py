@@ -20,7 +20,6 @@ import copy
 import io
 import json
 import logging
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -224,13 +223,14 @@ def export_onnx(model: InferenceModel, out: str | Path, *, quantization: tuple[s
     `files` (report.json of the steps run in torch) go beside them."""
     check_exportable(model, quantization[0] if quantization else None)
     record = model.record
-    with atomic_directory(Path(out), overwrite) as tmp, tempfile.TemporaryDirectory() as work:
-        float_graph = Path(work) / "float.onnx"
+    with atomic_directory(Path(out), overwrite) as tmp:
+        float_graph = tmp / "float.onnx"  # beside its destination: renaming it never crosses file systems
         names = export_graph(model, float_graph, untie_head=quantization is not None)
         runtime = {"name": "onnx", "file": "model.onnx", "opset": OPSET,
                    **{k: names[k] for k in ("inputs", "outputs", "cache_shapes")}, "quantization": None}
         if quantization is not None:
             runtime["quantization"] = quantize(float_graph, tmp / "model.onnx", *quantization)
+            float_graph.unlink()
         else:
             float_graph.replace(tmp / "model.onnx")
         if model.has_tokenizer:
