@@ -47,13 +47,19 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None =
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
 
 
+def reprime_length(limit: int | None) -> int | None:
+    """Tokens a context of `limit` keeps when it fills up and is re-primed: the latest three quarters
+    (None: a recurrent model, which never fills up)."""
+    return limit - limit // 4 if limit else None
+
+
 @torch.no_grad()
 def stream_tokens(backbone: nn.Module, ids: torch.Tensor, *, max_new_tokens: int, temperature: float,
                   top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
                   use_cache: bool = True) -> Iterator[torch.Tensor]:
     """Yield `max_new_tokens` sampled tokens, each (B, 1), continuing `ids` (B, T)."""
     limit = backbone.max_seq_len
-    keep = limit - limit // 4 if limit else None
+    keep = reprime_length(limit)
     out = ids
     if use_cache:
         state = backbone.init_state(ids.size(0))

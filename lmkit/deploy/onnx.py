@@ -21,6 +21,7 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,17 +263,15 @@ def model_card(config: dict[str, Any], size: int) -> str:
             "or with onnxruntime, numpy and tokenizers alone: see lmkit's README, \"ONNX Runtime\".\n")
 
 
-class _quiet:
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
     """Silence the named loggers below ERROR for a block (the quantizers log every node they touch)."""
-
-    def __init__(self, *names: str) -> None:
-        self.loggers = [logging.getLogger(n if n != "root" else None) for n in names]
-
-    def __enter__(self) -> None:
-        self.levels = [lg.level for lg in self.loggers]
-        for lg in self.loggers:
-            lg.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        for lg, level in zip(self.loggers, self.levels):
+    loggers = [logging.getLogger(n if n != "root" else None) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
             lg.setLevel(level)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from lmkit.generate import sample_next, seeded_generator
+from lmkit.generate import reprime_length, sample_next, seeded_generator
 
 
 @dataclass
@@ -96,7 +96,7 @@ class Engine:
         self.device = model.device
         self.max_rows = max_rows
         self.limit: int | None = getattr(self.backbone, "max_seq_len", None)
-        self.keep = self.limit - self.limit // 4 if self.limit else None
+        self.keep = reprime_length(self.limit)
         self.batched = self._can_batch()
         self.arrivals: deque[Group] = deque()  # appended by the server's thread, drained by step()
         self.requests: dict[str, Request] = {}
