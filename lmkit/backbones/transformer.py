@@ -275,10 +275,9 @@ class Transformer(nn.Module):
 
     def forward(self, ids: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
         T = ids.size(1)
-        if state is not None and state.pos + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {state.pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        if state is None and T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        filled = state.pos if state is not None else 0
+        if filled + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {filled + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         positions = state.positions(T) if state is not None else torch.arange(T, device=ids.device)
         mask = state.mask(T) if state is not None else None
         x = self.transformer.wte(ids)
