@@ -2,8 +2,9 @@
 
 Not a plugin: `prune` and `prune_structured` share it. For a weight named like a parameter of the
 backbone (`transformer.h.0.mlp.c_fc.weight`, `rnn.weight_hh_l0`) it collects, over the tokens of
-the calibration windows, either the squared norm of each input column (Wanda's `||X_j||^2`) or the
-Gram matrix `X^T X` (SparseGPT's Hessian, up to a factor). The input of a Linear is what its
+the calibration windows, the squared norm of each input column (Wanda's `||X_j||^2`), the Gram matrix
+`X^T X` (SparseGPT's Hessian, up to a factor) or the Gram matrix of `[X, 1]` (what refitting a
+weight together with its bias needs). The input of a Linear is what its
 forward gets; an LSTM/GRU's input-to-hidden matrix of layer k reads that layer's input sequence,
 and its hidden-to-hidden matrix reads the layer's own previous hidden state (zeros at t = 0, as a
 calibration window starts from no state). nn.LSTM's fused kernel hides both, so the layers up to k
@@ -22,7 +23,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-Stat = Literal["norm", "gram"]
+Stat = Literal["norm", "gram", "affine_gram"]
 
 
 class _Collected(Exception):
@@ -59,13 +60,16 @@ def rnn_input(rnn: nn.LSTM | nn.GRU, x: torch.Tensor, attr: str) -> torch.Tensor
 
 @torch.no_grad()
 def collect(backbone: nn.Module, name: str, ids: torch.Tensor, stat: Stat, batch_size: int = 32) -> torch.Tensor:
-    """`stat` of the input of weight `name` over the windows `ids` (N, T): per-column squared norms
-    (a vector) or the Gram matrix X^T X, summed over every token."""
+    """`stat` of the input of weight `name` over the windows `ids` (N, T), summed over every token:
+    per-column squared norms (a vector), the Gram matrix X^T X, or that of X with a column of ones
+    appended (its last row and column hold the column sums and the token count)."""
     module, attr = owner(backbone, name)
     total: list[torch.Tensor] = []
 
     def add(x: torch.Tensor) -> None:
         x = x.reshape(-1, x.size(-1)).float()
+        if stat == "affine_gram":
+            x = torch.cat([x, x.new_ones(x.size(0), 1)], dim=1)
         value = x.pow(2).sum(0) if stat == "norm" else x.t() @ x
         total.append(value if not total else total.pop() + value)
 
