@@ -177,11 +177,17 @@ def test_pruned_artifact_is_smaller_than_the_dense_one_and_stores_bitmasks(train
     assert any(name.endswith(".__mask") for name in load_file(pruned / "model.safetensors"))
 
 
-def test_structured_pruning_rebuilds_smaller_layers(exports):
+def test_structured_pruning_rebuilds_smaller_layers(exports, trained):
+    from plugins.prune_structured import RECOVERY
+
     for kind in KINDS:
         report = exports[kind, "prune_structured"]["report"]
         assert report["after_vs_before"]["parameters"] <= 0.75  # amount=0.25: at least a quarter removed
         assert report["after"]["sparsity"] < 0.01  # smaller, not sparser
+        step, recovery = report["steps"][0], RECOVERY[kind]  # the backbone's measured recovery, recorded
+        trained_lr = lmkit.load(trained[kind]).record.optim["lr"]
+        assert step["finetune_lr"] == pytest.approx(recovery["lr_fraction"] * trained_lr)
+        assert step["distill_weight"] == recovery["distill_weight"]
     cfg = exports["transformer", "prune_structured"]["model"].record.backbone
     assert cfg.layer_ffn[0] < 4 * 48 and cfg.layer_ffn[0] % 8 == 0 and 1 <= cfg.layer_heads[0] <= 2
     lstm = exports["lstm", "prune_structured"]["model"].record.backbone  # tied: one width for all of it
