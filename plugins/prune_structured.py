@@ -16,8 +16,9 @@ parameters to remove (at least). Importance (`criterion`):
 
 With `activation`, the matrices that read the removed units are also refit by least squares on the
 calibration activations (the Gram matrix of what they read, with a constant for the bias): what a cut
-unit contributed is taken over by the kept units it correlates with, and its mean by the bias. For
-the default LSTM at 30% this halves the one-shot perplexity cost (+15.3% -> +5.6%).
+unit contributed is taken over by the kept units it correlates with, and its mean by the bias. At
+30%, one-shot, this takes the default LSTM from +15.3% perplexity to +5.6%, the Transformer from
++2.6% to +1.7%.
 
 The new widths are per-layer config keys (`layer_ffn`, `layer_heads`), so the artifact is an
 ordinary model with a different config.json. `nn.LSTM` needs one hidden size for all its layers, so
@@ -143,7 +144,8 @@ def cut_columns(state: dict[str, torch.Tensor], weight: str, kept: torch.Tensor,
     if grams is None:
         state[weight] = state[weight][:, kept]
         return
-    bias = weight.removesuffix("weight") + "bias"
+    module, _, attr = weight.rpartition(".")
+    bias = f"{module}.{attr.replace('weight', 'bias', 1)}"  # c_proj.weight: c_proj.bias; rnn.weight_hh_l0: rnn.bias_hh_l0
     state[weight], new_bias = refit(state[weight], state.get(bias), grams[weight], kept)
     if new_bias is not None:
         state[bias] = new_bias

@@ -483,6 +483,10 @@ def test_refitting_the_readers_of_removed_units_lowers_the_one_shot_loss(kind, t
             logits, _ = smaller(held_out[:, :-1])
         losses[refitting] = F.cross_entropy(logits.flatten(0, 1), held_out[:, 1:].flatten()).item()
     assert losses[True] < losses[False]
+    biases = ["transformer.h.0.mlp.c_proj.bias", "transformer.h.0.attn.c_proj.bias"] if kind == "transformer" \
+        else ["rnn.bias_hh_l0", "head.bias"]
+    for bias in biases:  # the mean of what the removed units carried moved into the biases of their readers
+        assert not torch.equal(cut[True][bias], cut[False][bias])
 
 
 def test_report_says_how_each_step_ran(exports):
