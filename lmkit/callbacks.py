@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from lmkit.distributed import data_parallel
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_write, cannot_write, check_writable
 from lmkit.generate import generate
@@ -45,32 +46,35 @@ class TextSampler(L.Callback):
         self.enabled = True
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        # Under FSDP, rank zero alone cannot run the sharded model; skip rather than hang.
-        self.enabled = not isinstance(trainer.strategy, FSDPStrategy)
         if self.enabled and module.tokenizer is not None and not module.tokenizer.encode(self.prompt):
             raise LmkitError(f"callbacks.text_sampler.prompt={self.prompt!r} encodes to no tokens")
 
-    def sample(self, module: L.LightningModule) -> str:
-        tok = module.tokenizer
-        ids = torch.tensor([tok.encode(self.prompt)], device=module.device)
+    def sample(self, backbone: torch.nn.Module, tokenizer: Any, sharded: bool = False) -> str:
+        """Sample from `backbone`. A `sharded` backbone is sampled by every rank together, with the same seed, so
+        all ranks draw the same tokens; it re-reads the text at each token rather than keeping a KV cache (a
+        cache would have to hold each rank's share of the heads, in FSDP's compute dtype)."""
+        device = next(backbone.parameters()).device
+        ids = torch.tensor([tokenizer.encode(self.prompt)], device=device)
         # A private generator: sampling must not move the training RNG (exact resume depends on it).
-        gen = torch.Generator(device=module.device).manual_seed(self.seed)
-        was_training = module.training
-        module.eval()
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+        was_training = backbone.training
+        backbone.eval()
         try:
-            out = generate(module.backbone, ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                           top_k=self.top_k, generator=gen)
+            out = generate(backbone, ids, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                           top_k=self.top_k, generator=gen, use_cache=not sharded)
         finally:
-            module.train(was_training)
-        return tok.decode(out[0].tolist())
+            backbone.train(was_training)
+        return tokenizer.decode(out[0].tolist())
 
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
-        if not fitting or not self.enabled or not trainer.is_global_zero or module.tokenizer is None:
+        sharded = module.device_mesh is not None  # every rank holds a part of the model: all take part
+        if not fitting or not self.enabled or module.tokenizer is None or not (trainer.is_global_zero or sharded):
             return
-        self.last, self.step = self.sample(module), trainer.global_step
+        text, self.step = self.sample(module.backbone, module.tokenizer, sharded), trainer.global_step
+        if not trainer.is_global_zero:
+            return
+        self.last = text
         log.info("Sample at step %d:\n%s", trainer.global_step, self.last)
         if self.path is not None:
             try:
@@ -82,7 +86,7 @@ class TextSampler(L.Callback):
 
 
 class Throughput(L.Callback):
-    """Training tokens per second (all ranks together), with evaluation time left out."""
+    """Training tokens per second (all data-parallel replicas together), with evaluation time left out."""
 
     def __init__(self) -> None:
         self.tokens = 0
@@ -100,7 +104,7 @@ class Throughput(L.Callback):
             self._since = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        self.tokens += batch[0].numel() * trainer.world_size
+        self.tokens += batch[0].numel() * data_parallel(trainer)[1]
         if logging_step(trainer):
             module.log("tokens_per_s", self.tokens_per_s, prog_bar=True)
 

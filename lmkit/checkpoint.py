@@ -8,11 +8,16 @@ from typing import Any
 import torch
 
 from lmkit.errors import LmkitError
+from lmkit.parallel.checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 from lmkit.record import ModelRecord
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path, *, weights: bool = True) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict: a `.ckpt` file, or a sharded folder consolidated in memory (its model
+    tensors only; `weights=False` reads a folder's hyper-parameters and loop state alone)."""
     path = Path(path)
+    if is_sharded_checkpoint(path):
+        return read_sharded_checkpoint(path, weights=weights)
     if not path.is_file():
         raise LmkitError(f"checkpoint not found: {path}")
     try:

@@ -28,33 +28,24 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
 
-def strategy_name(strategy: Any) -> str:
-    """'ddp', or the `_target_` of a strategy given as a config node."""
-    return str(strategy.get("_target_", "")) if hasattr(strategy, "get") else str(strategy)
+def data_parallel(trainer: Any) -> tuple[int, int]:
+    """(rank, size) of this process among the data-parallel replicas: ranks of one tensor-parallel group share
+    a replica, so they read the same batches and count their tokens once."""
+    if trainer is None or not hasattr(trainer.strategy, "distributed_sampler_kwargs"):  # one process
+        return 0, 1
+    kwargs = trainer.strategy.distributed_sampler_kwargs
+    return kwargs["rank"], kwargs["num_replicas"]
 
 
 def check_launch(trainer_cfg: Any) -> None:
     """Refuse launch settings that would otherwise fail deep inside Lightning or wait forever."""
-    strategy = strategy_name(trainer_cfg.get("strategy")).lower()
     accelerator, devices = str(trainer_cfg.get("accelerator")), trainer_cfg.get("devices")
-    if "fsdp" in strategy and (accelerator == "cpu" or not torch.cuda.is_available()):
-        raise LmkitError(f"trainer=fsdp needs GPUs (Lightning's FSDP does not run on the CPU; "
-                         f"{torch.cuda.device_count()} GPU(s) here): use trainer=ddp for CPU processes")
     if accelerator == "gpu" and isinstance(devices, int) and devices > torch.cuda.device_count():
         raise LmkitError(f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} GPU(s)")
     nodes = int(trainer_cfg.get("num_nodes") or 1)
     if nodes > 1 and not any(k in os.environ for k in CLUSTER_ENV) and "NODE_RANK" not in os.environ:
         raise LmkitError(f"trainer.num_nodes={nodes} needs a launcher on every node (torchrun, srun, or "
                          "MASTER_ADDR/NODE_RANK set): see the README's multi-node section")
-
-
-def fsdp_strategy(state_dict_type: str = "full", **kwargs: Any):
-    """FSDP that shards each Transformer block on its own; a model without blocks (the LSTM) is wrapped whole."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    from lmkit.backbones.transformer import Block
-
-    return FSDPStrategy(auto_wrap_policy={Block}, state_dict_type=state_dict_type, **kwargs)
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from lmkit.backbones import build_backbone
 from lmkit.checkpoint import read_checkpoint
+from lmkit.parallel.checkpoint import is_sharded_checkpoint
 from lmkit.data.tokenizer import tokenizer_from_json
 from lmkit.errors import LmkitError, first_line
 from lmkit.files import atomic_directory
@@ -47,10 +48,11 @@ def load(path: str | Path, device: str | torch.device | None = None,
         return onnx.load_onnx(path, device)
     if is_artifact(path):
         model = _load_artifact(path)
-    elif path.is_file():
+    elif path.is_file() or is_sharded_checkpoint(path):
         model = _load_checkpoint(path)
     else:
-        raise LmkitError(f"{path} is neither an lmkit model directory (with config.json) nor a checkpoint file")
+        raise LmkitError(f"{path} is neither an lmkit model directory (with config.json) nor a checkpoint "
+                         "(a file, or a sharded checkpoint folder)")
     dtype = parse_dtype(dtype)
     compression = [r["plugin"] for r in model.record.compression]
     if compression and dtype is not None:

@@ -6,7 +6,6 @@ import math
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.strategies import FSDPStrategy
 import torch
 import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
@@ -50,14 +49,13 @@ class LitLanguageModel(L.LightningModule):
     def __init__(self, model: dict[str, Any], optim: dict[str, Any], vocab_size: int,
                  data: dict[str, Any] | None = None, compile: bool = False) -> None:
         """`data` records the corpus settings, so `lmkit eval` can find the model's own test split;
-        `compile` runs the backbone through torch.compile for training and evaluation."""
+        `compile` runs the backbone through torch.compile for training and evaluation (compiled in place when the
+        trainer configures the model: under sharding, block by block)."""
         super().__init__()
         if optim.get("name") not in ("adamw", "adamw8bit"):
             raise ValueError(f"optim.name={optim.get('name')!r} is not one of adamw, adamw8bit")
         self.save_hyperparameters()  # plain values: a checkpoint loads with weights_only=True
         self.backbone = build_backbone(ModelRecord.from_settings(model, vocab_size).backbone)
-        if compile:
-            self.backbone.compile()  # in place: parameter names (and so checkpoints) stay as they are
         self.tokenizer: Tokenizer | None = None  # attached by train.run, restored from checkpoints
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
@@ -68,6 +66,17 @@ class LitLanguageModel(L.LightningModule):
         hp = self.hparams
         return ModelRecord.from_settings(hp.model, hp.vocab_size, data=hp.data, optim=hp.optim,
                                          tokenizer=self.tokenizer.kind if self.tokenizer else None)
+
+    def configure_model(self) -> None:
+        # Lightning calls this at every fit, validate and test, before it wraps the model: act once.
+        if self.device_mesh is not None:  # trainer=fsdp (lmkit.parallel): shard, and split over tensor-parallel ranks
+            from lmkit.parallel.parallelize import is_parallelized, parallelize
+
+            if not is_parallelized(self.backbone):
+                parallelize(self.backbone, self.device_mesh, param_dtype=getattr(self.trainer.strategy, "param_dtype", None),
+                            compile=self.hparams.compile)
+        elif self.hparams.compile and not getattr(self.backbone, "_compiled_call_impl", None):
+            self.backbone.compile()  # in place: parameter names (and so checkpoints) stay as they are
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone(ids)[0]
@@ -116,8 +125,7 @@ class LitLanguageModel(L.LightningModule):
             # Fused on the CPU too (torch >= 2.4): one kernel per parameter group instead of a dozen ops
             # per tensor (bench/README.md, throughput). Not under fp16, whose fused step unscales the
             # gradients and hides them from clipping.
-            fused = (self.device.type in ("cuda", "cpu") and self.trainer.precision not in ("16-mixed", "16-true")
-                     and not isinstance(self.trainer.strategy, FSDPStrategy))
+            fused = self.device.type in ("cuda", "cpu") and self.trainer.precision not in ("16-mixed", "16-true")
             optimizer = torch.optim.AdamW(groups, fused=fused, **kwargs)
         elif o["name"] == "adamw8bit":
             import bitsandbytes as bnb
@@ -135,10 +143,12 @@ class LitLanguageModel(L.LightningModule):
         clip = self.hparams.optim.get("grad_clip")
         if not clip:
             return
-        if isinstance(self.trainer.strategy, FSDPStrategy):  # sharded gradients: FSDP computes the global norm
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
-            return
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
+        if self.device_mesh is not None:  # sharded gradients: the global norm over every shard and mesh
+            from lmkit.parallel.clip import clip_grad_norm
+
+            norm = clip_grad_norm(self.parameters(), clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), clip)
         if logging_step(self.trainer):
             self.log("grad_norm", norm)
 

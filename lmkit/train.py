@@ -31,6 +31,9 @@ from lmkit.errors import LmkitError, exit_on_user_error
 from lmkit.console import known_warnings, quiet_console
 from lmkit.files import atomic_write_text, check_writable
 from lmkit.lightning_module import LitLanguageModel
+from lmkit.parallel.checkpoint import is_sharded_checkpoint
+from lmkit.parallel.parallelize import gather
+from lmkit.parallel.strategy import ShardedStrategy
 from lmkit.plugins import recipe
 
 log = logging.getLogger("lmkit")
@@ -99,9 +102,6 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_writable(output_dir)  # and so does an unwritable run folder
     compression = _container(cfg.get("compression")) or {}
     plugins = recipe(compression)  # an unknown plugin or a bad setting fails now, not after training
-    if plugins and "fsdp" in str(cfg.trainer.get("strategy")).lower():
-        raise LmkitError("compression after an FSDP run: the model is sharded; compress its checkpoint with "
-                         "lmkit export model=.../last.ckpt compression=...")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls: same accuracy class as bf16 training
@@ -129,13 +129,6 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if context is not None and datamodule.seq_len > context:
         raise LmkitError(f"data.seq_len={datamodule.seq_len} exceeds the model's context model.max_seq_len={context}")
 
-    ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
-    if ckpt_path is not None and ckpt_path.is_dir():  # an FSDP sharded checkpoint: Lightning checks it
-        log.info("Resuming from %s", ckpt_path)
-    elif ckpt_path is not None:
-        check_compatible(ckpt_path, read_checkpoint(ckpt_path), module.record, tokenizer.to_json())
-        log.info("Resuming from %s", ckpt_path)
-
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if cfg.trainer.get("enable_progress_bar") is False:  # the flag wins over the bar in the callbacks group
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -143,6 +136,17 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     use_atomic_checkpoints(trainer)  # a full disk: one line, and the previous checkpoint stays whole
+    sharded = isinstance(trainer.strategy, ShardedStrategy)
+    if sharded:  # what cannot be split is refused here, once, before any process starts
+        trainer.strategy.check(module.record.backbone, trainer.num_devices * trainer.num_nodes)
+
+    ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
+    if ckpt_path is not None:
+        if is_sharded_checkpoint(ckpt_path) and not sharded:
+            raise LmkitError(f"resume={ckpt_path} is a sharded checkpoint folder: resume it with trainer=fsdp, or "
+                             f"start from its weights with init_from={ckpt_path}")
+        check_compatible(ckpt_path, read_checkpoint(ckpt_path, weights=False), module.record, tokenizer.to_json())
+        log.info("Resuming from %s", ckpt_path)
     interrupt = next((c for c in callbacks if isinstance(c, CheckpointOnInterrupt)), None)
 
     # Ctrl-C: stop at a step, save last.ckpt, exit 130 (not Lightning's exit 1 from wherever the key landed)
@@ -169,26 +173,31 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     if trainer.is_global_zero:  # written before compressing, and again with the export's figures after
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    sampler = next((c for c in callbacks if isinstance(c, TextSampler) and c.enabled), None)
+    to_sample = sampler is not None and module.tokenizer is not None and sampler.step != trainer.global_step
+    backbone = module.backbone
+    if sharded and (plugins or to_sample):
+        backbone = gather(module.backbone)  # every rank sends its shards; rank zero gets the whole model
     if plugins and trainer.is_global_zero:
-        metrics.update(_compress(module, compression, output_dir, cfg))
+        metrics.update(_compress(module, backbone, compression, output_dir, cfg))
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if trainer.is_global_zero:
-        sampler = next((c for c in callbacks if isinstance(c, TextSampler)), None)
-        if sampler is not None and sampler.enabled and sampler.step == trainer.global_step:
+        if sampler is not None and not to_sample:
             log.info("Sample from the final model: the one at step %d above", sampler.step)
-        elif sampler is not None and sampler.enabled:
-            log.info("Sample from the final model:\n%s", sampler.sample(module))
+        elif to_sample:
+            log.info("Sample from the final model:\n%s", sampler.sample(backbone, module.tokenizer))
         log.info("Metrics: %s", json.dumps(metrics))
     return metrics, {"trainer": trainer, "module": module, "datamodule": datamodule}
 
 
-def _compress(module: LitLanguageModel, compression: dict[str, Any], output_dir: Path, cfg: DictConfig) -> dict[str, Any]:
-    """Compress the trained model as `compression` says and export it to `output_dir/model`."""
+def _compress(module: LitLanguageModel, backbone: torch.nn.Module, compression: dict[str, Any], output_dir: Path,
+              cfg: DictConfig) -> dict[str, Any]:
+    """Compress the trained `backbone` as `compression` says and export it to `output_dir/model`."""
     from lmkit.compress import compress_and_export, training_context
     from lmkit.inference import InferenceModel
 
     record = module.record.replace(source={"run": str(output_dir.resolve()), "step": module.trainer.global_step})
-    model = InferenceModel(module.backbone, module.tokenizer, record)
+    model = InferenceModel(backbone, module.tokenizer, record)
     out = output_dir / "model"
     # Lightning has moved the model to the CPU after fit: it is measured there (the report's CPU
     # figures), while recovery fine-tunes go back to the device the run trained on.

@@ -12,7 +12,7 @@ from lmkit.data.corpus import Corpus, resolve_files
 from lmkit.data.shakespeare import shakespeare_text
 from lmkit.data.tokenizer import Tokenizer
 from lmkit.data.windows import EvalBatches, TrainBatches
-from lmkit.distributed import local_rank
+from lmkit.distributed import data_parallel, local_rank
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_write_text
 
@@ -79,8 +79,7 @@ class LMDataModule(L.LightningDataModule):
         self.prepare_data()
 
     def _rank(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return data_parallel(self.trainer)
 
     def train_dataloader(self) -> TrainBatches:
         rank, world = self._rank()
