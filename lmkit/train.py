@@ -157,6 +157,11 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # (an empty list when trainer.limit_val_batches / limit_test_batches is 0)
         val = (trainer.validate(module, datamodule=datamodule, verbose=False) or [{}])[0]
         test = (trainer.test(module, datamodule=datamodule, verbose=False) or [{}])[0]
+        sampler = next((c for c in callbacks if isinstance(c, TextSampler) and c.enabled), None)
+        to_sample = sampler is not None and module.tokenizer is not None and sampler.step != trainer.global_step
+        backbone = module.backbone
+        if sharded and (plugins or to_sample):  # (while the ranks are still connected)
+            backbone = gather(module.backbone)  # every rank sends its shards; rank zero gets the whole model
 
     throughput = next((c for c in callbacks if isinstance(c, Throughput)), None)
     checkpoint = trainer.checkpoint_callback
@@ -173,11 +178,6 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     if trainer.is_global_zero:  # written before compressing, and again with the export's figures after
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    sampler = next((c for c in callbacks if isinstance(c, TextSampler) and c.enabled), None)
-    to_sample = sampler is not None and module.tokenizer is not None and sampler.step != trainer.global_step
-    backbone = module.backbone
-    if sharded and (plugins or to_sample):
-        backbone = gather(module.backbone)  # every rank sends its shards; rank zero gets the whole model
     if plugins and trainer.is_global_zero:
         metrics.update(_compress(module, backbone, compression, output_dir, cfg))
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
