@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.placement_types import _StridedShard
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -32,10 +31,12 @@ from lmkit.parallel.parallelize import check_tensor_parallel
 
 
 class ShardedStrategy(ModelParallelStrategy):
-    """FSDP2 over `world_size / tensor_parallel_size` data-parallel ranks, tensor parallel over the rest."""
+    """FSDP2 over `world_size / tensor_parallel_size` data-parallel ranks, tensor parallel over the rest.
+
+    `timeout`: a rank stuck in a collective (a peer crashed) fails the job after this (as trainer=ddp's)."""
 
     def __init__(self, tensor_parallel_size: int = 1, save_distributed_checkpoint: bool = True,
-                 process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout) -> None:
+                 process_group_backend: str | None = None, timeout: timedelta | None = timedelta(minutes=10)) -> None:
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
             raise LmkitError(f"trainer.strategy.tensor_parallel_size={tensor_parallel_size!r} must be a positive integer")
         # the data-parallel size is set in setup_environment, once the world size is known
