@@ -131,7 +131,6 @@ def test_a_crashed_rank_fails_the_whole_job_quickly(tmp_path, cache_dir):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["trainer=fsdp"], "trainer=fsdp needs GPUs"),
     (["trainer=gpu", "trainer.devices=2"], "trainer.devices=2 but this machine has"),
     (["trainer=ddp", "trainer.accelerator=cpu", "trainer.num_nodes=2"], "trainer.num_nodes=2 needs a launcher"),
 ])

@@ -1,0 +1,202 @@
+"""trainer=fsdp: FSDP2, tensor parallel and 2D on CPU processes (gloo), as subprocesses of train.py.
+
+Every sharded run here is checked against one process on the same global batch: the same losses and
+gradient norms step by step (clipping engages at every step: the norms are above optim.grad_clip=1), and
+the same weights at the end, read back from the sharded folder without any training process.
+"""
+
+import csv
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmkit
+from lmkit.checkpoint import read_checkpoint
+from lmkit.export import save
+from tests.conftest import TINY_TRANSFORMER, run_train_py
+from tests.test_commands import lmkit_cmd
+
+pytestmark = pytest.mark.slow
+
+# A fixed schedule (it must not depend on max_steps: interrupted and resumed runs set other ones), every step logged.
+COMMON = ["model=transformer", *TINY_TRANSFORMER, "optim.warmup_steps=5", "optim.decay_steps=100",
+          "trainer.log_every_n_steps=1", "trainer.val_check_interval=10"]
+FSDP2 = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"]
+HALF = ["data.batch_size=4", "data.eval_batch_size=8"]  # per rank: two ranks make the single run's batch of 8
+
+
+def train(*overrides: str, run_dir: Path, cache_dir: Path) -> dict:
+    result = run_train_py(*COMMON, *overrides, run_dir=run_dir, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def logged(run_dir: Path, key: str = "train_loss") -> list[float]:
+    """`key` at each step, in order (a resumed run logging into `run_dir` continues the same file's steps)."""
+    with open(run_dir / "metrics.csv") as fh:
+        rows = {int(r["step"]): float(r[key]) for r in csv.DictReader(fh) if r.get(key)}
+    return [rows[s] for s in sorted(rows)]
+
+
+def weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(checkpoint)["state_dict"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        x, y = a[name], b[name]
+        if name.endswith("attn.c_attn.bias"):
+            # The key bias gets no gradient (softmax ignores what it adds to every score of a query), so AdamW
+            # moves it by rounding noise divided by the root of that noise's square: ~1e-4 steps, different in
+            # every summation order. Both runs must keep it at noise level; q and v biases compare as weights do.
+            q, k, v = x.chunk(3)
+            assert k.abs().max() < 1e-3 and y.chunk(3)[1].abs().max() < 1e-3, name
+            x, y = torch.cat([q, v]), torch.cat([y.chunk(3)[0], y.chunk(3)[2]])
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache_dir) -> Path:
+    """One process, batch 8, 20 steps: the reference every sharded run is compared with."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    train("trainer.max_steps=20", run_dir=run_dir, cache_dir=cache_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory, cache_dir) -> Path:
+    """FSDP over two processes at batch 4 each, 20 steps, sharded checkpoints (the default)."""
+    run_dir = tmp_path_factory.mktemp("fsdp") / "run"
+    train(*FSDP2, *HALF, "trainer.max_steps=20", run_dir=run_dir, cache_dir=cache_dir)
+    return run_dir
+
+
+def test_fsdp_on_two_processes_matches_one_process_at_twice_the_batch(single, fsdp):
+    assert logged(fsdp) == pytest.approx(logged(single), rel=1e-5)
+    assert logged(fsdp, "grad_norm") == pytest.approx(logged(single, "grad_norm"), rel=1e-5)
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (fsdp, single))
+    assert (a["world_size"], a["steps"]) == (2, 20)
+    for key in ("val_loss", "test_loss"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    folder = Path(a["last_ckpt"])
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["best-step20.ckpt", "last.ckpt"]  # no temp folders
+    assert_same_weights(weights(folder), weights(b["last_ckpt"]))
+    samples = (fsdp / "samples.txt").read_text()  # the sharded model sampled text at each validation
+    assert "=== step 10" in samples and "=== step 20" in samples
+
+
+def test_tensor_parallel_matches_one_process_and_resumes_resharded_as_fsdp(single, tmp_path, cache_dir):
+    """TP x2 (both ranks see the same batch of 8) for 10 steps, then resumed from its sharded folder as FSDP x2
+    (batch 4 each): the checkpoint keeps the fused q/k/v in GPT-2's layout, so it loads at another size."""
+    run_dir = tmp_path / "run"
+    train(*FSDP2, "trainer.strategy.tensor_parallel_size=2", "trainer.max_steps=10", run_dir=run_dir,
+          cache_dir=cache_dir)
+    assert logged(run_dir) == pytest.approx(logged(single)[:10], rel=1e-5)
+    assert logged(run_dir, "grad_norm") == pytest.approx(logged(single, "grad_norm")[:10], rel=1e-5)
+    shutil.move(run_dir / "metrics.csv", tmp_path / "first.csv")  # the resumed run's own steps only
+    m = train(*FSDP2, *HALF, "trainer.max_steps=20", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert m["steps"] == 20
+    assert logged(run_dir) == pytest.approx(logged(single)[10:], rel=1e-5)
+    assert_same_weights(weights(m["last_ckpt"]), weights(single / "checkpoints" / "last.ckpt"))
+
+
+def test_fsdp_resumes_exactly_from_one_full_checkpoint_file(single, tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    full = ["trainer.strategy.save_distributed_checkpoint=false"]
+    m = train(*FSDP2, *HALF, *full, "trainer.max_steps=10", run_dir=run_dir, cache_dir=cache_dir)
+    checkpoint = torch.load(m["last_ckpt"], weights_only=True)  # one ordinary file, today's layout
+    assert checkpoint["global_step"] == 10 and "backbone.transformer.h.0.attn.c_attn.weight" in checkpoint["state_dict"]
+    shutil.move(run_dir / "metrics.csv", tmp_path / "first.csv")
+    m = train(*FSDP2, *HALF, *full, "trainer.max_steps=20", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert logged(run_dir) == pytest.approx(logged(single)[10:], rel=1e-5)
+    assert_same_weights(weights(m["last_ckpt"]), weights(single / "checkpoints" / "last.ckpt"))
+
+
+def test_2d_fsdp_by_tensor_parallel_on_four_processes(single, tmp_path, cache_dir):
+    """2 data-parallel x 2 tensor-parallel ranks at batch 4 per replica: the single run's global batch of 8. The
+    clipped gradient norm is the global one over both meshes (blocks on the 2D mesh, embedding and norms on the
+    data-parallel one)."""
+    run_dir = tmp_path / "run"
+    m = train("trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=4", "trainer.strategy.tensor_parallel_size=2",
+              *HALF, "trainer.max_steps=6", run_dir=run_dir, cache_dir=cache_dir)
+    assert m["world_size"] == 4 and m["steps"] == 6
+    assert logged(run_dir) == pytest.approx(logged(single)[:6], rel=1e-5)
+    assert logged(run_dir, "grad_norm") == pytest.approx(logged(single, "grad_norm")[:6], rel=1e-5)
+
+
+def test_bf16_mixed_under_fsdp_then_compression(single, tmp_path, cache_dir):
+    """precision=bf16-mixed is FSDP2's bf16 compute over fp32 master weights: near fp32, not equal to it. Then the
+    sharded model is gathered and compressed once, on rank zero."""
+    run_dir = tmp_path / "run"
+    result = run_train_py(*COMMON, *FSDP2, *HALF, "trainer.max_steps=20", "trainer.precision=bf16-mixed",
+                          "compression=[prune,int8]", "compression.prune.finetune_steps=4", run_dir=run_dir,
+                          cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bf16, fp32 = logged(run_dir), logged(single)
+    assert bf16 == pytest.approx(fp32, rel=2e-2) and bf16 != pytest.approx(fp32, rel=1e-6)
+    checkpoint = read_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert {t.dtype for t in checkpoint["state_dict"].values()} == {torch.float32}  # fp32 master weights
+    assert (result.stdout + result.stderr).count("compression: int8") == 1
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["export_bytes_ratio"] < 0.3 and (run_dir / "model" / "report.json").is_file()
+    assert len(lmkit.load(run_dir / "model").generate("ROMEO:", max_new_tokens=8, seed=0)) > len("ROMEO:")
+
+
+def test_everything_downstream_reads_a_sharded_folder(fsdp, tmp_path, cache_dir):
+    folder = fsdp / "checkpoints" / "last.ckpt"
+    model = lmkit.load(folder)  # consolidated in memory, no processes
+    ids = torch.tensor([model.tokenizer.encode("ROMEO: what")])
+    exported = lmkit.load(save(model, tmp_path / "model"))
+    torch.testing.assert_close(exported(ids), model(ids))
+    assert exported.generate("ROMEO:", max_new_tokens=20, seed=1) == model.generate("ROMEO:", max_new_tokens=20, seed=1)
+    # init_from a sharded folder: one process fine-tunes from its weights (the first loss is the trained model's)
+    m = train("trainer.max_steps=2", f"init_from={folder}", run_dir=tmp_path / "tuned", cache_dir=cache_dir)
+    assert m["steps"] == 2 and logged(tmp_path / "tuned")[0] < logged(fsdp)[0] - 0.1
+
+
+def test_reading_a_sharded_folder_never_runs_code_and_names_a_missing_shard(fsdp, tmp_path):
+    folder = tmp_path / "last.ckpt"
+    shutil.copytree(fsdp / "checkpoints" / "last.ckpt", folder)
+    (folder / "__1_0.distcp").unlink()
+    result = lmkit_cmd("eval", f"model={folder}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: sharded checkpoint {folder} is incomplete: __1_0.distcp missing (it has 2 shard "
+                      "files, one per rank that wrote it)"]
+
+    class Hostile:  # what a stranger's .metadata could hold: unpickling it would run a command
+        def __reduce__(self):
+            return (exec, (f"open({str(tmp_path / 'ran')!r}, 'w')",))
+
+    (folder / ".metadata").write_bytes(pickle.dumps(Hostile()))
+    result = lmkit_cmd("eval", f"model={folder}", cwd=tmp_path)
+    assert result.returncode == 2 and ".metadata is not checkpoint metadata (builtins.exec" in result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=lstm", "trainer.strategy.tensor_parallel_size=2"], "a recurrent model (model.kind=lstm) has no heads"),
+    (["trainer.devices=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 attention heads"),
+    (["model.n_head=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 processes"),
+])
+def test_what_cannot_be_split_is_one_line_before_any_process_starts(overrides, message, tmp_path, cache_dir):
+    result = run_train_py(*COMMON, *FSDP2, *overrides, run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_resuming_a_sharded_folder_needs_fsdp_and_the_same_model(fsdp, tmp_path, cache_dir):
+    folder = fsdp / "checkpoints" / "last.ckpt"
+    for overrides, message in ([[], "is a sharded checkpoint folder: resume it with trainer=fsdp"],
+                               [[*FSDP2, "model.n_embd=48"], "is for a different model: model.n_embd: checkpoint 32 vs run 48"]):
+        result = run_train_py(*COMMON, *overrides, f"resume={folder}", run_dir=tmp_path / "run", cache_dir=cache_dir,
+                              timeout=120)
+        assert result.returncode == 2 and "error: " in result.stderr and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
