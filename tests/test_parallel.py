@@ -17,7 +17,7 @@ import torch
 import lmkit
 from lmkit.checkpoint import read_checkpoint
 from lmkit.export import save
-from tests.conftest import TINY_TRANSFORMER, run_train_py
+from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py
 from tests.test_commands import lmkit_cmd
 
 pytestmark = pytest.mark.slow
@@ -181,12 +181,12 @@ def test_reading_a_sharded_folder_never_runs_code_and_names_a_missing_shard(fsdp
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model=lstm", "trainer.strategy.tensor_parallel_size=2"], "a recurrent model (model.kind=lstm) has no heads"),
-    (["trainer.devices=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 attention heads"),
-    (["model.n_head=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 processes"),
+    (["model=lstm", *TINY, "trainer.strategy.tensor_parallel_size=2"], "a recurrent model (model.kind=lstm) has no heads"),
+    ([*COMMON, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 attention heads"),
+    ([*COMMON, "model.n_head=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 processes"),
 ])
 def test_what_cannot_be_split_is_one_line_before_any_process_starts(overrides, message, tmp_path, cache_dir):
-    result = run_train_py(*COMMON, *FSDP2, *overrides, run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
+    result = run_train_py(*FSDP2, *overrides, run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not list((tmp_path / "run").rglob("*.ckpt"))
