@@ -7,6 +7,7 @@
     compression  size / perplexity / speed of each compression recipe; where int8 kernels pay, by width
     deploy       torch vs onnxruntime (fp32, int8, int4): perplexity and bytes of the default models, tokens/s by width
     serve        lmkit serve at 1, 8 and 32 streaming clients: requests/s, tokens/s, p50/p99 first-token and total latency
+    parallel     1 process, DDP x2, FSDP x2 and TP x2 on a 25M-parameter Transformer: memory per rank, tokens/s
 
 Each prints its table and writes bench/results/<name>.json. Run on an otherwise idle machine:
 on 2 cores a second busy process halves every number.
@@ -20,7 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "generate.py", "scale": "scale.py",
-           "compression": "compression.py", "deploy": "deploy.py", "serve": "serve.py"}
+           "compression": "compression.py", "deploy": "deploy.py", "serve": "serve.py",
+           "parallel": "parallel.py"}
 
 
 def main() -> int:

@@ -43,10 +43,9 @@ class TextSampler(L.Callback):
         self.path = Path(path) if path else None
         self.last: str | None = None
         self.step: int | None = None  # the global step `last` was sampled at
-        self.enabled = True
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if self.enabled and module.tokenizer is not None and not module.tokenizer.encode(self.prompt):
+        if module.tokenizer is not None and not module.tokenizer.encode(self.prompt):
             raise LmkitError(f"callbacks.text_sampler.prompt={self.prompt!r} encodes to no tokens")
 
     def sample(self, backbone: torch.nn.Module, tokenizer: Any, sharded: bool = False) -> str:
@@ -69,7 +68,7 @@ class TextSampler(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         fitting = trainer.state.fn == "fit" and not trainer.sanity_checking
         sharded = module.device_mesh is not None  # every rank holds a part of the model: all take part
-        if not fitting or not self.enabled or module.tokenizer is None or not (trainer.is_global_zero or sharded):
+        if not fitting or module.tokenizer is None or not (trainer.is_global_zero or sharded):
             return
         text, self.step = self.sample(module.backbone, module.tokenizer, sharded), trainer.global_step
         if not trainer.is_global_zero:

@@ -135,7 +135,6 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     callbacks += [callback for plugin in plugins for callback in plugin.callbacks(module)]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    use_atomic_checkpoints(trainer)  # a full disk: one line, and the previous checkpoint stays whole
     sharded = isinstance(trainer.strategy, ShardedStrategy)
     if sharded:  # what cannot be split is refused here, once, before any process starts
         trainer.strategy.check(module.record.backbone, trainer.num_devices * trainer.num_nodes)
@@ -147,6 +146,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                              f"start from its weights with init_from={ckpt_path}")
         check_compatible(ckpt_path, read_checkpoint(ckpt_path, weights=False), module.record, tokenizer.to_json())
         log.info("Resuming from %s", ckpt_path)
+    use_atomic_checkpoints(trainer)  # a full disk: one line, and the previous checkpoint stays whole
     interrupt = next((c for c in callbacks if isinstance(c, CheckpointOnInterrupt)), None)
 
     # Ctrl-C: stop at a step, save last.ckpt, exit 130 (not Lightning's exit 1 from wherever the key landed)
@@ -157,7 +157,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # (an empty list when trainer.limit_val_batches / limit_test_batches is 0)
         val = (trainer.validate(module, datamodule=datamodule, verbose=False) or [{}])[0]
         test = (trainer.test(module, datamodule=datamodule, verbose=False) or [{}])[0]
-        sampler = next((c for c in callbacks if isinstance(c, TextSampler) and c.enabled), None)
+        sampler = next((c for c in callbacks if isinstance(c, TextSampler)), None)
         to_sample = sampler is not None and module.tokenizer is not None and sampler.step != trainer.global_step
         backbone = module.backbone
         if sharded and (plugins or to_sample):  # (while the ranks are still connected)
@@ -182,7 +182,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics.update(_compress(module, backbone, compression, output_dir, cfg))
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     if trainer.is_global_zero:
-        if sampler is not None and not to_sample:
+        if sampler is not None and sampler.step == trainer.global_step:
             log.info("Sample from the final model: the one at step %d above", sampler.step)
         elif to_sample:
             log.info("Sample from the final model:\n%s", sampler.sample(backbone, module.tokenizer))
