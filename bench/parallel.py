@@ -37,20 +37,20 @@ QUIET = ["data.seq_len=128", "data.val_windows=8", "data.test_windows=8", "train
 
 
 class StateBytes(L.Callback):
-    """Writes this rank's memory figures to `<run dir>/memory-rank<R>.json` when training ends (one file per rank)."""
+    """Writes this rank's memory figures to `<run dir>/memory-rank<R>.json` at the last optimizer step (one file per
+    rank), when parameters, gradients and AdamW's moments all exist."""
 
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        def local(t: torch.Tensor) -> torch.Tensor:
-            return t.to_local() if hasattr(t, "to_local") else t
-
-        params = [p for p in module.parameters()]
-        tensors = {id(local(p)): local(p) for p in params}
-        tensors.update({id(local(p.grad)): local(p.grad) for p in params if p.grad is not None})
-        for optimizer in trainer.optimizers:
-            for state in optimizer.state.values():
-                tensors.update({id(local(v)): local(v) for v in state.values() if torch.is_tensor(v)})
-        figures = {"rank": trainer.global_rank, "parameters": sum(p.numel() for p in params),  # (a DTensor's: global)
-                   "state_mb": sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20,
+    def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer) -> None:
+        if trainer.global_step != trainer.max_steps - 1:
+            return
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
+        local += [g.to_local() if hasattr(g, "to_local") else g for p in module.parameters() if (g := p.grad) is not None]
+        local += [v.to_local() if hasattr(v, "to_local") else v for state in getattr(optimizer, "_optimizer", optimizer).state.values()
+                  for v in state.values() if torch.is_tensor(v)]
+        # a tied embedding and head share one storage: count each storage once
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}
+        figures = {"rank": trainer.global_rank, "parameters": sum(p.numel() for p in module.parameters()),  # global
+                   "state_mb": sum(storages.values()) / 2**20,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if torch.cuda.is_available():
             figures["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -70,11 +70,13 @@ def rows(batch: int, accelerator: str) -> dict[str, list[str]]:
 
 
 def run(name: str, overrides: list[str], steps: int, work: Path) -> dict:
-    run_dir = work / name.replace(" ", "_")
+    run_dir = work / "".join(c if c.isalnum() else "_" for c in name)  # a Hydra override takes no ( or space
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *MODEL, *QUIET, *overrides,
            f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "+callbacks.state_bytes._target_=parallel.StateBytes"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{result.stderr[-3000:]}")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ranks = sorted((json.loads(p.read_text()) for p in run_dir.glob("memory-rank*.json")), key=lambda r: r["rank"])
     return {"row": name, "overrides": overrides, "tokens_per_s": round(metrics["tokens_per_s"]),
