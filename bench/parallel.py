@@ -43,13 +43,17 @@ class StateBytes(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, module: L.LightningModule, optimizer) -> None:
         if trainer.global_step != trainer.max_steps - 1:
             return
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in module.parameters()]
-        local += [g.to_local() if hasattr(g, "to_local") else g for p in module.parameters() if (g := p.grad) is not None]
-        local += [v.to_local() if hasattr(v, "to_local") else v for state in getattr(optimizer, "_optimizer", optimizer).state.values()
-                  for v in state.values() if torch.is_tensor(v)]
+
+        def local(t: torch.Tensor) -> torch.Tensor:
+            return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's shard on this rank
+
+        params = list(module.parameters())
+        state = getattr(optimizer, "_optimizer", optimizer).state  # (Lightning wraps the optimizer)
+        tensors = [local(p) for p in params] + [local(p.grad) for p in params if p.grad is not None]
+        tensors += [local(v) for moments in state.values() for v in moments.values() if torch.is_tensor(v)]
         # a tied embedding and head share one storage: count each storage once
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in local}
-        figures = {"rank": trainer.global_rank, "parameters": sum(p.numel() for p in module.parameters()),  # global
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        figures = {"rank": trainer.global_rank, "parameters": sum(p.numel() for p in params),  # (global)
                    "state_mb": sum(storages.values()) / 2**20,
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if torch.cuda.is_available():
@@ -72,7 +76,8 @@ def rows(batch: int, accelerator: str) -> dict[str, list[str]]:
 def run(name: str, overrides: list[str], steps: int, work: Path) -> dict:
     run_dir = work / "".join(c if c.isalnum() else "_" for c in name)  # a Hydra override takes no ( or space
     cmd = [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *MODEL, *QUIET, *overrides,
-           f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}", "+callbacks.state_bytes._target_=parallel.StateBytes"]
+           f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps}",
+           "+callbacks.state_bytes._target_=parallel.StateBytes"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'bench'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     result = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if result.returncode != 0:

@@ -31,9 +31,11 @@ def local_rank() -> int:
 def data_parallel(trainer: Any) -> tuple[int, int]:
     """(rank, size) of this process among the data-parallel replicas: ranks of one tensor-parallel group share
     a replica, so they read the same batches and count their tokens once."""
-    if trainer is None or not hasattr(trainer.strategy, "distributed_sampler_kwargs"):  # one process
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    if trainer is None or not isinstance(trainer.strategy, ParallelStrategy):  # one process
         return 0, 1
-    kwargs = trainer.strategy.distributed_sampler_kwargs
+    kwargs = trainer.strategy.distributed_sampler_kwargs  # (ModelParallelStrategy's: the data-parallel mesh)
     return kwargs["rank"], kwargs["num_replicas"]
 
 

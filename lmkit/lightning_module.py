@@ -73,8 +73,8 @@ class LitLanguageModel(L.LightningModule):
             from lmkit.parallel.parallelize import is_parallelized, parallelize
 
             if not is_parallelized(self.backbone):
-                parallelize(self.backbone, self.device_mesh, param_dtype=getattr(self.trainer.strategy, "param_dtype", None),
-                            compile=self.hparams.compile)
+                param_dtype = getattr(self.trainer.strategy, "param_dtype", None)
+                parallelize(self.backbone, self.device_mesh, param_dtype=param_dtype, compile=self.hparams.compile)
         elif self.hparams.compile and not getattr(self.backbone, "_compiled_call_impl", None):
             self.backbone.compile()  # in place: parameter names (and so checkpoints) stay as they are
 

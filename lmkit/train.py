@@ -19,6 +19,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
@@ -132,12 +133,21 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if cfg.trainer.get("enable_progress_bar") is False:  # the flag wins over the bar in the callbacks group
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    callbacks += [callback for plugin in plugins for callback in plugin.callbacks(module)]
+    during_training = {plugin.name: plugin.callbacks(module) for plugin in plugins}
+    during_training = {name: hooks for name, hooks in during_training.items() if hooks}
+    callbacks += [callback for hooks in during_training.values() for callback in hooks]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if isinstance(trainer.strategy, FSDPStrategy):
+        raise LmkitError("trainer.strategy=fsdp is Lightning's FSDP1, which lmkit does not run: use trainer=fsdp "
+                         "(FSDP2 through ModelParallelStrategy)")
     sharded = isinstance(trainer.strategy, ShardedStrategy)
     if sharded:  # what cannot be split is refused here, once, before any process starts
         trainer.strategy.check(module.record.backbone, trainer.num_devices * trainer.num_nodes)
+        if during_training:  # (their masks are computed over whole tensors, which no rank holds)
+            name = next(iter(during_training))
+            raise LmkitError(f"compression.{name} works during training, which trainer=fsdp does not support: "
+                             f"set compression.{name}.during_training=false (after training), or use trainer=ddp")
 
     ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
     if ckpt_path is not None:

@@ -9,6 +9,10 @@ import csv
 import json
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +20,9 @@ import torch
 
 import lmkit
 from lmkit.checkpoint import read_checkpoint
-from lmkit.export import save
-from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py
+from lmkit.errors import LmkitError
+from lmkit.parallel.checkpoint import read_metadata
+from tests.conftest import ROOT, TINY, TINY_TRANSFORMER, run_train_py
 from tests.test_commands import lmkit_cmd
 
 pytestmark = pytest.mark.slow
@@ -91,29 +96,32 @@ def test_fsdp_on_two_processes_matches_one_process_at_twice_the_batch(single, fs
     assert "=== step 10" in samples and "=== step 20" in samples
 
 
-def test_tensor_parallel_matches_one_process_and_resumes_resharded_as_fsdp(single, tmp_path, cache_dir):
-    """TP x2 (both ranks see the same batch of 8) for 10 steps, then resumed from its sharded folder as FSDP x2
-    (batch 4 each): the checkpoint keeps the fused q/k/v in GPT-2's layout, so it loads at another size."""
-    run_dir = tmp_path / "run"
-    train(*FSDP2, "trainer.strategy.tensor_parallel_size=2", "trainer.max_steps=10", run_dir=run_dir,
-          cache_dir=cache_dir)
+def test_tensor_parallel_matches_one_process_and_resumes_from_its_folder(single, tmp_path, cache_dir):
+    """TP x2 (both ranks see the same batch of 8) for 10 steps, then resumed from its sharded folder: the fused
+    q/k/v rows are stored gathered (GPT-2's layout) and split again per rank as they load."""
+    run_dir, tp = tmp_path / "run", [*FSDP2, "trainer.strategy.tensor_parallel_size=2"]
+    train(*tp, "trainer.max_steps=10", run_dir=run_dir, cache_dir=cache_dir)
     assert logged(run_dir) == pytest.approx(logged(single)[:10], rel=1e-5)
     assert logged(run_dir, "grad_norm") == pytest.approx(logged(single, "grad_norm")[:10], rel=1e-5)
     shutil.move(run_dir / "metrics.csv", tmp_path / "first.csv")  # the resumed run's own steps only
-    m = train(*FSDP2, *HALF, "trainer.max_steps=20", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    m = train(*tp, "trainer.max_steps=20", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
     assert m["steps"] == 20
     assert logged(run_dir) == pytest.approx(logged(single)[10:], rel=1e-5)
     assert_same_weights(weights(m["last_ckpt"]), weights(single / "checkpoints" / "last.ckpt"))
 
 
-def test_fsdp_resumes_exactly_from_one_full_checkpoint_file(single, tmp_path, cache_dir):
+def test_a_full_checkpoint_file_resumes_exactly_at_another_tensor_parallel_size(single, tmp_path, cache_dir):
+    """FSDP x2 writing one full .ckpt, resumed by TP x2 (which writes full files too): the file holds the whole
+    model and optimizer in the single-process layout, and each strategy splits it as it loads."""
     run_dir = tmp_path / "run"
     full = ["trainer.strategy.save_distributed_checkpoint=false"]
     m = train(*FSDP2, *HALF, *full, "trainer.max_steps=10", run_dir=run_dir, cache_dir=cache_dir)
     checkpoint = torch.load(m["last_ckpt"], weights_only=True)  # one ordinary file, today's layout
     assert checkpoint["global_step"] == 10 and "backbone.transformer.h.0.attn.c_attn.weight" in checkpoint["state_dict"]
     shutil.move(run_dir / "metrics.csv", tmp_path / "first.csv")
-    m = train(*FSDP2, *HALF, *full, "trainer.max_steps=20", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    m = train(*FSDP2, "trainer.strategy.tensor_parallel_size=2", *full, "trainer.max_steps=20", "resume=true",
+              run_dir=run_dir, cache_dir=cache_dir)
+    assert Path(m["last_ckpt"]).is_file()
     assert logged(run_dir) == pytest.approx(logged(single)[10:], rel=1e-5)
     assert_same_weights(weights(m["last_ckpt"]), weights(single / "checkpoints" / "last.ckpt"))
 
@@ -121,13 +129,16 @@ def test_fsdp_resumes_exactly_from_one_full_checkpoint_file(single, tmp_path, ca
 def test_2d_fsdp_by_tensor_parallel_on_four_processes(single, tmp_path, cache_dir):
     """2 data-parallel x 2 tensor-parallel ranks at batch 4 per replica: the single run's global batch of 8. The
     clipped gradient norm is the global one over both meshes (blocks on the 2D mesh, embedding and norms on the
-    data-parallel one)."""
+    data-parallel one). Its checkpoint folder (sharded over both dimensions) then resumes as FSDP x2."""
     run_dir = tmp_path / "run"
     m = train("trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=4", "trainer.strategy.tensor_parallel_size=2",
-              *HALF, "trainer.max_steps=6", run_dir=run_dir, cache_dir=cache_dir)
+              *HALF, "trainer.max_steps=6", "trainer.val_check_interval=6", run_dir=run_dir, cache_dir=cache_dir)
     assert m["world_size"] == 4 and m["steps"] == 6
     assert logged(run_dir) == pytest.approx(logged(single)[:6], rel=1e-5)
     assert logged(run_dir, "grad_norm") == pytest.approx(logged(single, "grad_norm")[:6], rel=1e-5)
+    shutil.move(run_dir / "metrics.csv", tmp_path / "first.csv")
+    train(*FSDP2, *HALF, "trainer.max_steps=10", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert logged(run_dir) == pytest.approx(logged(single)[6:10], rel=1e-5)
 
 
 def test_bf16_mixed_under_fsdp_then_compression(single, tmp_path, cache_dir):
@@ -151,13 +162,22 @@ def test_bf16_mixed_under_fsdp_then_compression(single, tmp_path, cache_dir):
 def test_everything_downstream_reads_a_sharded_folder(fsdp, tmp_path, cache_dir):
     folder = fsdp / "checkpoints" / "last.ckpt"
     model = lmkit.load(folder)  # consolidated in memory, no processes
+    result = lmkit_cmd("export", f"model={folder}", f"out={tmp_path / 'model'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = lmkit.load(tmp_path / "model")
     ids = torch.tensor([model.tokenizer.encode("ROMEO: what")])
-    exported = lmkit.load(save(model, tmp_path / "model"))
     torch.testing.assert_close(exported(ids), model(ids))
-    assert exported.generate("ROMEO:", max_new_tokens=20, seed=1) == model.generate("ROMEO:", max_new_tokens=20, seed=1)
-    # init_from a sharded folder: one process fine-tunes from its weights (the first loss is the trained model's)
+    result = lmkit_cmd("generate", f"model={folder}", "prompt=ROMEO:", "max_new_tokens=20", "seed=1", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == model.generate("ROMEO:", max_new_tokens=20, seed=1)
+    result = lmkit_cmd("eval", f"model={folder}", f"paths.cache_dir={cache_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    test_loss = json.loads((fsdp / "metrics.json").read_text())["test_loss"]
+    assert json.loads(result.stdout)["loss"] == pytest.approx(test_loss, rel=1e-4)  # its own test split
+    # init_from a sharded folder: one process fine-tunes from its weights (its first loss, on a training batch, is
+    # near the trained model's test loss, far below the fresh model's first)
     m = train("trainer.max_steps=2", f"init_from={folder}", run_dir=tmp_path / "tuned", cache_dir=cache_dir)
-    assert m["steps"] == 2 and logged(tmp_path / "tuned")[0] < logged(fsdp)[0] - 0.1
+    first = logged(tmp_path / "tuned")[0]
+    assert m["steps"] == 2 and first == pytest.approx(test_loss, rel=0.1) and first < logged(fsdp)[0] - 0.5
 
 
 def test_reading_a_sharded_folder_never_runs_code_and_names_a_missing_shard(fsdp, tmp_path):
@@ -178,6 +198,91 @@ def test_reading_a_sharded_folder_never_runs_code_and_names_a_missing_shard(fsdp
     result = lmkit_cmd("eval", f"model={folder}", cwd=tmp_path)
     assert result.returncode == 2 and ".metadata is not checkpoint metadata (builtins.exec" in result.stderr
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_dotted_name_in_metadata_cannot_reach_an_unrestricted_unpickler(tmp_path):
+    """Protocol 4 resolves dotted names: `<allowed module>.pickle.Unpickler` would unpickle a second, unchecked
+    payload. Only exact names of checkpoint-metadata classes are rebuilt."""
+
+    class Hostile:
+        def __reduce__(self):
+            return (exec, (f"open({str(tmp_path / 'ran')!r}, 'w')",))
+
+    def global_(module: str, name: str) -> bytes:  # SHORT_BINUNICODE x2, STACK_GLOBAL
+        return b"\x8c" + bytes([len(module)]) + module.encode() + b"\x8c" + bytes([len(name)]) + name.encode() + b"\x93"
+
+    inner, fs = pickle.dumps(Hostile()), "torch.distributed.checkpoint.filesystem"
+    payload = (b"\x80\x04" + global_(fs, "operator.methodcaller") + b"\x8c\x04load\x85R" + global_(fs, "pickle.Unpickler")
+               + global_(fs, "io.BytesIO") + b"B" + len(inner).to_bytes(4, "little") + inner + b"\x85R\x85R\x85R.")
+    (tmp_path / ".metadata").write_bytes(payload)
+    with pytest.raises(LmkitError, match="operator.methodcaller is not checkpoint metadata"):
+        read_metadata(tmp_path)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_bf16_policy_computes_in_bf16_over_fp32_master_weights():
+    """One rank, in process: parallelize with param_dtype=bf16 keeps fp32 parameters and computes in bf16."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmkit.backbones import Transformer, TransformerConfig
+    from lmkit.parallel.parallelize import parallelize
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        model = Transformer(TransformerConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, max_seq_len=8))
+        reference = Transformer(model.config)
+        reference.load_state_dict(model.state_dict())
+        parallelize(model, mesh, param_dtype=torch.bfloat16)
+        ids = torch.randint(0, 50, (2, 8))
+        logits, _ = model(ids)
+        logits.float().logsumexp(-1).mean().backward()  # (after backward every unit holds its fp32 shard again)
+        assert logits.dtype == torch.bfloat16
+        assert {p.dtype for p in model.parameters()} == {p.grad.dtype for p in model.parameters()} == {torch.float32}
+        torch.testing.assert_close(logits.float(), reference(ids)[0], atol=0.05, rtol=0.05)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_lstm_sweep_under_fsdp_launches_each_jobs_ranks_once(tmp_path, cache_dir):
+    """An LSTM is one FSDP unit; a Hydra multirun of fsdp jobs gives one folder per point, each trained once."""
+    sweep = tmp_path / "sweep"
+    result = run_train_py("-m", "model=lstm", *TINY, *FSDP2, "trainer.max_steps=6", "trainer.val_check_interval=3",
+                          "model.n_embd=32,48", f"hydra.sweep.dir={sweep}", run_dir=tmp_path / "unused",
+                          cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [json.loads((j / "metrics.json").read_text())["world_size"] for j in jobs] == [2, 2]
+    widths = [read_checkpoint(j / "checkpoints" / "last.ckpt")["hyper_parameters"]["model"]["n_embd"] for j in jobs]
+    assert widths == [32, 48]
+    assert (result.stdout + result.stderr).count("Metrics:") == 2 and not list(tmp_path.rglob("multirun"))
+
+
+def test_sigterm_under_fsdp_saves_a_sharded_folder_and_resume_continues(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    common = ["model=lstm", *TINY, *FSDP2, "trainer.val_check_interval=10", "callbacks.text_sampler=null",
+              "optim.warmup_steps=5", "optim.decay_steps=1000"]
+    cmd = [sys.executable, str(ROOT / "train.py"), *common, "trainer.max_steps=100000", f"hydra.run.dir={run_dir}",
+           f"paths.cache_dir={cache_dir}"]
+    log = tmp_path / "stderr.log"  # a file, not a pipe: an unread pipe fills up and stalls the child
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 180
+            while not (run_dir / "checkpoints" / "last.ckpt" / "meta.pt").exists():  # training is under way
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in log.read_text(), log.read_text()[-2000:]
+    step = read_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights=False)["global_step"]
+    assert step >= 10
+    result = run_train_py(*common, f"trainer.max_steps={step + 5}", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == step + 5
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -27,23 +27,25 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / METADATA).is_file()
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Rebuilds `.metadata`'s classes (torch.distributed.checkpoint's dataclasses, dtypes, sizes, paths) only."""
+_DCP = "torch.distributed.checkpoint"
 
-    MODULES = {"torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
-               "torch.distributed.checkpoint.planner"}
-    GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-               ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
-               ("pathlib", "PureWindowsPath")}
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Rebuilds `.metadata`'s classes and nothing else: an exact list of names (a module-wide rule would let a
+    dotted name such as `filesystem.pickle.Unpickler` reach an unrestricted unpickler), and torch's dtypes."""
+
+    ALLOWED = {(f"{_DCP}.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+        (f"{_DCP}.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+        ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath")}  # (the module pathlib uses from 3.13)
+    DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
 
     def find_class(self, module: str, name: str) -> Any:
-        found = super().find_class(module, name) if (module, name) in self.GLOBALS or \
-            (module in self.MODULES and not name.startswith("__")) or module == "torch" else None
-        if module == "torch" and name != "Size" and not isinstance(found, torch.dtype):
-            found = None
-        if found is None or (module in self.MODULES and not isinstance(found, type)):
-            raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
-        return found
+        if (module, name) in self.ALLOWED or (module == "torch" and name in self.DTYPES):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
 
 
 def read_metadata(path: Path) -> Any:
@@ -53,7 +55,8 @@ def read_metadata(path: Path) -> Any:
     try:
         metadata = _MetadataUnpickler(io.BytesIO((path / METADATA).read_bytes())).load()
     except Exception as e:
-        raise LmkitError(f"sharded checkpoint {path}: {METADATA} is not checkpoint metadata ({first_line(e)})") from None
+        raise LmkitError(f"sharded checkpoint {path}: {METADATA} is not checkpoint metadata "
+                         f"({first_line(e)})") from None
     if not isinstance(metadata, Metadata) or metadata.storage_data is None:
         raise LmkitError(f"sharded checkpoint {path}: {METADATA} is not checkpoint metadata")
     return metadata

@@ -16,7 +16,7 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.placement_types import _StridedShard
 
-from lmkit.backbones import LSTM, Transformer, build_backbone
+from lmkit.backbones import LSTM, BackboneConfig, Transformer, build_backbone
 
 DATA, TENSOR = "data_parallel", "tensor_parallel"  # Lightning's mesh dimension names
 
@@ -33,6 +33,8 @@ class FusedQKVParallel(ColwiseParallel):
     def __init__(self) -> None:
         super().__init__(output_layouts=_StridedShard(-1, split_factor=3))  # the output keeps the rows' layout
 
+    # (ColwiseParallel's hook for placing a Linear's parameters, torch 2.4-2.13: a private name, so tests pin
+    # what it must do: test_parallel's TP runs equal one process step by step)
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
         module.register_parameter("weight", nn.Parameter(
             distribute_tensor(module.weight, device_mesh, [_StridedShard(0, split_factor=3)])))
@@ -45,7 +47,7 @@ def is_parallelized(backbone: nn.Module) -> bool:
     return getattr(backbone, "_lmkit_parallelized", False)
 
 
-def check_tensor_parallel(backbone_config, tensor_parallel_size: int) -> str | None:
+def check_tensor_parallel(backbone_config: BackboneConfig, tensor_parallel_size: int) -> str | None:
     """Why `backbone_config` cannot be split over `tensor_parallel_size` ranks (one line), or None when it can."""
     T = tensor_parallel_size
     if T == 1:
@@ -56,7 +58,8 @@ def check_tensor_parallel(backbone_config, tensor_parallel_size: int) -> str | N
     for layer in range(backbone_config.n_layer):
         heads, width = backbone_config.heads(layer), backbone_config.ffn(layer)
         if heads % T:
-            return f"trainer.strategy.tensor_parallel_size={T} does not divide the {heads} attention heads of layer {layer}"
+            return (f"trainer.strategy.tensor_parallel_size={T} does not divide the {heads} attention heads of "
+                    f"layer {layer}")
         if width % T:
             return f"trainer.strategy.tensor_parallel_size={T} does not divide the MLP width {width} of layer {layer}"
     return None
@@ -81,6 +84,8 @@ def parallelize(backbone: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dty
 
 def parallelize_transformer(model: Transformer, mesh: DeviceMesh, policy: MixedPrecisionPolicy,
                             compile: bool) -> None:
+    """Tensor parallel inside each block (over "tensor_parallel"), compile each block, then FSDP2 per block and
+    the root (over "data_parallel")."""
     tp = mesh[TENSOR]
     for block in model.transformer.h:
         if tp.size() > 1:
@@ -101,6 +106,7 @@ def parallelize_transformer(model: Transformer, mesh: DeviceMesh, policy: MixedP
 
 
 def parallelize_recurrent(model: LSTM, mesh: DeviceMesh, policy: MixedPrecisionPolicy, compile: bool) -> None:
+    """An LSTM/GRU is one FSDP unit: its layers run as one fused kernel, with nothing to split between them."""
     if compile:
         model.compile()
     fully_shard(model, mesh=mesh[DATA], mp_policy=policy)

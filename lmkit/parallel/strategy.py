@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.distributed.tensor.placement_types import _StridedShard
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lmkit.errors import LmkitError
+from lmkit.backbones import BackboneConfig
+from lmkit.errors import LmkitError, first_line
 from lmkit.parallel.checkpoint import META, checked_reader, is_sharded_checkpoint
 from lmkit.parallel.parallelize import check_tensor_parallel
 
@@ -38,7 +39,8 @@ class ShardedStrategy(ModelParallelStrategy):
     def __init__(self, tensor_parallel_size: int = 1, save_distributed_checkpoint: bool = True,
                  process_group_backend: str | None = None, timeout: timedelta | None = timedelta(minutes=10)) -> None:
         if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-            raise LmkitError(f"trainer.strategy.tensor_parallel_size={tensor_parallel_size!r} must be a positive integer")
+            raise LmkitError(f"trainer.strategy.tensor_parallel_size={tensor_parallel_size!r} must be a positive "
+                             "integer")
         # the data-parallel size is set in setup_environment, once the world size is known
         super().__init__(data_parallel_size="auto", tensor_parallel_size=tensor_parallel_size,
                          save_distributed_checkpoint=save_distributed_checkpoint,
@@ -49,7 +51,7 @@ class ShardedStrategy(ModelParallelStrategy):
     def tensor_parallel_size(self) -> int:
         return self._tensor_parallel_size
 
-    def check(self, backbone_config: Any, world_size: int) -> None:
+    def check(self, backbone_config: BackboneConfig, world_size: int) -> None:
         """Refuse, before any process starts, what cannot be split: one line each."""
         T = self.tensor_parallel_size
         if world_size % T:
@@ -61,11 +63,18 @@ class ShardedStrategy(ModelParallelStrategy):
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes // self.tensor_parallel_size
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // self.num_processes))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self._threads_before = torch.get_num_threads()  # given back at teardown: rank zero compresses after training
+        torch.set_num_threads(max(1, cores // self.num_processes))
         if isinstance(self.precision_plugin, MixedPrecision) and self.precision_plugin.precision == "bf16-mixed":
             self.param_dtype = torch.bfloat16
             self.precision_plugin = Precision()  # FSDP2 casts; autocast on top would only add casts
         super().setup_environment()
+
+    def teardown(self) -> None:
+        super().teardown()
+        if getattr(self, "_threads_before", None):
+            torch.set_num_threads(self._threads_before)
 
     # Checkpoints ------------------------------------------------------------------------------------------
 
@@ -92,10 +101,13 @@ class ShardedStrategy(ModelParallelStrategy):
         if self.is_global_zero:
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
-            if path.exists():
+            if path.exists():  # (a folder cannot be renamed over a folder: the old one steps aside first)
                 os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():  # the previous checkpoint was a full file
+                old.unlink()
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -105,20 +117,45 @@ class ShardedStrategy(ModelParallelStrategy):
                                                              set_optimizer_state_dict)
 
         path = Path(self.broadcast(str(checkpoint_path)))
-        if not is_sharded_checkpoint(path):
+        if not is_sharded_checkpoint(path) and self.tensor_parallel_size == 1:
             return super().load_checkpoint(path, weights_only)
+        if not is_sharded_checkpoint(path):
+            return self._load_full_file(path, weights_only)
         reader = checked_reader(path)
         like = {"state_dict": get_model_state_dict(self.model)}
         like.update({f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)
                      for i, optimizer in enumerate(self.optimizers)})
         state = storable(like)
-        load(state, storage_reader=reader)
+        try:
+            load(state, storage_reader=reader)
+        except Exception as e:  # a truncated shard, or one for another model shape
+            raise LmkitError(f"cannot resume from {path}: {first_line(e)}") from None
         state = restore_layout(state, like)
         set_model_state_dict(self.model, state["state_dict"])
         for i, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[f"optimizer_{i}"],
                                      options=StateDictOptions(cpu_offload=True))
         return torch.load(path / META, map_location="cpu", weights_only=weights_only)
+
+    def _load_full_file(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+        """A full `.ckpt` into a tensor-parallel model. torch's full-state loader (what Lightning calls) splits the
+        fused q/k/v rows as if they were contiguous and loads wrong attention weights without an error; here each
+        tensor is split the way `storable` stores it, then moved to its parameter's placements."""
+        from lightning.fabric.strategies.model_parallel import _rekey_optimizer_state_if_needed
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        model = self.model
+        set_model_state_dict(model, _distribute_like(checkpoint.pop("state_dict"), get_model_state_dict(model)))
+        for optimizer, state in zip(self.optimizers, checkpoint.pop("optimizer_states", [])):
+            state = _rekey_optimizer_state_if_needed(state, model)  # (saved keyed by parameter index)
+            like = get_optimizer_state_dict(model, optimizer)
+            set_optimizer_state_dict(model, optimizer, _distribute_like(state, like))
+        return checkpoint
+
+
+StateDict = dict[str, Any]  # nested: a model's or an optimizer's state dict, with DTensors as leaves
 
 
 def _strided_tensor_parallel(value: Any) -> bool:
@@ -129,7 +166,7 @@ def _strided_tensor_parallel(value: Any) -> bool:
         for p, name in zip(value.placements, value.device_mesh.mesh_dim_names or ()))
 
 
-def storable(state: Any) -> Any:
+def storable(state: StateDict) -> StateDict:
     """`state` with each strided tensor-parallel DTensor gathered over that dimension (still sharded over the
     data-parallel one), so the folder stores whole q/k/v rows in GPT-2's layout and loads at any tensor-parallel
     size."""
@@ -142,10 +179,21 @@ def storable(state: Any) -> Any:
     return state
 
 
-def restore_layout(loaded: Any, like: Any) -> Any:
+def restore_layout(loaded: StateDict, like: StateDict) -> StateDict:
     """The inverse of `storable`: each tensor of `loaded` back in the placements of its counterpart in `like`."""
     if isinstance(loaded, dict):
         return {k: restore_layout(v, like[k]) if k in like else v for k, v in loaded.items()}
     if _strided_tensor_parallel(like):
         return loaded.redistribute(placements=like.placements)
     return loaded
+
+
+def _distribute_like(full: Any, like: Any) -> Any:
+    """Whole tensors of `full` as DTensors placed like their counterparts in `like` (other values as in `full`)."""
+    if isinstance(full, dict):
+        return {k: _distribute_like(v, like[k]) if isinstance(like, dict) and k in like else v for k, v in full.items()}
+    if isinstance(like, DTensor):
+        stored = storable(like)  # a strided tensor-parallel placement is reached from a plain one
+        placed = distribute_tensor(full.to(like.dtype), stored.device_mesh, stored.placements)
+        return restore_layout(placed, like)
+    return full
