@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def sigterm_train_py_when(ready: Callable[[], bool], *overrides: str, run_dir: Path, cache_dir: Path) -> tuple[int, str]:
+    """Start `python train.py ...`, send it SIGTERM (as SLURM does before pre-emption) once `ready()` says training is
+    under way, and return its exit code and stderr."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
+    log = run_dir.parent / "stderr.log"  # a file, not a pipe: an unread pipe fills up and stalls the child
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 180
+            while not ready():
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+    return proc.returncode, log.read_text()

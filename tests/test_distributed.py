@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, free_port, run_train_py
+from tests.conftest import ROOT, TINY, free_port, run_train_py, sigterm_train_py_when
 
 DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 SMALL = ["model=lstm", *TINY, "trainer.max_steps=12", "trainer.val_check_interval=6"]
@@ -82,23 +81,11 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, cache_dir):
     # the lr schedule must not depend on max_steps: the interrupted, resumed and uninterrupted runs set different ones
     common = ["model=lstm", *TINY, "trainer.val_check_interval=20", "trainer.log_every_n_steps=1",
               "optim.warmup_steps=10", "optim.decay_steps=1000", "callbacks.text_sampler=null"]
-    cmd = [sys.executable, str(ROOT / "train.py"), *common, "trainer.max_steps=100000", f"hydra.run.dir={run_dir}",
-           f"paths.cache_dir={cache_dir}"]
-    log = tmp_path / "stderr.log"  # a file, not a pipe: an unread pipe fills up and stalls the child
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.monotonic() + 180
-            # training is under way once the first validation has written a checkpoint (the best one
-            # is replaced within milliseconds, so look for any)
-            while not list((run_dir / "checkpoints").glob("*.ckpt")):
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-        finally:
-            proc.kill()
-    assert "Traceback" not in log.read_text() and proc.returncode == 143, log.read_text()[-2000:]
+    # training is under way once the first validation has written a checkpoint (the best one is replaced within
+    # milliseconds, so look for any)
+    code, log = sigterm_train_py_when(lambda: bool(list((run_dir / "checkpoints").glob("*.ckpt"))), *common,
+                                      "trainer.max_steps=100000", run_dir=run_dir, cache_dir=cache_dir)
+    assert "Traceback" not in log and code == 143, log[-2000:]
     step = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     assert step >= 20
     # the resumed run logs into a folder of its own, so its metrics.csv holds its steps only

@@ -9,10 +9,6 @@ import csv
 import json
 import pickle
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +18,7 @@ import lmkit
 from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.parallel.checkpoint import read_metadata
-from tests.conftest import ROOT, TINY, TINY_TRANSFORMER, run_train_py
+from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py, sigterm_train_py_when
 from tests.test_commands import lmkit_cmd
 
 pytestmark = pytest.mark.slow
@@ -263,21 +259,10 @@ def test_sigterm_under_fsdp_saves_a_sharded_folder_and_resume_continues(tmp_path
     run_dir = tmp_path / "run"
     common = ["model=lstm", *TINY, *FSDP2, "trainer.val_check_interval=10", "callbacks.text_sampler=null",
               "optim.warmup_steps=5", "optim.decay_steps=1000"]
-    cmd = [sys.executable, str(ROOT / "train.py"), *common, "trainer.max_steps=100000", f"hydra.run.dir={run_dir}",
-           f"paths.cache_dir={cache_dir}"]
-    log = tmp_path / "stderr.log"  # a file, not a pipe: an unread pipe fills up and stalls the child
-    with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
-        try:
-            deadline = time.monotonic() + 180
-            while not (run_dir / "checkpoints" / "last.ckpt" / "meta.pt").exists():  # training is under way
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
-        finally:
-            proc.kill()
-    assert proc.returncode == 143 and "Traceback" not in log.read_text(), log.read_text()[-2000:]
+    folder = run_dir / "checkpoints" / "last.ckpt"
+    code, log = sigterm_train_py_when(lambda: (folder / "meta.pt").exists(), *common, "trainer.max_steps=100000",
+                                      run_dir=run_dir, cache_dir=cache_dir)
+    assert code == 143 and "Traceback" not in log, log[-2000:]
     step = read_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights=False)["global_step"]
     assert step >= 10
     result = run_train_py(*common, f"trainer.max_steps={step + 5}", "resume=true", run_dir=run_dir, cache_dir=cache_dir)

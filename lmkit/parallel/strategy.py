@@ -111,6 +111,7 @@ class ShardedStrategy(ModelParallelStrategy):
         self.barrier()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        # (every file read here is read with weights_only=True, whatever the caller asks)
         from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict, set_model_state_dict,
@@ -120,7 +121,7 @@ class ShardedStrategy(ModelParallelStrategy):
         if not is_sharded_checkpoint(path) and self.tensor_parallel_size == 1:
             return super().load_checkpoint(path, weights_only)
         if not is_sharded_checkpoint(path):
-            return self._load_full_file(path, weights_only)
+            return self._load_full_file(path)
         reader = checked_reader(path)
         like = {"state_dict": get_model_state_dict(self.model)}
         like.update({f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)
@@ -135,9 +136,9 @@ class ShardedStrategy(ModelParallelStrategy):
         for i, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[f"optimizer_{i}"],
                                      options=StateDictOptions(cpu_offload=True))
-        return torch.load(path / META, map_location="cpu", weights_only=weights_only)
+        return torch.load(path / META, map_location="cpu", weights_only=True)
 
-    def _load_full_file(self, path: Path, weights_only: bool | None) -> dict[str, Any]:
+    def _load_full_file(self, path: Path) -> dict[str, Any]:
         """A full `.ckpt` into a tensor-parallel model. torch's full-state loader (what Lightning calls) splits the
         fused q/k/v rows as if they were contiguous and loads wrong attention weights without an error; here each
         tensor is split the way `storable` stores it, then moved to its parameter's placements."""
@@ -145,7 +146,7 @@ class ShardedStrategy(ModelParallelStrategy):
         from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                              set_model_state_dict, set_optimizer_state_dict)
 
-        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        checkpoint = torch.load(path, mmap=True, map_location="cpu", weights_only=True)
         model = self.model
         set_model_state_dict(model, _distribute_like(checkpoint.pop("state_dict"), get_model_state_dict(model)))
         for optimizer, state in zip(self.optimizers, checkpoint.pop("optimizer_states", [])):
