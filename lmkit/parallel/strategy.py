@@ -119,7 +119,7 @@ class ShardedStrategy(ModelParallelStrategy):
 
         path = Path(self.broadcast(str(checkpoint_path)))
         if not is_sharded_checkpoint(path) and self.tensor_parallel_size == 1:
-            return super().load_checkpoint(path, weights_only)
+            return super().load_checkpoint(path, weights_only=True)
         if not is_sharded_checkpoint(path):
             return self._load_full_file(path)
         reader = checked_reader(path)
