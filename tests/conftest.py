@@ -68,10 +68,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sigterm_train_py_when(ready: Callable[[], bool], *overrides: str, run_dir: Path, cache_dir: Path) -> tuple[int, str]:
+def sigterm_train_py_when(ready: Callable[[], bool], *overrides: str, run_dir: Path,
+                          cache_dir: Path) -> tuple[int, str]:
     """Start `python train.py ...`, send it SIGTERM (as SLURM does before pre-emption) once `ready()` says training is
     under way, and return its exit code and stderr."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}"]
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={run_dir}",
+           f"paths.cache_dir={cache_dir}"]
     log = run_dir.parent / "stderr.log"  # a file, not a pipe: an unread pipe fills up and stalls the child
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=err)

@@ -208,8 +208,9 @@ def test_a_dotted_name_in_metadata_cannot_reach_an_unrestricted_unpickler(tmp_pa
         return b"\x8c" + bytes([len(module)]) + module.encode() + b"\x8c" + bytes([len(name)]) + name.encode() + b"\x93"
 
     inner, fs = pickle.dumps(Hostile()), "torch.distributed.checkpoint.filesystem"
-    payload = (b"\x80\x04" + global_(fs, "operator.methodcaller") + b"\x8c\x04load\x85R" + global_(fs, "pickle.Unpickler")
-               + global_(fs, "io.BytesIO") + b"B" + len(inner).to_bytes(4, "little") + inner + b"\x85R\x85R\x85R.")
+    payload = (b"\x80\x04" + global_(fs, "operator.methodcaller") + b"\x8c\x04load\x85R"
+               + global_(fs, "pickle.Unpickler") + global_(fs, "io.BytesIO")
+               + b"B" + len(inner).to_bytes(4, "little") + inner + b"\x85R\x85R\x85R.")
     (tmp_path / ".metadata").write_bytes(payload)
     with pytest.raises(LmkitError, match="operator.methodcaller is not checkpoint metadata"):
         read_metadata(tmp_path)
@@ -271,8 +272,10 @@ def test_sigterm_under_fsdp_saves_a_sharded_folder_and_resume_continues(tmp_path
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model=lstm", *TINY, "trainer.strategy.tensor_parallel_size=2"], "a recurrent model (model.kind=lstm) has no heads"),
-    ([*COMMON, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 attention heads"),
+    (["model=lstm", *TINY, "trainer.strategy.tensor_parallel_size=2"],
+     "a recurrent model (model.kind=lstm) has no heads"),
+    ([*COMMON, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=4"],
+     "does not divide the 2 attention heads"),
     ([*COMMON, "model.n_head=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 processes"),
 ])
 def test_what_cannot_be_split_is_one_line_before_any_process_starts(overrides, message, tmp_path, cache_dir):
@@ -285,7 +288,8 @@ def test_what_cannot_be_split_is_one_line_before_any_process_starts(overrides, m
 def test_resuming_a_sharded_folder_needs_fsdp_and_the_same_model(fsdp, tmp_path, cache_dir):
     folder = fsdp / "checkpoints" / "last.ckpt"
     for overrides, message in ([[], "is a sharded checkpoint folder: resume it with trainer=fsdp"],
-                               [[*FSDP2, "model.n_embd=48"], "is for a different model: model.n_embd: checkpoint 32 vs run 48"]):
+                               [[*FSDP2, "model.n_embd=48"],
+                                "is for a different model: model.n_embd: checkpoint 32 vs run 48"]):
         result = run_train_py(*COMMON, *overrides, f"resume={folder}", run_dir=tmp_path / "run", cache_dir=cache_dir,
                               timeout=120)
         assert result.returncode == 2 and "error: " in result.stderr and message in result.stderr, result.stderr[-2000:]
