@@ -1,9 +1,14 @@
 """A decoder-only Transformer in plain torch, laid out like GPT-2 so its checkpoints load exactly.
 
-Pre-LayerNorm blocks, causal attention through `F.scaled_dot_product_attention`, learned,
+Pre-norm blocks, causal attention through `F.scaled_dot_product_attention`, learned,
 sinusoidal or rotary positions, tied input/output embeddings and GPT-2's initialisation.
 `forward(ids, state)` returns `(logits, state)`; pass a `KVCache` from `init_state` to generate
 one token at a time without recomputing the past.
+
+The defaults are GPT-2's block. The Llama family's is the same code with other settings:
+`norm="rmsnorm"`, `mlp="swiglu"`, grouped-query attention (`n_kv_head`), an explicit `head_dim`,
+rotary positions with a large base and Llama 3's or linear frequency scaling (`rope_scaling`), no
+biases (Qwen2: `qkv_bias=True` only).
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
@@ -37,17 +42,39 @@ class TransformerConfig:
     layer_norm_eps: float = 1e-5
     pad_vocab_to: int = 1  # embedding rows rounded up to a multiple of this (64 suits GPU matmuls)
     layer_heads: list[int] | None = None  # per-layer attention heads (structured pruning); None: n_head everywhere
-    layer_ffn: list[int] | None = None  # per-layer MLP width (structured pruning); None: mlp_ratio * n_embd
+    layer_ffn: list[int] | None = None  # per-layer MLP width (structured pruning); None: the MLP's width
+    # The Llama family (defaults: GPT-2's block, so older configs and checkpoints load unchanged)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"  # swiglu: down(silu(gate(x)) * up(x))
+    mlp_hidden: int | None = None  # the MLP's hidden width; None: mlp_ratio * n_embd
+    n_kv_head: int | None = None  # key/value heads (grouped-query attention); None: n_head
+    head_dim: int | None = None  # width of one head; None: n_embd // n_head
+    qkv_bias: bool | None = None  # biases on q, k and v (Qwen2 has these and no others); None: follow `bias`
+    rope_scaling: dict[str, Any] | None = None  # None, or {rope_type: linear | llama3, factor, ...} as in HF
 
     @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+    def head_size(self) -> int:
+        """The width of one head, resolved (`head_dim` is the setting, None meaning n_embd // n_head)."""
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads served by one key/value head (1: plain multi-head attention)."""
+        return self.n_head // (self.n_kv_head or self.n_head)
 
     def heads(self, layer: int) -> int:
         return self.layer_heads[layer] if self.layer_heads else self.n_head
 
+    def kv_heads(self, layer: int) -> int:
+        return self.heads(layer) // self.kv_group
+
     def ffn(self, layer: int) -> int:
-        return self.layer_ffn[layer] if self.layer_ffn else self.mlp_ratio * self.n_embd
+        return self.layer_ffn[layer] if self.layer_ffn else self.mlp_hidden or self.mlp_ratio * self.n_embd
+
+    @property
+    def attn_bias(self) -> bool:
+        """Whether q, k and v have biases (`qkv_bias`, resolved)."""
+        return self.bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def padded_vocab_size(self) -> int:
@@ -57,27 +84,63 @@ class TransformerConfig:
         """Parameters of the model this config builds, by arithmetic: a config's size is known before
         anything is allocated (and without building on the meta device, whose init imports torch._dynamo)."""
         d, bias = self.n_embd, int(self.bias)
-        norm = d * (1 + bias)
+        norm = d * (1 + bias) if self.norm == "layernorm" else d  # RMSNorm has a gain only
         total = self.padded_vocab_size * d * (1 if self.tie_weights else 2) + norm  # wte (and lm_head), ln_f
         total += self.max_seq_len * d if self.position == "learned" else 0
         for layer in range(self.n_layer):
-            inner, ffn = self.heads(layer) * self.head_dim, self.ffn(layer)
-            attention = (d + bias) * 3 * inner + (inner + bias) * d
-            mlp = (d + bias) * ffn + (ffn + bias) * d
+            inner, ffn = self.heads(layer) * self.head_size, self.ffn(layer)
+            qkv = inner + 2 * self.kv_heads(layer) * self.head_size
+            attention = (d + int(self.attn_bias)) * qkv + (inner + bias) * d
+            mlp = (d + bias) * ffn * (2 if self.mlp == "swiglu" else 1) + (ffn + bias) * d
             total += 2 * norm + attention + mlp
         return total
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head:
+        for key, allowed in (("position", ("learned", "sinusoidal", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                             ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
-        if self.position not in ("learned", "sinusoidal", "rope"):
-            raise ValueError(f"model.position={self.position!r} is not one of learned, sinusoidal, rope")
-        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"rope needs an even head size, got {self.n_embd // self.n_head}")
+        for key in ("head_dim", "n_kv_head", "mlp_hidden"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"model.{key}={value!r} must be a positive integer or null")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.n_kv_head}")
+        if self.position == "rope" and self.head_size % 2:
+            raise ValueError(f"rope needs an even head size, got {self.head_size}")
+        if self.rope_scaling is not None:
+            if self.position != "rope":
+                raise ValueError(f"model.rope_scaling is set but model.position={self.position!r} (needs rope)")
+            self.rope_scaling = check_rope_scaling(self.rope_scaling)
         for key in ("layer_heads", "layer_ffn"):
             value = getattr(self, key)
             if value is not None and (len(value) != self.n_layer or min(value) < 1):
                 raise ValueError(f"model.{key}={value} needs {self.n_layer} positive entries (one per layer)")
+        if self.layer_heads and any(h % self.kv_group for h in self.layer_heads):
+            raise ValueError(f"model.layer_heads={self.layer_heads} must be whole groups of {self.kv_group} query "
+                             "heads (one per key/value head)")
+
+
+# What each rope scaling type needs, as Hugging Face names it (transformers' modeling_rope_utils).
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling: Any) -> dict[str, Any]:
+    """`scaling` as a plain dict keyed by `rope_type` (HF's older files say `type`), or a ValueError naming what
+    is wrong. Keys the type does not use are dropped."""
+    if not hasattr(scaling, "get"):
+        raise ValueError(f"model.rope_scaling={scaling!r} is not a mapping (rope_type, factor, ...)")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"model.rope_scaling.rope_type={kind!r} is not implemented (lmkit has "
+                         f"{', '.join(ROPE_SCALING_KEYS)})")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if not isinstance(scaling.get(k), (int, float))]
+    if missing:
+        raise ValueError(f"model.rope_scaling: rope_type={kind} needs a number for {', '.join(missing)}")
+    return {"rope_type": kind, **{k: scaling[k] for k in ROPE_SCALING_KEYS[kind]}}
 
 
 class KVCache:
@@ -138,8 +201,27 @@ def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
     return table
 
 
-def rope_tables(max_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(head_dim: int, base: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
+    """The inverse frequencies of each pair of dimensions, scaled as transformers scales them."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":  # position / factor, said on the frequencies
+        return inv_freq / scaling["factor"]
+    # llama3: long wavelengths slowed down by `factor`, short ones kept, the band between interpolated
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_context / high) * ~(wavelen > old_context / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(max_len: int, head_dim: int, base: float,
+                scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rope_frequencies(head_dim, base, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half layout (GPT-NeoX, Llama)
     return angles.cos(), angles.sin()
@@ -151,12 +233,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + rotated * sin).to(x.dtype)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * gain, computed in fp32 whatever the input's dtype (as Llama does); no bias."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def norm(cfg: TransformerConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.layer_norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: TransformerConfig, n_head: int) -> None:
         super().__init__()
-        self.n_head, self.head_dim = n_head, cfg.head_dim
-        inner = n_head * cfg.head_dim  # n_embd, unless structured pruning removed heads
-        self.c_attn = nn.Linear(cfg.n_embd, 3 * inner, bias=cfg.bias)  # q, k, v fused as in GPT-2
+        self.n_head, self.head_dim, self.kv_group = n_head, cfg.head_size, cfg.kv_group
+        inner = n_head * cfg.head_size  # n_embd by default, less where structured pruning removed heads
+        # q, k, v fused in one projection: GPT-2's [q | k | v] thirds, or with fewer kv heads (grouped-query
+        # attention) [q | k | v] of n_head, n_kv_head and n_kv_head heads (litgpt's layout): one code path.
+        self.c_attn = nn.Linear(cfg.n_embd, inner + 2 * inner // cfg.kv_group, bias=cfg.attn_bias)
         self.c_proj = nn.Linear(inner, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
@@ -165,16 +269,35 @@ class CausalSelfAttention(nn.Module):
                 cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         """`mask`: the cache's, when plain causal attention does not say what each query sees."""
         B, T, _ = x.shape
+        # n_head is read at each call: tensor parallelism divides it by the ranks (the group stays)
+        n_kv = self.n_head // self.kv_group
         inner = self.n_head * self.head_dim
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-                   for t in self.c_attn(x).split(inner, dim=2))
+        q, k, v = self.c_attn(x).split([inner, n_kv * self.head_dim, n_kv * self.head_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k, v = (t.view(B, T, n_kv, self.head_dim).transpose(1, 2) for t in (k, v))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
-            k, v = cache.append(layer, k, v)
+            k, v = cache.append(layer, k, v)  # the cache holds the kv heads only
+        if self.kv_group > 1:  # kv head j serves query heads j*g .. j*g+g-1
+            k, v = k.repeat_interleave(self.kv_group, dim=1), v.repeat_interleave(self.kv_group, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, inner)))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); the down projection keeps GPT-2's name, c_proj (its scaled init)."""
+
+    def __init__(self, cfg: TransformerConfig, width: int) -> None:
+        super().__init__()
+        self.gate = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
+        self.up = nn.Linear(cfg.n_embd, width, bias=cfg.bias)
+        self.c_proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(F.silu(self.gate(x)) * self.up(x)))
 
 
 class MLP(nn.Module):
@@ -192,10 +315,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
+        self.ln_1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg, cfg.heads(layer))
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
-        self.mlp = MLP(cfg, cfg.ffn(layer))
+        self.ln_2 = norm(cfg)
+        self.mlp = (SwiGLU if cfg.mlp == "swiglu" else MLP)(cfg, cfg.ffn(layer))
 
     def forward(self, x: torch.Tensor, layer: int, rope, cache: KVCache | None,
                 mask: torch.Tensor | None) -> torch.Tensor:
@@ -212,14 +335,14 @@ class Transformer(nn.Module):
             wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
             drop=nn.Dropout(cfg.dropout),
             h=nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias),
+            ln_f=norm(cfg),
         ))
         if cfg.position == "learned":
             self.transformer["wpe"] = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
         elif cfg.position == "sinusoidal":
             self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, cfg.n_embd), persistent=False)
         else:
-            cos, sin = rope_tables(cfg.max_seq_len, cfg.n_embd // cfg.n_head, cfg.rope_base)
+            cos, sin = rope_tables(cfg.max_seq_len, cfg.head_size, cfg.rope_base, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
@@ -243,7 +366,7 @@ class Transformer(nn.Module):
                    dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.config
         ref = self.transformer.ln_f.weight  # a float tensor even when the embedding is quantized
-        return KVCache([cfg.heads(i) for i in range(cfg.n_layer)], batch_size, cfg.max_seq_len, cfg.head_dim,
+        return KVCache([cfg.kv_heads(i) for i in range(cfg.n_layer)], batch_size, cfg.max_seq_len, cfg.head_size,
                        device or ref.device, dtype or ref.dtype)
 
     def stack_states(self, states: list[KVCache]) -> KVCache:

@@ -233,7 +233,7 @@ def _write(gguf: Any, path: Path, architecture: str, model: InferenceModel, cfg:
     writer.add_layer_norm_eps(cfg.layer_norm_eps)
     if cfg.position == "rope":
         writer.add_rope_freq_base(cfg.rope_base)
-        writer.add_rope_dimension_count(cfg.head_dim)
+        writer.add_rope_dimension_count(cfg.head_size)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
     writer.add_file_type(getattr(gguf.LlamaFileType, file_types[type]))
     if type in ("q8_0", "q4_0"):

@@ -93,7 +93,7 @@ def interface(model: InferenceModel) -> dict[str, Any]:
     cfg = model.record.backbone
     if model.record.kind == "transformer":
         names = [f"{i}.{part}" for i in range(cfg.n_layer) for part in ("key", "value")]
-        shapes = [[0, cfg.heads(i), 0, cfg.head_dim] for i in range(cfg.n_layer) for _ in ("key", "value")]
+        shapes = [[0, cfg.kv_heads(i), 0, cfg.head_size] for i in range(cfg.n_layer) for _ in ("key", "value")]
         inputs = [f"past_key_values.{n}" for n in names]
     else:
         names = ["h", "c"] if cfg.cell == "lstm" else ["h"]

@@ -55,6 +55,10 @@ def check_tensor_parallel(backbone_config: BackboneConfig, tensor_parallel_size:
     if backbone_config.kind != "transformer":
         return (f"trainer.strategy.tensor_parallel_size={T}: a recurrent model (model.kind={backbone_config.kind}) "
                 "has no heads to split; use tensor_parallel_size=1 (FSDP alone)")
+    if backbone_config.kv_group != 1:  # the fused q/k/v split below assumes equal q, k and v thirds
+        return (f"trainer.strategy.tensor_parallel_size={T}: grouped-query attention (model.n_kv_head="
+                f"{backbone_config.n_kv_head}, model.n_head={backbone_config.n_head}) is not split yet; "
+                "use tensor_parallel_size=1 (FSDP alone)")
     for layer in range(backbone_config.n_layer):
         heads, width = backbone_config.heads(layer), backbone_config.ffn(layer)
         if heads % T:
@@ -91,8 +95,11 @@ def parallelize_transformer(model: Transformer, mesh: DeviceMesh, policy: MixedP
         if tp.size() > 1:
             # The embedding, norms and head stay whole on each tensor-parallel rank (replicated activations
             # between blocks); RowwiseParallel all-reduces each block's two outputs back into that stream.
+            # SwiGLU: gate and up split alike by columns, so each rank multiplies its own units together
+            up = {"mlp.gate": ColwiseParallel(), "mlp.up": ColwiseParallel()} if model.config.mlp == "swiglu" \
+                else {"mlp.c_fc": ColwiseParallel()}
             parallelize_module(block, tp, {"attn.c_attn": FusedQKVParallel(), "attn.c_proj": RowwiseParallel(),
-                                           "mlp.c_fc": ColwiseParallel(), "mlp.c_proj": RowwiseParallel()})
+                                           **up, "mlp.c_proj": RowwiseParallel()})
             block.attn.n_head //= tp.size()  # the heads this rank computes
         if compile:
             block.compile()
