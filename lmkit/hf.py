@@ -1,5 +1,8 @@
 """GPT-2 checkpoints in and out of Hugging Face format, driven by one weight-name map.
 
+`import_hf` and `export_hf` are also the doors for the Llama family, whose map lives in
+`lmkit.hf_llama`: a folder's `model_type`, or a model's block, picks the module.
+
 lmkit's Transformer uses GPT-2's parameter names, so the map is the identity on names; what it
 records is which tensors HF stores as `Conv1D` weights ((in, out), the transpose of nn.Linear's).
 `transformers` is not needed: the files are read and written directly.
@@ -61,13 +64,13 @@ def _read_hf_tokenizer(src: Path) -> Tokenizer | None:
 
 
 def import_hf(src: str | Path) -> InferenceModel:
-    """A GPT-2 directory as `save_pretrained` writes it -> an `InferenceModel` on lmkit's Transformer."""
+    """A GPT-2, Llama or Qwen2 directory as `save_pretrained` writes it -> an `InferenceModel` on lmkit's Transformer."""
     try:
         return _import_hf(Path(src))
     except LmkitError:
         raise
     except Exception as e:  # safetensors, unpickling, JSON and key errors of a damaged directory
-        raise LmkitError(f"src={src} could not be read as a GPT-2 checkpoint ({type(e).__name__}: "
+        raise LmkitError(f"src={src} could not be read as a Hugging Face checkpoint ({type(e).__name__}: "
                          f"{first_line(e)})") from None
 
 
@@ -75,8 +78,13 @@ def _import_hf(src: Path) -> InferenceModel:
     if not (src / "config.json").is_file():
         raise LmkitError(f"src={src} has no config.json: not a Hugging Face model directory")
     hf = json.loads((src / "config.json").read_text())
+    from lmkit.hf_llama import ARCHITECTURES, import_llama
+
+    if hf.get("model_type") in ARCHITECTURES:
+        return import_llama(src, hf)
     if hf.get("model_type") != "gpt2":
-        raise LmkitError(f"src={src} is a {hf.get('model_type')!r} model; import-hf converts GPT-2 models only")
+        raise LmkitError(f"src={src}: model_type={hf.get('model_type')!r} is not one lmkit imports (gpt2, "
+                         f"{', '.join(ARCHITECTURES)})")
     act = hf.get("activation_function", "gelu_new")
     if act not in GELU:
         raise LmkitError(f"src={src}: activation_function={act!r} has no lmkit equivalent")
@@ -105,15 +113,21 @@ def export_hf(model: InferenceModel, out: str | Path, overwrite: bool = False) -
     backbone = model.backbone
     cfg = getattr(backbone, "config", None)
     if model.record.compressed:
-        raise LmkitError("format=hf writes dense GPT-2 weights; this model is compressed (export it as format=lmkit)")
+        raise LmkitError("format=hf writes dense weights; this model is compressed (export it as format=lmkit)")
     if not isinstance(cfg, TransformerConfig):
         raise LmkitError(f"format=hf writes GPT-2 models; this model is a {model.record.kind}")
+    from lmkit.hf_llama import export_llama, is_llama_shaped
+
+    if is_llama_shaped(cfg):
+        return export_llama(model, Path(out), overwrite)
     unsupported = [f"{k}={getattr(cfg, k)!r}" for k, ok in
                    (("position", "learned"), ("bias", True), ("mlp_ratio", 4), ("tie_weights", True),
-                    ("layer_heads", None), ("layer_ffn", None))
+                    ("layer_heads", None), ("layer_ffn", None), ("norm", "layernorm"), ("mlp", "gelu"),
+                    ("mlp_hidden", None), ("n_kv_head", None), ("head_dim", None), ("qkv_bias", None))
                    if getattr(cfg, k) != ok]
     if unsupported:
-        raise LmkitError(f"format=hf needs a GPT-2-shaped Transformer; this one has {', '.join(unsupported)}")
+        raise LmkitError(f"format=hf needs a GPT-2- or Llama-shaped Transformer (norm=rmsnorm, mlp=swiglu, "
+                         f"position=rope); this one has {', '.join(unsupported)}")
     state = backbone.state_dict()
     state["transformer.wte.weight"] = state["transformer.wte.weight"][: cfg.vocab_size]  # drop padding rows
     tensors = {name: (state[name].t() if transposed else state[name]).contiguous().float()

@@ -127,7 +127,7 @@ def test_fine_tune_from_an_imported_gpt2(tmp_path, make_cfg, tiny_corpus):
     assert metrics["test_loss"] == pytest.approx(reference["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("case", ["neither", "version", "missing_keys", "truncated", "not_gpt2"])
+@pytest.mark.parametrize("case", ["neither", "version", "missing_keys", "truncated", "not_covered"])
 def test_bad_model_inputs_give_one_line(case, tmp_path):
     art = tmp_path / "art"
     if case != "neither":
@@ -144,11 +144,11 @@ def test_bad_model_inputs_give_one_line(case, tmp_path):
     elif case == "truncated":
         data = (art / "model.safetensors").read_bytes()
         (art / "model.safetensors").write_bytes(data[: len(data) // 2])
-    elif case == "not_gpt2":
+    elif case == "not_covered":
         (tmp_path / "hf").mkdir()
-        (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
         result = lmkit_cmd("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'x'}", cwd=tmp_path)
-        one_error_line(result, "'llama'", "GPT-2")
+        one_error_line(result, "model_type='mamba'", "gpt2, llama, qwen2")
         assert not (tmp_path / "x").exists()
         return
     target = tmp_path / "nothing-here" if case == "neither" else art

@@ -1,0 +1,202 @@
+"""Llama-family checkpoints (`LlamaForCausalLM`, `Qwen2ForCausalLM`) in and out of Hugging Face format.
+
+One weight-name map, litgpt-style: HF's per-layer names against lmkit's, where q, k and v are HF's
+three tensors and lmkit's one fused `attn.c_attn` ([q | k | v] rows). HF's Llama rope is rotate-half
+over the whole head, lmkit's layout, so no row is permuted. `transformers` is not needed: the files
+are read and written directly (config.json, single or sharded safetensors).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmkit.backbones import Transformer, TransformerConfig
+from lmkit.errors import LmkitError
+from lmkit.files import atomic_directory
+from lmkit.inference import InferenceModel
+from lmkit.record import ModelRecord
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type -> HF class
+QKV = ("q_proj", "k_proj", "v_proj")
+# Per layer: HF name (after model.layers.N.) -> lmkit name (after transformer.h.N.); q/k/v are fused apart.
+LAYER_MAP = {
+    "input_layernorm.weight": "ln_1.weight",
+    "self_attn.o_proj.weight": "attn.c_proj.weight", "self_attn.o_proj.bias": "attn.c_proj.bias",
+    "post_attention_layernorm.weight": "ln_2.weight",
+    "mlp.gate_proj.weight": "mlp.gate.weight", "mlp.gate_proj.bias": "mlp.gate.bias",
+    "mlp.up_proj.weight": "mlp.up.weight", "mlp.up_proj.bias": "mlp.up.bias",
+    "mlp.down_proj.weight": "mlp.c_proj.weight", "mlp.down_proj.bias": "mlp.c_proj.bias",
+}
+GLOBAL_MAP = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight",
+              "lm_head.weight": "lm_head.weight"}
+
+
+def read_weights(src: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards model.safetensors.index.json names."""
+    index = src / "model.safetensors.index.json"
+    if (src / "model.safetensors").is_file():
+        return load_file(src / "model.safetensors")
+    if not index.is_file():
+        raise LmkitError(f"src={src} has neither model.safetensors nor model.safetensors.index.json")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weights = {}
+    for shard in shards:
+        if not (src / shard).is_file():
+            raise LmkitError(f"src={src}: model.safetensors.index.json names {shard}, which is missing")
+        weights.update(load_file(src / shard))
+    return weights
+
+
+def rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope base, scaling) from transformers 5's `rope_parameters` or the older `rope_theta` + `rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    scaling = params if params.get("rope_type", "default") != "default" else hf.get("rope_scaling")
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    base = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ("linear", "llama3"):
+            raise LmkitError(f"rope_scaling.rope_type={kind!r} is not implemented (lmkit has linear, llama3)")
+        if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+            raise LmkitError(f"partial_rotary_factor={scaling['partial_rotary_factor']}: lmkit rotates whole heads")
+    return float(base), scaling
+
+
+def hf_to_config(hf: dict[str, Any]) -> TransformerConfig:
+    """lmkit's config for a Llama or Qwen2 config.json; what lmkit cannot run is one LmkitError line."""
+    model_type = hf.get("model_type")
+    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []):
+        raise LmkitError(f"use_sliding_window={hf.get('use_sliding_window')!r}: lmkit has no sliding-window "
+                         "attention")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise LmkitError(f"hidden_act={hf['hidden_act']!r}: lmkit's SwiGLU uses silu")
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise LmkitError(f"partial_rotary_factor={hf['partial_rotary_factor']}: lmkit rotates whole heads")
+    if model_type == "qwen2":  # q/k/v biases hard-wired, none elsewhere
+        bias, qkv_bias = False, True
+    else:
+        attention_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+        if attention_bias != mlp_bias:  # lmkit's `bias` covers o_proj and the MLP together
+            raise LmkitError(f"attention_bias={attention_bias} with mlp_bias={mlp_bias}: lmkit needs both alike")
+        bias, qkv_bias = attention_bias, None
+    base, scaling = rope_settings(hf)
+    n_head, d = hf["num_attention_heads"], hf["hidden_size"]
+    n_kv = hf.get("num_key_value_heads") or n_head
+    head_dim = hf.get("head_dim") or d // n_head
+    try:
+        return TransformerConfig(
+            vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head, n_embd=d,
+            n_kv_head=None if n_kv == n_head else n_kv, head_dim=None if head_dim * n_head == d else head_dim,
+            max_seq_len=hf.get("max_position_embeddings", 2048), bias=bias, qkv_bias=qkv_bias, norm="rmsnorm",
+            layer_norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", mlp_hidden=hf["intermediate_size"],
+            position="rope", rope_base=base, rope_scaling=scaling,
+            tie_weights=bool(hf.get("tie_word_embeddings", False)))
+    except ValueError as e:
+        raise LmkitError(str(e)) from None
+
+
+def hf_names(cfg: TransformerConfig) -> dict[str, str]:
+    """HF name -> lmkit name for every tensor but the fused q/k/v (see `qkv_names`)."""
+    names = {hf: ours for hf, ours in GLOBAL_MAP.items() if hf != "lm_head.weight" or not cfg.tie_weights}
+    for i in range(cfg.n_layer):
+        for hf, ours in LAYER_MAP.items():
+            if hf.endswith(".bias") and not cfg.bias:
+                continue
+            names[f"model.layers.{i}.{hf}"] = f"transformer.h.{i}.{ours}"
+    return names
+
+
+def qkv_names(cfg: TransformerConfig, layer: int) -> list[tuple[list[str], str]]:
+    """([HF q, k, v names], lmkit's fused name) for the weight and, where present, the bias of `layer`."""
+    kinds = ("weight", "bias") if cfg.attn_bias else ("weight",)
+    return [([f"model.layers.{layer}.self_attn.{p}.{kind}" for p in QKV], f"transformer.h.{layer}.attn.c_attn.{kind}")
+            for kind in kinds]
+
+
+def import_llama(src: Path, hf: dict[str, Any]) -> InferenceModel:
+    """A `LlamaForCausalLM` or `Qwen2ForCausalLM` directory -> an `InferenceModel` on lmkit's Transformer."""
+    from lmkit.hf import _read_hf_tokenizer
+
+    cfg = hf_to_config(hf)
+    model = Transformer(cfg)
+    expected = model.state_dict()
+    weights = {k: v for k, v in read_weights(src).items() if not k.endswith("rotary_emb.inv_freq")}
+    state, used = {}, set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in weights:
+            raise LmkitError(f"src={src}: the checkpoint lacks {name}")
+        used.add(name)
+        return weights[name]
+
+    for hf_name, ours in hf_names(cfg).items():
+        state[ours] = take(hf_name)
+    for layer in range(cfg.n_layer):
+        for parts, ours in qkv_names(cfg, layer):
+            state[ours] = torch.cat([take(p) for p in parts])
+    if cfg.tie_weights:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        used.add("lm_head.weight")  # some tied checkpoints store the head anyway
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise LmkitError(f"src={src}: {name} has shape {tuple(tensor.shape)}, config.json says "
+                             f"{tuple(expected[name].shape)}")
+    extra = sorted(set(weights) - used)
+    if extra:
+        raise LmkitError(f"src={src}: the checkpoint has {extra[0]}, which config.json does not account for")
+    model.load_state_dict(state, strict=True)
+    tokenizer = _read_hf_tokenizer(src)
+    record = ModelRecord(backbone=cfg, tokenizer=tokenizer.kind if tokenizer else None,
+                         source={"hf": str(src.resolve()), "architectures": hf.get("architectures")})
+    return InferenceModel(model.eval(), tokenizer, record)
+
+
+def is_llama_shaped(cfg: TransformerConfig) -> bool:
+    return cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.position == "rope"
+
+
+def export_llama(model: InferenceModel, out: Path, overwrite: bool = False) -> Path:
+    """Write a Llama-shaped lmkit model as `LlamaForCausalLM` (or `Qwen2ForCausalLM` when only q/k/v have biases)."""
+    cfg = model.backbone.config
+    unsupported = [f"{k}={getattr(cfg, k)!r}" for k in ("layer_heads", "layer_ffn") if getattr(cfg, k) is not None]
+    if cfg.attn_bias and not cfg.bias:
+        model_type = "qwen2"
+    elif cfg.attn_bias == cfg.bias:
+        model_type = "llama"
+    else:
+        unsupported.append(f"qkv_bias={cfg.qkv_bias!r} with bias={cfg.bias!r}")
+    if unsupported:
+        raise LmkitError(f"format=hf cannot write a Llama or Qwen2 model with {', '.join(unsupported)}")
+    state = model.backbone.state_dict()
+    state["transformer.wte.weight"] = state["transformer.wte.weight"][: cfg.vocab_size]  # drop padding rows
+    if not cfg.tie_weights:
+        state["lm_head.weight"] = state["lm_head.weight"][: cfg.vocab_size]
+    tensors = {hf: state[ours] for hf, ours in hf_names(cfg).items()}
+    q, kv = cfg.n_head * cfg.head_size, cfg.n_head // cfg.kv_group * cfg.head_size
+    for layer in range(cfg.n_layer):
+        for parts, ours in qkv_names(cfg, layer):
+            tensors.update(zip(parts, state[ours].split([q, kv, kv])))
+    tensors = {k: v.contiguous().float() for k, v in tensors.items()}
+    hf_config: dict[str, Any] = {
+        "model_type": model_type, "architectures": [ARCHITECTURES[model_type]], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn(0), "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head // cfg.kv_group,
+        "head_dim": cfg.head_size, "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.layer_norm_eps,
+        "hidden_act": "silu", "tie_word_embeddings": cfg.tie_weights, "torch_dtype": "float32",
+        # the older form (rope_theta + rope_scaling): transformers 4 and 5 and llama.cpp's converter all read it
+        "rope_theta": cfg.rope_base, "rope_scaling": cfg.rope_scaling,
+        **({"attention_bias": cfg.bias, "mlp_bias": cfg.bias} if model_type == "llama" else
+           {"use_sliding_window": False}),
+    }
+    with atomic_directory(Path(out), overwrite) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if model.has_tokenizer and model.tokenizer.kind == "bpe":
+            (tmp / "tokenizer.json").write_text(model.tokenizer.to_json(), encoding="utf-8")
+    return Path(out)
