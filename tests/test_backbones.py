@@ -1,4 +1,6 @@
+import dataclasses
 import math
+import re
 import subprocess
 import sys
 
@@ -16,9 +18,12 @@ def transformer(**kw) -> Transformer:
     return Transformer(TransformerConfig(vocab_size=V, n_layer=2, n_head=2, n_embd=16, max_seq_len=32, **kw)).eval()
 
 
-@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope"])
+LLAMA = dict(position="rope", norm="rmsnorm", mlp="swiglu", mlp_hidden=24, n_kv_head=1, bias=False)
+
+
+@pytest.mark.parametrize("position", ["learned", "sinusoidal", "rope", "llama"])
 def test_kv_cache_matches_full_forward(position):
-    model = transformer(position=position)
+    model = transformer(**LLAMA) if position == "llama" else transformer(position=position)
     ids = torch.randint(0, V, (3, 20))
     full, _ = model(ids)
     state = model.init_state(3)
@@ -53,8 +58,9 @@ def lstm(cell: str = "lstm") -> LSTM:
 
 
 @pytest.mark.parametrize("make", [lambda: transformer(position="learned"), lambda: transformer(position="rope"),
-                                  lambda: transformer(position="sinusoidal"), lstm, lambda: lstm("gru")],
-                         ids=["learned", "rope", "sinusoidal", "lstm", "gru"])
+                                  lambda: transformer(position="sinusoidal"), lambda: transformer(**LLAMA), lstm,
+                                  lambda: lstm("gru")],
+                         ids=["learned", "rope", "sinusoidal", "llama", "lstm", "gru"])
 def test_stacked_rows_of_different_lengths_decode_as_if_alone(make):
     """Rows prefilled apart (as a server batches requests) decode together, each as it would alone; finished
     rows leave the batch and a new one joins mid-flight."""
@@ -169,6 +175,11 @@ def test_padded_vocabulary_stays_inside_the_model():
                       position="rope", pad_vocab_to=64, mlp_ratio=2),
     TransformerConfig(vocab_size=V, n_layer=2, n_head=4, n_embd=32, position="sinusoidal", layer_heads=[1, 3],
                       layer_ffn=[8, 40]),
+    TransformerConfig(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=12, position="rope",
+                      norm="rmsnorm", mlp="swiglu", mlp_hidden=40, bias=False, tie_weights=False),
+    TransformerConfig(vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, norm="rmsnorm", bias=False,
+                      qkv_bias=True, mlp="swiglu", layer_heads=[4, 2], layer_ffn=[8, 16]),
+    TransformerConfig(vocab_size=V, n_layer=1, n_head=2, n_embd=16, bias=True, qkv_bias=False, mlp_hidden=20),
     LSTMConfig(vocab_size=V, n_layer=2, n_embd=16),
     LSTMConfig(vocab_size=V, n_layer=3, n_embd=16, hidden_size=24, cell="gru"),
     LSTMConfig(vocab_size=V, n_layer=1, n_embd=16, hidden_size=8, tie_weights=False),
@@ -177,3 +188,60 @@ def test_num_parameters_is_what_the_build_has(config):
     from lmkit.backbones import build_backbone
 
     assert config.num_parameters() == sum(p.numel() for p in build_backbone(config).parameters())
+
+
+def test_grouped_query_attention_shares_each_kv_head_with_its_group():
+    """With n_kv_head=n_head and each kv head copied to its query heads, GQA is plain attention: kv head j serves
+    query heads j*g .. j*g+g-1."""
+    torch.manual_seed(0)
+    gqa = Transformer(TransformerConfig(vocab_size=V, n_layer=2, n_head=4, n_embd=16, max_seq_len=32,
+                                        **LLAMA)).eval()  # 4 query heads of 4 over 1 kv head: g=4
+    full = Transformer(dataclasses.replace(gqa.config, n_kv_head=None)).eval()
+    state = gqa.state_dict()
+    for i in range(2):
+        name = f"transformer.h.{i}.attn.c_attn.weight"
+        q, k, v = state[name].split([16, 4, 4])
+        state[name] = torch.cat([q, k.repeat(4, 1), v.repeat(4, 1)])
+    full.load_state_dict(state)
+    ids = torch.randint(0, V, (2, 12))
+    torch.testing.assert_close(gqa(ids)[0], full(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_is_computed_in_fp32_then_the_gain():
+    from lmkit.backbones.transformer import RMSNorm
+
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(8.0))
+    x = torch.randn(3, 8).to(torch.bfloat16)
+    expected = norm.weight * (x.float() / x.float().pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()).to(torch.bfloat16)
+    torch.testing.assert_close(norm(x), expected)
+    assert not any(name.endswith("bias") for name, _ in transformer(**LLAMA).named_parameters())
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}, position="rope"), "rope_type='yarn' is not implemented"),
+    (dict(rope_scaling={"type": "llama3", "factor": 8.0}, position="rope"), "needs a number for low_freq_factor"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "needs rope"),
+    (dict(n_kv_head=3), "not divisible by model.n_kv_head=3"),
+    (dict(norm="layer"), "model.norm='layer'"),
+    (dict(mlp="relu"), "model.mlp='relu'"),
+    (dict(n_kv_head=1, layer_heads=[1, 1]), "whole groups of 2"),
+])
+def test_llama_options_refuse_bad_values_in_one_line(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        backbone_config("transformer", vocab_size=V, n_layer=2, n_head=2, n_embd=16, **options)
+
+
+def test_rope_scaling_reads_hf_older_type_key_and_scales_long_wavelengths():
+    from lmkit.backbones.transformer import rope_frequencies
+
+    cfg = TransformerConfig(vocab_size=V, n_embd=16, n_head=2, position="rope",
+                            rope_scaling={"type": "linear", "factor": 4.0})
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    plain = rope_frequencies(8, 10000.0)
+    torch.testing.assert_close(rope_frequencies(8, 10000.0, cfg.rope_scaling), plain / 4)
+    llama3 = rope_frequencies(8, 10000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    # wavelengths 2*pi (under 64/4: kept), ~6283 (over 64/1: slowed 8x); those between are interpolated
+    assert llama3[0] == plain[0] and llama3[-1] == plain[-1] / 8  # short wavelengths kept, long ones slowed

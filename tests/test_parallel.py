@@ -277,6 +277,8 @@ def test_sigterm_under_fsdp_saves_a_sharded_folder_and_resume_continues(tmp_path
     ([*COMMON, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=4"],
      "does not divide the 2 attention heads"),
     ([*COMMON, "model.n_head=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 processes"),
+    (["model=llama", *TINY_TRANSFORMER, "model.n_kv_head=1", "trainer.strategy.tensor_parallel_size=2"],
+     "grouped-query attention (model.n_kv_head=1, model.n_head=2) is not split yet"),
 ])
 def test_what_cannot_be_split_is_one_line_before_any_process_starts(overrides, message, tmp_path, cache_dir):
     result = run_train_py(*FSDP2, *overrides, run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
@@ -294,3 +296,30 @@ def test_resuming_a_sharded_folder_needs_fsdp_and_the_same_model(fsdp, tmp_path,
                               timeout=120)
         assert result.returncode == 2 and "error: " in result.stderr and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_fsdp_alone_runs_a_llama_block_with_grouped_query_attention():
+    """One rank, in process: FSDP2 (tensor-parallel size 1) over RMSNorm, SwiGLU and GQA computes the plain model."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmkit.backbones import Transformer, TransformerConfig
+    from lmkit.parallel.parallelize import check_tensor_parallel, parallelize
+
+    config = TransformerConfig(vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=16, max_seq_len=8, bias=False,
+                               norm="rmsnorm", mlp="swiglu", mlp_hidden=24, position="rope")
+    assert check_tensor_parallel(config, 1) is None and "n_kv_head=2" in check_tensor_parallel(config, 2)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        model = Transformer(config)
+        reference = Transformer(config)
+        reference.load_state_dict(model.state_dict())
+        parallelize(model, mesh)
+        ids = torch.randint(0, 50, (2, 8))
+        logits, _ = model(ids)
+        logits.logsumexp(-1).mean().backward()
+        assert all(p.grad is not None for p in model.parameters())
+        torch.testing.assert_close(logits, reference(ids)[0], atol=1e-5, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
