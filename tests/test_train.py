@@ -135,3 +135,28 @@ def test_300_steps_of_either_default_backbone_clear_the_floor(backbone, make_cfg
     metrics, _ = run(make_cfg(f"model={backbone}", "trainer.max_steps=300", "trainer.val_check_interval=300",
                               "trainer.enable_progress_bar=false", "logger=none", "callbacks=none"))
     assert metrics["val_loss"] < 2.7, metrics
+
+
+def test_a_tiny_llama_trains_through_train_py_and_loads_in_transformers(tmp_path, cache_dir):
+    """`python train.py model=llama` (RMSNorm, SwiGLU, GQA, rope) learns, and its checkpoint is a Llama to transformers."""
+    import math
+
+    import transformers
+
+    import lmkit
+    from lmkit.hf import export_hf
+    from tests.conftest import run_train_py
+
+    result = run_train_py("model=llama", *TINY_TRANSFORMER, "model.n_kv_head=1", "model.mlp_hidden=64",
+                          "trainer.max_steps=30", "trainer.val_check_interval=30", "optim.warmup_steps=5",
+                          "logger=none", run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    model = lmkit.load(metrics["last_ckpt"])
+    assert model.backbone.config.kv_group == 2 and model.backbone.config.norm == "rmsnorm"
+    assert metrics["val_loss"] < math.log(model.tokenizer.vocab_size) - 0.5, metrics
+    export_hf(model, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, model.tokenizer.vocab_size, (1, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.backbone(ids)[0], atol=1e-4, rtol=1e-4)
