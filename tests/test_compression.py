@@ -496,3 +496,14 @@ def test_report_says_how_each_step_ran(exports):
     assert "| prune (magnitude, 2:4, finetune 20 steps) |" in (out / "README.md").read_text()
     steps = json.loads((exports["transformer", "prune+int4"]["out"] / "report.json").read_text())["steps"]
     assert [s["summary"] for s in steps] == ["wanda, unstructured, one-shot", "fp4, blocks of 32"]
+
+
+def test_structured_pruning_refuses_the_llama_block_in_one_line():
+    from lmkit.plugins import CompressContext, make
+    from tests.test_inference import tiny_lm
+
+    model = tiny_lm(norm="rmsnorm", mlp="swiglu", n_kv_head=1, position="rope")
+    step = make("prune_structured", {"criterion": "magnitude", "finetune_steps": 0})
+    with pytest.raises(LmkitError, match="model.mlp=swiglu, model.n_kv_head=1") as error:
+        step.apply(model, CompressContext(cache_dir=""))
+    assert "\n" not in str(error.value)

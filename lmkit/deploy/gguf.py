@@ -93,6 +93,11 @@ def _check_model(model: InferenceModel, type: str) -> TransformerConfig:
     if not isinstance(cfg, TransformerConfig):
         raise LmkitError(f"format=gguf writes Transformers (llama.cpp runs no LSTM/GRU); this model is a "
                          f"{model.record.kind} (use format=onnx or format=lmkit)")
+    llama = [f"{k}={getattr(cfg, k)!r}" for k, plain in (("norm", "layernorm"), ("mlp", "gelu"), ("n_kv_head", None),
+             ("head_dim", None), ("qkv_bias", None), ("rope_scaling", None)) if getattr(cfg, k) != plain]
+    if llama:  # llama.cpp's `llama`/`qwen2` architectures are not written yet: refuse rather than mislabel
+        raise LmkitError(f"format=gguf writes GPT-2-style blocks only for now; this model has {', '.join(llama)} "
+                         "(use format=hf or format=onnx)")
     quantized = [r["plugin"] for r in model.record.compression if _quantizes(r["plugin"])]
     if quantized:
         # Pruned weights are plain dense tensors and export as they are; int8 weights would be dequantized
