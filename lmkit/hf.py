@@ -64,7 +64,7 @@ def _read_hf_tokenizer(src: Path) -> Tokenizer | None:
 
 
 def import_hf(src: str | Path) -> InferenceModel:
-    """A GPT-2, Llama or Qwen2 directory as `save_pretrained` writes it -> an `InferenceModel` on lmkit's Transformer."""
+    """A GPT-2, Llama or Qwen2 directory as `save_pretrained` writes it -> an `InferenceModel` (lmkit Transformer)."""
     try:
         return _import_hf(Path(src))
     except LmkitError:

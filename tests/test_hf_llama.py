@@ -71,7 +71,7 @@ def test_imported_logits_equal_transformers(case, tmp_path):
 
 
 def test_older_rope_config_form_reads_the_same(tmp_path):
-    """Hub files still carry `rope_theta` + `rope_scaling` with `type` rather than transformers 5's `rope_parameters`."""
+    """Hub files still carry `rope_theta` + `rope_scaling` (`type`), not transformers 5's `rope_parameters`."""
     hf = hf_model(tmp_path / "hf", rope_parameters={"rope_theta": 500000.0, **LLAMA3})
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     params = config.pop("rope_parameters")

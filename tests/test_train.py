@@ -138,7 +138,7 @@ def test_300_steps_of_either_default_backbone_clear_the_floor(backbone, make_cfg
 
 
 def test_a_tiny_llama_trains_through_train_py_and_loads_in_transformers(tmp_path, cache_dir):
-    """`python train.py model=llama` (RMSNorm, SwiGLU, GQA, rope) learns, and its checkpoint is a Llama to transformers."""
+    """`python train.py model=llama` (RMSNorm, SwiGLU, GQA, rope) learns; transformers reads it as a Llama."""
     import math
 
     import transformers
