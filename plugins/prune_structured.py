@@ -95,7 +95,7 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
 def weight_scores(state: dict[str, torch.Tensor], cfg: TransformerConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(neuron scores, head scores) of each layer from the weights alone: the norm of what a unit
     reads times the norm of what it writes."""
-    out, d = [], cfg.head_dim
+    out, d = [], cfg.head_size
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}."
         fc, proj = state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"]
@@ -132,7 +132,7 @@ def activation_scores(backbone: nn.Module, cfg: TransformerConfig,
     output projection it owns. Units of different layers and kinds compare in the same currency."""
     names = output_projections(cfg)
     per_column = [energy(grams[name]) * backbone.get_parameter(name).detach().pow(2).sum(0) for name in names]
-    return [(neurons, columns.view(-1, cfg.head_dim).sum(1))
+    return [(neurons, columns.view(-1, cfg.head_size).sum(1))
             for neurons, columns in zip(per_column[0::2], per_column[1::2])]
 
 
@@ -157,7 +157,7 @@ def shrink_transformer(state: dict[str, torch.Tensor], cfg: TransformerConfig,
                        grams: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Cut each layer down to `cfg.layer_ffn` neurons and `cfg.layer_heads` heads, the highest scoring;
     with `grams` (of the output projections' inputs), the output projections are refit."""
-    d = cfg.head_dim
+    d = cfg.head_size
     for i, (neuron_scores, head_scores) in enumerate(scores):
         p = f"transformer.h.{i}."
         kept = keep_top(neuron_scores, cfg.layer_ffn[i])
@@ -274,7 +274,7 @@ def importance_plan(cfg: TransformerConfig, budget: int, heads: bool,
     across all layers and both kinds (neurons 8 at a time, so widths stay multiples of 8; heads one at
     a time, one kept per layer), until the model fits in `budget` parameters."""
     d, bias = cfg.n_embd, int(cfg.bias)
-    neuron_cost, head_cost = 2 * d + bias, cfg.head_dim * (4 * d + 3 * bias)
+    neuron_cost, head_cost = 2 * d + bias, cfg.head_size * (4 * d + 3 * bias)
     ffn = [cfg.ffn(i) for i in range(cfg.n_layer)]
     head_counts = [cfg.heads(i) for i in range(cfg.n_layer)]
     candidates = []  # (score per parameter, layer, kind, parameters removed)
