@@ -31,6 +31,7 @@ from lmkit.conf import CONF_DIR
 from lmkit.errors import LmkitError, exit_on_user_error
 from lmkit.console import known_warnings, quiet_console
 from lmkit.files import atomic_write_text, check_writable
+from lmkit.inference import InferenceModel
 from lmkit.lightning_module import LitLanguageModel
 from lmkit.parallel.checkpoint import is_sharded_checkpoint
 from lmkit.parallel.parallelize import gather
@@ -123,6 +124,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise LmkitError(f"model: {e}") from None
     module.tokenizer = tokenizer
+    for plugin in plugins:  # a recipe this model cannot take fails now, not after training
+        plugin.check_model(InferenceModel(module.backbone, tokenizer, module.record))
     if init is not None:
         module.backbone.load_state_dict(init.backbone.state_dict())  # same config, so the same shapes
         log.info("Initialised from %s", cfg.init_from)
@@ -204,7 +207,6 @@ def _compress(module: LitLanguageModel, backbone: torch.nn.Module, compression: 
               cfg: DictConfig) -> dict[str, Any]:
     """Compress the trained `backbone` as `compression` says and export it to `output_dir/model`."""
     from lmkit.compress import compress_and_export, training_context
-    from lmkit.inference import InferenceModel
 
     record = module.record.replace(source={"run": str(output_dir.resolve()), "step": module.trainer.global_step})
     model = InferenceModel(backbone, module.tokenizer, record)

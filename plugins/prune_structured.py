@@ -355,13 +355,16 @@ class PruneStructured(Plugin):
         steps = s["finetune_steps"]
         return f"{s['criterion']}, " + (f"{s['recovery']} {steps} steps" if steps else "no recovery")
 
-    def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
-        s = self.settings
+    def check_model(self, model: Any) -> None:
         cfg = model.record.backbone
         if isinstance(cfg, TransformerConfig) and (cfg.mlp != "gelu" or cfg.kv_group != 1):
             # SwiGLU units (a gate row, an up row and a down column) and whole kv groups are not cut yet
             raise LmkitError(f"compression.prune_structured: model.mlp={cfg.mlp}, model.n_kv_head={cfg.n_kv_head} "
                              "(the Llama block) is not supported yet; use compression=prune")
+
+    def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
+        s = self.settings
+        cfg = model.record.backbone
         steps, recovery = s["finetune_steps"], RECOVERY.get(cfg.kind, RECOVERY["transformer"])
         trained_lr = (model.record.optim or {}).get("lr")
         lr = s["finetune_lr"] or (recovery["lr_fraction"] * trained_lr if trained_lr else None)

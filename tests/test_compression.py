@@ -28,7 +28,7 @@ from lmkit.train import run
 from plugins.calibrate import collect
 from plugins.int4 import Int4Weight, nibbles, unnibble
 from plugins.prune import targets, wanda_scores
-from tests.conftest import TINY, TINY_TRANSFORMER
+from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py
 from tests.helpers import decode_by_hand
 
 RECIPES = {
@@ -498,12 +498,18 @@ def test_report_says_how_each_step_ran(exports):
     assert [s["summary"] for s in steps] == ["wanda, unstructured, one-shot", "fp4, blocks of 32"]
 
 
-def test_structured_pruning_refuses_the_llama_block_in_one_line():
-    from lmkit.plugins import CompressContext, make
+def test_structured_pruning_refuses_the_llama_block_in_one_line(tmp_path, cache_dir):
+    from lmkit.plugins import make
     from tests.test_inference import tiny_lm
 
     model = tiny_lm(norm="rmsnorm", mlp="swiglu", n_kv_head=1, position="rope")
     step = make("prune_structured", {"criterion": "magnitude", "finetune_steps": 0})
     with pytest.raises(LmkitError, match="model.mlp=swiglu, model.n_kv_head=1") as error:
-        step.apply(model, CompressContext(cache_dir=""))
+        step.check_model(model)
     assert "\n" not in str(error.value)
+    # in a training run, before any training
+    result = run_train_py("model=llama", *TINY, "model.n_head=2", "model.n_kv_head=1", "compression=prune_structured",
+                          run_dir=tmp_path / "run", cache_dir=cache_dir)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and "model.n_kv_head=1" in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists() and "Traceback" not in result.stderr
