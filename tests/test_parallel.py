@@ -18,7 +18,7 @@ import lmkit
 from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.parallel.checkpoint import read_metadata
-from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py, sigterm_train_py_when
+from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py
 from tests.test_commands import lmkit_cmd
 
 pytestmark = pytest.mark.slow
@@ -255,31 +255,6 @@ def test_an_lstm_sweep_under_fsdp_launches_each_jobs_ranks_once(tmp_path, cache_
     assert widths == [32, 48]
     assert (result.stdout + result.stderr).count("Metrics:") == 2 and not list(tmp_path.rglob("multirun"))
 
-
-def test_sigterm_under_fsdp_saves_a_sharded_folder_and_resume_continues(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    common = ["model=lstm", *TINY, *FSDP2, "trainer.val_check_interval=10", "callbacks.text_sampler=null",
-              "optim.warmup_steps=5", "optim.decay_steps=1000"]
-    folder = run_dir / "checkpoints" / "last.ckpt"
-    code, log = sigterm_train_py_when(lambda: (folder / "meta.pt").exists(), *common, "trainer.max_steps=100000",
-                                      run_dir=run_dir, cache_dir=cache_dir)
-    assert code == 143 and "Traceback" not in log, log[-2000:]
-    step = read_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights=False)["global_step"]
-    assert step >= 10
-    result = run_train_py(*common, f"trainer.max_steps={step + 5}", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == step + 5
-
-
-@pytest.mark.parametrize("overrides,message", [
-    (["model=lstm", *TINY, "trainer.strategy.tensor_parallel_size=2"],
-     "a recurrent model (model.kind=lstm) has no heads"),
-    ([*COMMON, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=4"],
-     "does not divide the 2 attention heads"),
-    ([*COMMON, "model.n_head=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 processes"),
-    (["model=llama", *TINY_TRANSFORMER, "model.n_kv_head=1", "trainer.strategy.tensor_parallel_size=2"],
-     "grouped-query attention (model.n_kv_head=1, model.n_head=2) is not split yet"),
-])
 def test_what_cannot_be_split_is_one_line_before_any_process_starts(overrides, message, tmp_path, cache_dir):
     result = run_train_py(*FSDP2, *overrides, run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
