@@ -255,6 +255,16 @@ def test_an_lstm_sweep_under_fsdp_launches_each_jobs_ranks_once(tmp_path, cache_
     assert widths == [32, 48]
     assert (result.stdout + result.stderr).count("Metrics:") == 2 and not list(tmp_path.rglob("multirun"))
 
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=lstm", *TINY, "trainer.strategy.tensor_parallel_size=2"],
+     "a recurrent model (model.kind=lstm) has no heads"),
+    ([*COMMON, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=4"],
+     "does not divide the 2 attention heads"),
+    ([*COMMON, "model.n_head=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 processes"),
+    (["model=llama", *TINY_TRANSFORMER, "model.n_kv_head=1", "trainer.strategy.tensor_parallel_size=2"],
+     "grouped-query attention (model.n_kv_head=1, model.n_head=2) is not split yet"),
+])
 def test_what_cannot_be_split_is_one_line_before_any_process_starts(overrides, message, tmp_path, cache_dir):
     result = run_train_py(*FSDP2, *overrides, run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
