@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lmkit.backbones import Transformer, TransformerConfig
-from lmkit.data.tokenizer import BPETokenizer, Tokenizer, byte_level
 from lmkit.errors import LmkitError, first_line
-from lmkit.files import atomic_directory
+from lmkit.hf_files import read_hf_tokenizer, write_hf_folder
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
 
@@ -51,16 +50,6 @@ def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     if (src / "pytorch_model.bin").is_file():
         return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise LmkitError(f"{src} has neither model.safetensors nor pytorch_model.bin")
-
-
-def _read_hf_tokenizer(src: Path) -> Tokenizer | None:
-    from tokenizers import Tokenizer as HFTokenizer, models
-
-    if (src / "tokenizer.json").is_file():
-        return BPETokenizer(HFTokenizer.from_file(str(src / "tokenizer.json")))
-    if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
-        return BPETokenizer(byte_level(HFTokenizer(models.BPE.from_file(str(src / "vocab.json"), str(src / "merges.txt")))))
-    return None
 
 
 def import_hf(src: str | Path) -> InferenceModel:
@@ -102,7 +91,7 @@ def _import_hf(src: Path) -> InferenceModel:
         state[name] = weights[name].t().contiguous() if transposed else weights[name]
     state["lm_head.weight"] = state["transformer.wte.weight"]  # GPT-2 ties its head to the embedding
     model.load_state_dict(state, strict=True)
-    tokenizer = _read_hf_tokenizer(src)
+    tokenizer = read_hf_tokenizer(src)
     record = ModelRecord(backbone=cfg, tokenizer=tokenizer.kind if tokenizer else None,
                          source={"hf": str(src.resolve()), "architectures": hf.get("architectures")})
     return InferenceModel(model.eval(), tokenizer, record)
@@ -139,9 +128,4 @@ def export_hf(model: InferenceModel, out: str | Path, overwrite: bool = False) -
         "activation_function": "gelu_new" if cfg.gelu == "tanh" else "gelu", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
         "attn_pdrop": 0.0, "tie_word_embeddings": True, "torch_dtype": "float32",
     }
-    with atomic_directory(Path(out), overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        if model.has_tokenizer and model.tokenizer.kind == "bpe":
-            (tmp / "tokenizer.json").write_text(model.tokenizer.to_json(), encoding="utf-8")
-    return Path(out)
+    return write_hf_folder(Path(out), tensors, hf_config, model, overwrite)

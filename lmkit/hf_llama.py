@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.errors import LmkitError
-from lmkit.files import atomic_directory
+from lmkit.hf_files import read_hf_tokenizer, write_hf_folder
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
 
@@ -121,8 +121,6 @@ def qkv_names(cfg: TransformerConfig, layer: int) -> list[tuple[list[str], str]]
 
 def import_llama(src: Path, hf: dict[str, Any]) -> InferenceModel:
     """A `LlamaForCausalLM` or `Qwen2ForCausalLM` directory -> an `InferenceModel` on lmkit's Transformer."""
-    from lmkit.hf import _read_hf_tokenizer
-
     cfg = hf_to_config(hf)
     model = Transformer(cfg)
     expected = model.state_dict()
@@ -151,7 +149,7 @@ def import_llama(src: Path, hf: dict[str, Any]) -> InferenceModel:
     if extra:
         raise LmkitError(f"src={src}: the checkpoint has {extra[0]}, which config.json does not account for")
     model.load_state_dict(state, strict=True)
-    tokenizer = _read_hf_tokenizer(src)
+    tokenizer = read_hf_tokenizer(src)
     record = ModelRecord(backbone=cfg, tokenizer=tokenizer.kind if tokenizer else None,
                          source={"hf": str(src.resolve()), "architectures": hf.get("architectures")})
     return InferenceModel(model.eval(), tokenizer, record)
@@ -194,9 +192,4 @@ def export_llama(model: InferenceModel, out: Path, overwrite: bool = False) -> P
         **({"attention_bias": cfg.bias, "mlp_bias": cfg.bias} if model_type == "llama" else
            {"use_sliding_window": False}),
     }
-    with atomic_directory(Path(out), overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        if model.has_tokenizer and model.tokenizer.kind == "bpe":
-            (tmp / "tokenizer.json").write_text(model.tokenizer.to_json(), encoding="utf-8")
-    return Path(out)
+    return write_hf_folder(Path(out), tensors, hf_config, model, overwrite)
