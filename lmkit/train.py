@@ -162,9 +162,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     use_atomic_checkpoints(trainer)  # a full disk: one line, and the previous checkpoint stays whole
     interrupt = next((c for c in callbacks if isinstance(c, CheckpointOnInterrupt)), None)
 
-    # Ctrl-C: stop at a step, save last.ckpt, exit 130 (not Lightning's exit 1 from wherever the key landed)
+    # SIGTERM and Ctrl-C: every rank stops after the same step, saves last.ckpt, exits 143 or 130
     with (ddp_children_run_this_job(), known_warnings(output_dir, resuming=ckpt_path is not None),
-          interrupt.ctrl_c(trainer) if interrupt else nullcontext()):
+          interrupt.interrupts(trainer) if interrupt else nullcontext()):
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         train_loss = _float(trainer.callback_metrics.get("train_loss"))
         # (an empty list when trainer.limit_val_batches / limit_test_batches is 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -76,7 +77,8 @@ def sigterm_train_py_when(ready: Callable[[], bool], *overrides: str, run_dir: P
            f"paths.cache_dir={cache_dir}"]
     log = run_dir.parent / "stderr.log"  # a file, not a pipe: an unread pipe fills up and stalls the child
     with open(log, "w") as err:
-        proc = subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=err)
+        # a session of its own: whatever happens, the ranks it started go with it
+        proc = subprocess.Popen(cmd, cwd=run_dir.parent, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         try:
             deadline = time.monotonic() + 180
             while not ready():
@@ -85,5 +87,6 @@ def sigterm_train_py_when(ready: Callable[[], bool], *overrides: str, run_dir: P
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
         finally:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
     return proc.returncode, log.read_text()

@@ -18,7 +18,7 @@ import lmkit
 from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.parallel.checkpoint import read_metadata
-from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py
+from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py, sigterm_train_py_when
 from tests.test_commands import lmkit_cmd
 
 pytestmark = pytest.mark.slow
@@ -254,6 +254,21 @@ def test_an_lstm_sweep_under_fsdp_launches_each_jobs_ranks_once(tmp_path, cache_
     widths = [read_checkpoint(j / "checkpoints" / "last.ckpt")["hyper_parameters"]["model"]["n_embd"] for j in jobs]
     assert widths == [32, 48]
     assert (result.stdout + result.stderr).count("Metrics:") == 2 and not list(tmp_path.rglob("multirun"))
+
+
+def test_sigterm_under_fsdp_saves_a_sharded_folder_and_resume_continues(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    common = ["model=lstm", *TINY, *FSDP2, "trainer.val_check_interval=10", "callbacks.text_sampler=null",
+              "optim.warmup_steps=5", "optim.decay_steps=1000"]
+    folder = run_dir / "checkpoints" / "last.ckpt"
+    code, log = sigterm_train_py_when(lambda: (folder / "meta.pt").exists(), *common, "trainer.max_steps=100000",
+                                      run_dir=run_dir, cache_dir=cache_dir)
+    assert code == 143 and "Traceback" not in log, log[-2000:]
+    step = read_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights=False)["global_step"]
+    assert step >= 10
+    result = run_train_py(*common, f"trainer.max_steps={step + 5}", "resume=true", run_dir=run_dir, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == step + 5
 
 
 @pytest.mark.parametrize("overrides,message", [
