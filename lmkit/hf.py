@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.errors import LmkitError, first_line
-from lmkit.hf_files import read_hf_tokenizer, write_hf_folder
+from lmkit.hf_files import read_hf_tokenizer, read_hf_tokens, write_hf_folder
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
 
@@ -93,6 +93,7 @@ def _import_hf(src: Path) -> InferenceModel:
     model.load_state_dict(state, strict=True)
     tokenizer = read_hf_tokenizer(src)
     record = ModelRecord(backbone=cfg, tokenizer=tokenizer.kind if tokenizer else None,
+                         tokens=read_hf_tokens(src, tokenizer, cfg.vocab_size),
                          source={"hf": str(src.resolve()), "architectures": hf.get("architectures")})
     return InferenceModel(model.eval(), tokenizer, record)
 

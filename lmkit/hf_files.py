@@ -1,5 +1,6 @@
-"""What every Hugging Face family lmkit converts shares on disk: the tokenizer it brings, and the folder
-(`model.safetensors`, `config.json`, `tokenizer.json`) that `from_pretrained` reads. The per-family weight maps
+"""What every Hugging Face family lmkit converts shares on disk: the tokenizer it brings (with its start and end
+tokens and chat template), and the folder (`model.safetensors`, `config.json`, `tokenizer.json`,
+`tokenizer_config.json`, `generation_config.json`) that `from_pretrained` reads. The per-family weight maps
 live in `lmkit.hf` (GPT-2) and `lmkit.hf_llama` (Llama, Qwen2); both import this, neither imports the other's."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmkit.data.tokenizer import BPETokenizer, Tokenizer, byte_level
+from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
 
@@ -28,12 +30,73 @@ def read_hf_tokenizer(src: Path) -> Tokenizer | None:
     return None
 
 
+def read_hf_tokens(src: Path, tokenizer: Tokenizer | None, vocab_size: int) -> dict[str, Any]:
+    """The tokenizer's conventions a Hugging Face folder states (`lmkit.record.TOKENS`): the start and end ids from
+    generation_config.json, else config.json, plus tokenizer_config.json's `eos_token`; the chat template from
+    chat_template.jinja (transformers 5) or tokenizer_config.json. Ids outside the vocabulary are left out: a model
+    never generates them (transformers' default configs name GPT-2's 50256 in tiny vocabularies)."""
+    config, generation, tok_config = (_json(src / name) for name in
+                                      ("config.json", "generation_config.json", "tokenizer_config.json"))
+    tokens: dict[str, Any] = {}
+    bos = generation.get("bos_token_id", config.get("bos_token_id"))
+    if isinstance(bos, int) and 0 <= bos < vocab_size:
+        tokens["bos_token_id"] = bos
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    eos = [eos] if isinstance(eos, int) else [i for i in eos or [] if isinstance(i, int)]
+    eos_token = tok_config.get("eos_token")
+    eos_token = eos_token.get("content") if isinstance(eos_token, dict) else eos_token
+    if isinstance(eos_token, str) and tokenizer is not None and tokenizer.kind == "bpe":
+        eos.append(tokenizer.tokenizer.token_to_id(eos_token))
+    eos = list(dict.fromkeys(i for i in eos if isinstance(i, int) and 0 <= i < vocab_size))
+    if eos:
+        tokens["eos_token_ids"] = eos
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one is the chat template
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if (src / "chat_template.jinja").is_file():
+        template = (src / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(template, str) and template:
+        tokens["chat_template"] = template
+    return tokens
+
+
+def _json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmkitError(f"{path} is not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def hf_json_files(model: InferenceModel, hf_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """config.json with the start and end ids; generation_config.json with them too, when there are any; and for a
+    BPE tokenizer, tokenizer_config.json naming them and holding the chat template: what `read_hf_tokens` reads."""
+    tokens = model.record.tokens
+    ids = {k: v for k, v in (("bos_token_id", tokens.get("bos_token_id")),
+                             ("eos_token_id", tokens.get("eos_token_ids"))) if v is not None}
+    files = {"config.json": {**hf_config, **ids}}
+    if ids:
+        files["generation_config.json"] = ids
+    if model.has_tokenizer and model.tokenizer.kind == "bpe":
+        vocab, eos = model.tokenizer.tokenizer, tokens.get("eos_token_ids") or [None]
+        named = {key: vocab.id_to_token(token) for key, token in
+                 (("bos_token", tokens.get("bos_token_id")), ("eos_token", eos[0])) if token is not None}
+        template = {"chat_template": tokens["chat_template"]} if "chat_template" in tokens else {}
+        files["tokenizer_config.json"] = {"tokenizer_class": "PreTrainedTokenizerFast", **named, **template}
+    return files
+
+
 def write_hf_folder(out: Path, tensors: dict[str, torch.Tensor], hf_config: dict[str, Any], model: InferenceModel,
                     overwrite: bool = False) -> Path:
-    """Write a `save_pretrained`-style folder atomically: the weights, config.json and (for BPE) tokenizer.json."""
+    """Write a `save_pretrained`-style folder atomically: the weights, the JSON files of `hf_json_files` and (for
+    BPE) tokenizer.json."""
+    files = hf_json_files(model, hf_config)
     with atomic_directory(Path(out), overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         if model.has_tokenizer and model.tokenizer.kind == "bpe":
             (tmp / "tokenizer.json").write_text(model.tokenizer.to_json(), encoding="utf-8")
     return Path(out)

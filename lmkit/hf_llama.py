@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.errors import LmkitError
-from lmkit.hf_files import read_hf_tokenizer, write_hf_folder
+from lmkit.hf_files import read_hf_tokenizer, read_hf_tokens, write_hf_folder
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
 
@@ -151,6 +151,7 @@ def import_llama(src: Path, hf: dict[str, Any]) -> InferenceModel:
     model.load_state_dict(state, strict=True)
     tokenizer = read_hf_tokenizer(src)
     record = ModelRecord(backbone=cfg, tokenizer=tokenizer.kind if tokenizer else None,
+                         tokens=read_hf_tokens(src, tokenizer, cfg.vocab_size),
                          source={"hf": str(src.resolve()), "architectures": hf.get("architectures")})
     return InferenceModel(model.eval(), tokenizer, record)
 

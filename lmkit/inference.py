@@ -69,7 +69,8 @@ class InferenceModel(nn.Module):
     def generate(self, prompt: str, *, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = None,
                  top_p: float | None = None, num_samples: int = 1, seed: int | None = None, use_cache: bool = True,
                  on_text: Callable[[str], None] | None = None) -> str | list[str]:
-        """Continue `prompt`; returns prompt + continuation (a list when `num_samples` > 1).
+        """Continue `prompt`; returns prompt + continuation (a list when `num_samples` > 1). A sample ends at the
+        model's end-of-sequence token, when its tokenizer brought one (`record.tokens`), without that token's text.
 
         The defaults are conf/generate.yaml's (`lmkit generate`), checked by tests/test_defaults.py.
         `on_text`, if given, receives each piece of new text of the first sample as it is produced.
@@ -79,18 +80,26 @@ class InferenceModel(nn.Module):
                              f"temperature={temperature} must not be negative (num_samples at least 1)")
         if (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
             raise LmkitError(f"top_k={top_k} must be at least 1 and top_p={top_p} in (0, 1]")
-        ids = torch.tensor([self.encode(prompt)] * num_samples, device=self.device)
+        prompt_ids = self.encode(prompt)
+        ids = torch.tensor([prompt_ids] * num_samples, device=self.device)
         generator = seeded_generator(self.device, seed)
-        new: list[torch.Tensor] = []
+        eos = torch.tensor(self.record.tokens.get("eos_token_ids", []), dtype=torch.long, device=self.device)
+        ended = torch.zeros(num_samples, dtype=torch.bool, device=self.device)
+        rows = [list(prompt_ids) for _ in range(num_samples)]
         shown = ""
         for token in stream_tokens(self.backbone, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                                    top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache):
-            new.append(token)
+            values, at_end = token[:, 0].tolist(), torch.isin(token[:, 0], eos)
+            for row, value, done in zip(rows, values, (ended | at_end).tolist()):
+                if not done:
+                    row.append(value)
+            ended |= at_end
             if on_text is not None:  # decode the whole tail: a BPE piece may complete a character later
-                text = self.tokenizer.decode(torch.cat(new, 1)[0].tolist())
+                text = self.tokenizer.decode(rows[0][len(prompt_ids):])
                 if len(text) > len(shown) and not text.endswith("\ufffd"):
                     on_text(text[len(shown):])
                     shown = text
-        out = torch.cat([ids, *new], dim=1).tolist() if new else ids.tolist()
-        texts = [self.tokenizer.decode(row) for row in out]
+            if ended.all():
+                break
+        texts = [self.tokenizer.decode(row) for row in rows]
         return texts[0] if num_samples == 1 else texts

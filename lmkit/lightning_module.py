@@ -47,8 +47,10 @@ class LitLanguageModel(L.LightningModule):
     """
 
     def __init__(self, model: dict[str, Any], optim: dict[str, Any], vocab_size: int,
-                 data: dict[str, Any] | None = None, compile: bool = False) -> None:
-        """`data` records the corpus settings, so `lmkit eval` can find the model's own test split;
+                 data: dict[str, Any] | None = None, compile: bool = False,
+                 tokens: dict[str, Any] | None = None) -> None:
+        """`data` records the corpus settings, so `lmkit eval` can find the model's own test split; `tokens`, an
+        imported tokenizer's conventions (`lmkit.record.TOKENS`), travel on to the checkpoint and its exports;
         `compile` runs the backbone through torch.compile for training and evaluation (compiled in place when the
         trainer configures the model: under sharding, block by block)."""
         super().__init__()
@@ -64,7 +66,7 @@ class LitLanguageModel(L.LightningModule):
     def record(self) -> ModelRecord:
         """The model's description, as an artifact or a loaded checkpoint records it."""
         hp = self.hparams
-        return ModelRecord.from_settings(hp.model, hp.vocab_size, data=hp.data, optim=hp.optim,
+        return ModelRecord.from_settings(hp.model, hp.vocab_size, data=hp.data, optim=hp.optim, tokens=hp.tokens or {},
                                          tokenizer=self.tokenizer.kind if self.tokenizer else None)
 
     def configure_model(self) -> None:

@@ -28,6 +28,28 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 TRAINING_ONLY = ("compile",)  # model-group keys that say how to train, not what the model is
 
 
+# What an imported tokenizer brings beyond its vocabulary (Hugging Face keeps these in generation_config.json and
+# tokenizer_config.json): the token that starts a text, those that end one (generation stops at any of them), and
+# the model's own Jinja chat template. A model lmkit trained from scratch has none of them.
+TOKENS = {"bos_token_id": int, "eos_token_ids": list, "chat_template": str}
+
+
+def check_tokens(tokens: Any, vocab_size: int, where: str) -> dict[str, Any]:
+    """`tokens` as TOKENS describes it, or one LmkitError naming the first bad key."""
+    if not isinstance(tokens, dict):
+        raise LmkitError(f"{where}: `tokens` must be a mapping, got {tokens!r}")
+    for key, value in tokens.items():
+        if key not in TOKENS or not isinstance(value, TOKENS[key]) or isinstance(value, bool):
+            raise LmkitError(f"{where}: tokens.{key}={value!r} is not one of lmkit's token settings "
+                             f"({', '.join(f'{k}: {t.__name__}' for k, t in TOKENS.items())})")
+    ids = [tokens["bos_token_id"]] if "bos_token_id" in tokens else []
+    ids += tokens.get("eos_token_ids", [])
+    bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab_size]
+    if bad:
+        raise LmkitError(f"{where}: token id {bad[0]!r} is not in the vocabulary [0, {vocab_size})")
+    return tokens
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
@@ -49,6 +71,7 @@ class ModelRecord:
     data: dict[str, Any] | None = None  # the corpus settings it was trained on (the data group, plain values)
     optim: dict[str, Any] | None = None  # the optimizer settings it was trained with (fine-tunes start there)
     source: dict[str, Any] | None = None  # provenance: a run, a checkpoint and step, a Hugging Face directory
+    tokens: dict[str, Any] = field(default_factory=dict)  # an imported tokenizer's conventions: see TOKENS
 
     @property
     def kind(self) -> str:
@@ -107,8 +130,9 @@ class ModelRecord:
             backbone = backbone_config(model["kind"], model["vocab_size"], **options)
         except (ValueError, TypeError) as e:
             raise LmkitError(f"{where}: the model settings are not valid ({e})") from None
+        tokens = check_tokens(config.get("tokens") or {}, backbone.vocab_size, where)
         return cls(backbone=backbone, tokenizer=config["tokenizer"], dtype=config["dtype"], compression=records,
-                   **plain)
+                   tokens=tokens, **plain)
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelRecord:
@@ -130,7 +154,9 @@ class ModelRecord:
         if not isinstance(hp.get("model"), dict) or "vocab_size" not in hp or "state_dict" not in checkpoint:
             raise LmkitError(f"{path} is not an lmkit checkpoint (no model hyper-parameters)")
         tokenizer = checkpoint.get("lmkit", {}).get("tokenizer")
+        tokens = check_tokens(hp.get("tokens") or {}, hp["vocab_size"], str(path))
         record = cls.from_settings(hp["model"], hp["vocab_size"], data=hp.get("data"), optim=hp.get("optim"),
+                                   tokens=tokens,
                                    source={"checkpoint": str(Path(path).resolve()),
                                            "step": checkpoint.get("global_step")})
         record.tokenizer = "char" if tokenizer and json.loads(tokenizer).get("lmkit_tokenizer") == "char" else \
@@ -145,7 +171,7 @@ class ModelRecord:
                 "torch_version": torch.__version__.split("+")[0],
                 "model": {"kind": self.kind, **dataclasses.asdict(self.backbone)}, "tokenizer": self.tokenizer,
                 "dtype": self.dtype, "compression": self.compression, "data": self.data, "optim": self.optim,
-                "source": self.source}
+                "source": self.source, "tokens": self.tokens}
 
     def replace(self, **changes: Any) -> ModelRecord:
         """A copy with `changes` (a new backbone config after structured pruning, a dtype, a step more)."""

@@ -120,7 +120,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     tokenizer = datamodule.tokenizer
     try:
         module = LitLanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
-                                  data=data_cfg, compile=compile_model)
+                                  data=data_cfg, compile=compile_model, tokens=init.record.tokens if init else None)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise LmkitError(f"model: {e}") from None
     module.tokenizer = tokenizer

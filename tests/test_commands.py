@@ -104,27 +104,38 @@ def test_import_hf_then_export_hf_loads_in_transformers(tmp_path):
         torch.testing.assert_close(back(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_fine_tune_from_an_imported_gpt2(tmp_path, make_cfg, tiny_corpus):
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_fine_tune_from_an_imported_model(family, tmp_path, make_cfg, tiny_corpus):
     from lmkit.data.tokenizer import BPETokenizer
     from lmkit.evaluate import evaluate
     from lmkit.export import save
     from lmkit.hf import import_hf
+    from tests.test_hf_llama import hf_model
 
     tok = BPETokenizer.train([tiny_corpus.read_text()], vocab_size=300)
     torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64,
-                                                         vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "hf")
+    if family == "gpt2":
+        transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=64,
+                                                             vocab_size=tok.vocab_size)).save_pretrained(tmp_path / "hf")
+    else:  # with an end token and a chat template, which the fine-tune keeps
+        hf_model(tmp_path / "hf", vocab_size=tok.vocab_size, hidden_size=16, eos_token_id=5)
+        (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
     (tmp_path / "hf" / "tokenizer.json").write_text(tok.to_json())
-    save(import_hf(tmp_path / "hf"), tmp_path / "gpt2")
+    save(import_hf(tmp_path / "hf"), tmp_path / "imported")
     # lr 0: the run must evaluate exactly the imported weights, through the imported tokenizer
-    metrics, objects = run(make_cfg(f"init_from={tmp_path / 'gpt2'}", "data=text", f"data.path={tiny_corpus}",
+    metrics, objects = run(make_cfg(f"init_from={tmp_path / 'imported'}", "data=text", f"data.path={tiny_corpus}",
                                     "data.split=[0.8,0.1,0.1]", *TINY, "optim.lr=0", "trainer.max_steps=2",
                                     "trainer.val_check_interval=2", "logger=none", "callbacks=none"))
     assert objects["module"].backbone.config.n_embd == 16 and objects["module"].tokenizer.to_json() == tok.to_json()
     datamodule = objects["datamodule"]
-    reference = evaluate(lmkit.load(tmp_path / "gpt2"), datamodule.cache.split("test"), seq_len=datamodule.seq_len,
+    reference = evaluate(lmkit.load(tmp_path / "imported"), datamodule.cache.split("test"), seq_len=datamodule.seq_len,
                          batch_size=datamodule.eval_batch_size)
     assert metrics["test_loss"] == pytest.approx(reference["loss"], rel=1e-5)
+    objects["trainer"].save_checkpoint(tmp_path / "tuned.ckpt")
+    assert lmkit.load(tmp_path / "tuned.ckpt").record.tokens == lmkit.load(tmp_path / "imported").record.tokens
+    if family == "llama":
+        assert lmkit.load(tmp_path / "imported").record.tokens == {"bos_token_id": 1, "eos_token_ids": [5],
+                                                               "chat_template": "{{ messages }}"}
 
 
 @pytest.mark.parametrize("case", ["neither", "version", "missing_keys", "truncated", "not_covered"])

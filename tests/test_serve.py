@@ -37,7 +37,8 @@ from lmkit.export import save  # noqa: E402
 from lmkit.inference import InferenceModel  # noqa: E402
 from lmkit.record import ModelRecord  # noqa: E402
 from lmkit.serve.engine import Engine, Job, held_back  # noqa: E402
-from lmkit.serve.openai import chat_prompt, Limits, Message  # noqa: E402
+from lmkit.serve.chat import ChatFormat  # noqa: E402
+from lmkit.serve.openai import Limits  # noqa: E402
 from lmkit.serve.server import ModelAPI, Settings, OpenAIEndpoints  # noqa: E402
 from litserve.utils import LitAPIStatus  # noqa: E402
 from tests.conftest import CONF, free_port  # noqa: E402
@@ -202,7 +203,7 @@ def test_streaming_completion_and_chat(server, client):
 
 def test_chat_is_the_documented_template(client):
     messages = [{"role": "user", "content": "Who art thou?"}]
-    prompt = chat_prompt([Message(**m) for m in messages])
+    prompt = ChatFormat().prompt(messages)
     assert prompt == "USER:\nWho art thou?\n\nASSISTANT:\n"
     chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=60, temperature=0)
     completion = client.completions.create(model=NAME, prompt=prompt, max_tokens=60, temperature=0, stop=["\n\n"])

@@ -24,6 +24,7 @@ def serve(a: Any) -> None:
         import litserve  # noqa: F401
     except ImportError:
         raise LmkitError("lmkit serve needs LitServe, which is not installed: pip install 'lmkit[serve]'") from None
+    from lmkit.serve.chat import ChatFormat
     from lmkit.serve.openai import Limits
     from lmkit.serve.server import HOSTS, Settings, load_model, run
 
@@ -31,7 +32,7 @@ def serve(a: Any) -> None:
     model = load_model(a.model, a.runtime, a.device)
     if not getattr(model, "has_tokenizer", True):
         raise LmkitError(f"{a.model} has no tokenizer: lmkit serve takes and returns text")
-    tokenizer = model.tokenizer
+    tokenizer, chat = model.tokenizer, ChatFormat.of(model)
     del model  # the workers load their own; this process only tokenizes
     path = Path(a.model)
     settings = Settings(model=a.model, name=a.name or (path.resolve().name if path.is_dir() else path.stem),
@@ -39,7 +40,7 @@ def serve(a: Any) -> None:
                         batch_timeout=a.batch_timeout, workers=a.workers, api_key=a.api_key or None,
                         limits=Limits(a.max_tokens, a.max_tokens_limit, a.max_n), stream_interval=a.stream_interval,
                         threads=a.threads, log_level=a.log_level)
-    run(settings, tokenizer)
+    run(settings, tokenizer, chat)
 
 
 def check(a: Any, hosts: tuple[str, ...]) -> None:

@@ -93,6 +93,7 @@ class Engine:
     def __init__(self, model: Any, *, max_rows: int) -> None:
         self.backbone = model.backbone
         self.tokenizer = model.tokenizer
+        self.eos = set(model.record.tokens.get("eos_token_ids", []))  # a row ends at any of them (finish "stop")
         self.device = model.device
         self.max_rows = max_rows
         self.limit: int | None = getattr(self.backbone, "max_seq_len", None)
@@ -286,14 +287,18 @@ class Engine:
 
     def _record(self, group: Group, row: Row, token: int, news: dict[str, dict[str, Any]]) -> None:
         """Add a row's token; hand out the text no stop sequence can still claim; finish the row if due."""
-        row.tokens.append(token)
         job, request = group.job, self.requests[group.uid]
         request.completion_tokens += 1  # a stopped row's later tokens are not counted: nobody sees them
-        text = row.decode(self.tokenizer)
+        at_end = token in self.eos  # the model's end-of-sequence token: the reply is the text before it
+        if at_end:
+            text = row.decode(self.tokenizer)
+        row.tokens.append(token)
+        if not at_end:
+            text = row.decode(self.tokenizer)
         # text before `sent` holds no stop sequence, nor the start of one (held_back keeps those back)
         cut = min((i for i in (text.find(s, row.sent) for s in job.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            row.finish, end = "stop", cut
+        if at_end or cut >= 0:
+            row.finish, end = "stop", cut if cut >= 0 else len(text)
         elif len(row.tokens) >= job.max_tokens:
             row.finish, end = "length", len(text)
         elif text.endswith("\ufffd"):  # a byte-level piece that a later token completes

@@ -1,4 +1,4 @@
-"""OpenAI's HTTP schema: request bodies, their checks, the chat template, responses and error JSON.
+"""OpenAI's HTTP schema: request bodies, their checks, responses and error JSON (chat prompts: `lmkit.serve.chat`).
 
 Every check happens here, in the HTTP process, before a request reaches the model's worker: a bad
 request is a 4xx with OpenAI's error body `{"error": {"message", "type", "param", "code"}}` and the
@@ -12,12 +12,14 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lmkit.errors import LmkitError
 from lmkit.generate import SEEDS
+from lmkit.serve.chat import ChatFormat, TemplateRefusal
 from lmkit.serve.engine import Job
 
 MAX_STOPS = 4  # as OpenAI
@@ -101,23 +103,6 @@ UNSUPPORTED = {"logprobs": (None, False, 0), "echo": (False,), "best_of": (None,
                "frequency_penalty": (0,), "logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, []),
                "response_format": (None, {"type": "text"})}
 
-# The chat template. A model trained on plays reads a conversation as a scene: each message is a speech
-# headed by its speaker, and the reply is the next speech, which ends at the blank line before the
-# speech after it. So
-#     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who art thou?"}]
-# becomes the prompt "SYSTEM:\nBe brief.\n\nUSER:\nWho art thou?\n\nASSISTANT:\n", and unless the
-# request gives `stop`, the reply stops at "\n\n".
-CHAT_STOP = ["\n\n"]
-
-
-def chat_prompt(messages: list[Message]) -> str:
-    speeches = []
-    for m in messages:
-        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-        speeches.append(f"{m.role.upper()}:\n{content}\n\n")
-    return "".join(speeches) + "ASSISTANT:\n"
-
-
 @dataclass
 class Limits:
     """The server's caps and defaults (conf/serve.yaml)."""
@@ -150,8 +135,10 @@ def parse(body: Any, schema: type[Options]) -> Options:
         raise ApiError(400, f"{param}: {first['msg']}{given}", param=param) from None
 
 
-def prepare(request: Options, *, model_name: str, tokenizer: Any, vocab_size: int, limits: Limits) -> Prepared:
-    """Check a parsed request against the model and the server's limits; tokenize its prompts."""
+def prepare(request: Options, *, model_name: str, tokenizer: Any, vocab_size: int, limits: Limits,
+            chat_format: ChatFormat = ChatFormat()) -> Prepared:
+    """Check a parsed request against the model and the server's limits; tokenize its prompts (a conversation in
+    the model's `chat_format`)."""
     if request.model != model_name:
         raise ApiError(404, f"model {request.model!r} is not served here; this server serves {model_name!r}",
                        param="model", code="model_not_found")
@@ -172,8 +159,14 @@ def prepare(request: Options, *, model_name: str, tokenizer: Any, vocab_size: in
     if len(stop) > MAX_STOPS or any(not s for s in stop):
         raise ApiError(400, f"stop={request.stop!r}: give at most {MAX_STOPS} non-empty strings", param="stop")
     if chat:
-        prompts = [tokenize(chat_prompt(request.messages), tokenizer, "messages")]
-        stop = stop if request.stop is not None else CHAT_STOP
+        messages = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                     "".join(p.text for p in m.content or [])} for m in request.messages]
+        try:
+            text = chat_format.prompt(messages)
+        except TemplateRefusal as e:
+            raise ApiError(400, f"messages: the model's chat template refuses them ({e})", param="messages") from None
+        prompts = [tokenize(text, lambda t: chat_format.encode(t, tokenizer), "messages")]
+        stop = stop if request.stop is not None else chat_format.default_stop
     else:
         prompts = prompt_ids(request.prompt, tokenizer, vocab_size)
     job = Job(prompts=prompts, n=request.n, max_tokens=max_tokens, temperature=request.temperature,
@@ -185,13 +178,13 @@ def prepare(request: Options, *, model_name: str, tokenizer: Any, vocab_size: in
 def prompt_ids(prompt: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
     """OpenAI's four prompt shapes: a text, texts, token ids, lists of token ids."""
     if isinstance(prompt, str):
-        return [tokenize(prompt, tokenizer, "prompt")]
+        return [tokenize(prompt, tokenizer.encode, "prompt")]
     if not prompt:
         raise ApiError(400, "prompt is an empty list", param="prompt")
     if len(prompt) > MAX_PROMPTS and not isinstance(prompt[0], int):
         raise ApiError(400, f"prompt: {len(prompt)} prompts in one request, more than {MAX_PROMPTS}", param="prompt")
     if isinstance(prompt[0], str):
-        return [tokenize(text, tokenizer, f"prompt.{i}") for i, text in enumerate(prompt)]
+        return [tokenize(text, tokenizer.encode, f"prompt.{i}") for i, text in enumerate(prompt)]
     prompts = [prompt] if isinstance(prompt[0], int) else prompt
     for i, ids in enumerate(prompts):
         bad = [t for t in ids if not 0 <= t < vocab_size]
@@ -201,9 +194,9 @@ def prompt_ids(prompt: Any, tokenizer: Any, vocab_size: int) -> list[list[int]]:
     return prompts
 
 
-def tokenize(text: str, tokenizer: Any, param: str) -> list[int]:
+def tokenize(text: str, encode: Callable[[str], list[int]], param: str) -> list[int]:
     try:
-        ids = tokenizer.encode(text)
+        ids = encode(text)
     except LmkitError as e:  # a character tokenizer names the characters it lacks
         raise ApiError(400, f"{param}: {e}", param=param) from None
     if not ids:

@@ -45,6 +45,7 @@ from litserve.utils import LitAPIStatus, ResponseBufferItem
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmkit.serve import openai
+from lmkit.serve.chat import ChatFormat
 from lmkit.serve.engine import Engine, Job
 from lmkit.serve.openai import ApiError, Limits
 
@@ -272,9 +273,11 @@ class ModelAPI(ls.LitAPI):
 class OpenAIEndpoints(LitSpec):
     """/v1/completions, /v1/chat/completions and /v1/models, in the HTTP processes."""
 
-    def __init__(self, settings: Settings, tokenizer: Any, vocab_size: int, cancels: list[Any]) -> None:
+    def __init__(self, settings: Settings, tokenizer: Any, vocab_size: int, cancels: list[Any],
+                 chat: ChatFormat = ChatFormat()) -> None:
         super().__init__()
         self.settings, self.tokenizer, self.vocab_size, self.cancels = settings, tokenizer, vocab_size, cancels
+        self.chat = chat
         self.api_path = "/v1/completions"  # LitServe keys its request queue by this path
         self.created = int(time.time())
         self.add_endpoint("/v1/completions", self.completions, ["POST"])
@@ -321,7 +324,8 @@ class OpenAIEndpoints(LitSpec):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
         prepared = openai.prepare(openai.parse(body, schema), model_name=self.settings.name, tokenizer=self.tokenizer,
-                                  vocab_size=self.vocab_size, limits=self.settings.limits)
+                                  vocab_size=self.vocab_size, limits=self.settings.limits,
+                                  chat_format=self.chat)
         uid = uuid.uuid4().hex
         buffer, event = deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(event=event, response_queue=buffer)
@@ -456,13 +460,14 @@ def announce_when_ready(settings: Settings, stop: threading.Event) -> None:
         stop.wait(0.2)
 
 
-def run(settings: Settings, tokenizer: Any) -> None:
-    """Serve until SIGINT or SIGTERM; `tokenizer` (the model's) checks and counts prompts in the HTTP processes."""
+def run(settings: Settings, tokenizer: Any, chat: ChatFormat = ChatFormat()) -> None:
+    """Serve until SIGINT or SIGTERM; `tokenizer` (the model's) checks and counts prompts in the HTTP processes, and
+    `chat` (the model's) turns conversations into them."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the HTTP processes are forked after tokenizing
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     context = mp.get_context("spawn")  # LitServe spawns its workers; their queues must be spawn-safe
     cancels = [context.Queue() for _ in range(settings.workers)]
-    spec = OpenAIEndpoints(settings, tokenizer, tokenizer.vocab_size, cancels)
+    spec = OpenAIEndpoints(settings, tokenizer, tokenizer.vocab_size, cancels, chat)
     api = ModelAPI(settings, spec, cancels)
     device = settings.device or "cpu"
     server = ls.LitServer(api, accelerator="cuda" if device.startswith("cuda") else "cpu", devices=1,
