@@ -95,6 +95,10 @@ def test_f32_logits_match_transformers_gguf_loader(case, bpe, tmp_path):
     assert largest < 1e-4, largest
     if scaling is not None:  # the reader's loss is real: without the scaling restored, the logits differ
         assert compare(model, read_back(tmp_path / "gguf"))[0] > 1e-3
+    card = (tmp_path / "gguf" / "README.md").read_text()  # its transformers snippet, run as a user would
+    scope = {}
+    exec(card.split("```python\n")[2].split("```")[0].replace("DIR", str(tmp_path / "gguf")), scope)
+    assert compare(model, scope["model"].eval())[0] < 1e-4
     if case == "linear_scaling":
         assert meta["llama.rope.scaling.type"] == "linear" and meta["llama.rope.scaling.factor"] == 4.0
     if case == "qwen2_qkv_bias":

@@ -399,6 +399,14 @@ def model_card(model: InferenceModel, architecture: str, type: str, size: int, v
     # transformers' GGUF reader maps gpt2's context_length and feed_forward_length to keys GPT2Config
     # does not read, so those two must be given (its defaults are 1024 and 4 * n_embd).
     hf_options = f", n_positions={cfg.max_seq_len}, n_inner={cfg.ffn(0)}" if architecture == "gpt2" else ""
+    hf_load = f"model = AutoModelForCausalLM.from_pretrained(\"DIR\", gguf_file=\"model.gguf\"{hf_options})\n"
+    if cfg.rope_scaling is not None:
+        # llama.cpp reads the scaling from the file; transformers' GGUF reader drops it and would run unscaled
+        notes += (f"\n- rope scaling `{cfg.rope_scaling['rope_type']}`: llama.cpp reads it from the file; "
+                  "transformers' GGUF reader drops it, so set it back on the config (below)")
+        hf_load = ("config = AutoConfig.from_pretrained(\"DIR\", gguf_file=\"model.gguf\")\n"
+                   f"config.rope_parameters = {{**config.rope_parameters, **{cfg.rope_scaling!r}}}\n"
+                   "model = AutoModelForCausalLM.from_pretrained(\"DIR\", gguf_file=\"model.gguf\", config=config)\n")
     return (f"# lmkit {record.kind} language model (GGUF, llama.cpp)\n\n"
             f"- file: model.gguf, {size:,} bytes, {type}\n- llama.cpp architecture: `{architecture}`\n"
             f"- shape: {shape}\n- tokenizer: {record.tokenizer}, as byte-level BPE ({len(vocab.tokens)} tokens, "
@@ -407,6 +415,6 @@ def model_card(model: InferenceModel, architecture: str, type: str, size: int, v
             "The lmkit record (config.json's content) is in the file's metadata as `lmkit.record`.\n\n"
             "## Use\n\n```python\nfrom llama_cpp import Llama\n\nllm = Llama(\"model.gguf\")\n"
             "print(llm(\"ROMEO:\", max_tokens=200, temperature=0.8, top_k=50)[\"choices\"][0][\"text\"])\n```\n\n"
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained(\"DIR\", gguf_file=\"model.gguf\"{hf_options})\n"
+            "```python\nfrom transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"{hf_load}"
             "tokenizer = AutoTokenizer.from_pretrained(\"DIR\", gguf_file=\"model.gguf\")\n```\n")
