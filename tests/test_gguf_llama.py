@@ -244,3 +244,15 @@ def test_llama_cpp_generates_lmkit_greedy_tokens(case, bpe, tmp_path):
         theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval([theirs[-1]])
     assert theirs == ours
+
+
+def test_every_mapped_name_is_one_gguf_py_lists_for_its_architecture():
+    from lmkit.deploy.gguf import ARCHITECTURES
+
+    for name, arch in ARCHITECTURES.items():
+        known = {gguf.TENSOR_NAMES[t].format(bid="N") for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[name.upper()]]}
+        for theirs in arch.tensors.values():
+            base = theirs.rsplit(".", 1)[0]
+            split = [f"blk.N.attn_{p}" for p in "qkv"] if arch.split_qkv and base == "blk.N.attn_qkv" else [base]
+            assert set(split) <= known, (name, theirs)
+        assert arch.name != "llama" or "rope_freqs" in known

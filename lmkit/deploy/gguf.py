@@ -20,8 +20,9 @@ What cannot be said exactly is refused with one line: per-layer head counts or M
 pruning), quantized weights (int8 plugins: the GGUF types quantize instead), a character vocabulary
 (llama.cpp's byte-level BPE needs merges: use tokenizer=bpe), a model without a tokenizer, a block mixing
 GPT-2's and Llama's parts (layernorm with swiglu, rmsnorm with gelu), Llama-family settings on GPT-2's block
-(grouped-query attention, head_dim, qkv_bias, rope scaling), and in Llama's block biases beyond q/k/v,
-learned or sinusoidal positions, Llama 3 scaling or a head_dim other than n_embd/n_head under qwen2.
+(grouped-query attention, head_dim, qkv_bias, rope scaling), and in Llama's block biases beyond q/k/v
+(llama.cpp's llama loads them, but no reader here can check that file), learned or sinusoidal positions,
+Llama 3 scaling or a head_dim other than n_embd/n_head under qwen2.
 A bias lmkit leaves out of GPT-2's block (`model.bias=false`) is written as zeros, which gpt2 and
 starcoder2 require and which changes nothing.
 
@@ -163,10 +164,11 @@ def architecture(cfg: TransformerConfig) -> Architecture:
         raise LmkitError(f"format=gguf: llama.cpp's llama and qwen2 use rotary positions; this Llama-style block has "
                          f"model.position={cfg.position!r} (use format=onnx)")
     if cfg.bias:
-        # llama.cpp's llama graph has optional biases, but transformers' reader of it builds a bias-free LlamaConfig
-        # and drops them without a word, and qwen2's graph has q/k/v biases only: refuse rather than be misread.
+        # llama.cpp's llama graph loads optional attention and MLP biases, but transformers' GGUF reader maps no
+        # bias setting into LlamaConfig, so no reader here can check such a file; qwen2's graph has q/k/v biases only.
         raise LmkitError("format=gguf: model.bias=True puts biases on the attention output and the MLP of a "
-                         "Llama-style block, which neither llama.cpp's llama nor qwen2 reads (use format=hf)")
+                         "Llama-style block, which lmkit does not write as llama.cpp's llama (unverified) or qwen2 "
+                         "(q/k/v biases only) (use format=hf)")
     if scaling not in (None, "linear", "llama3"):
         raise LmkitError(f"format=gguf: model.rope_scaling.rope_type={scaling!r} has no llama.cpp equivalent here "
                          "(linear, llama3)")
