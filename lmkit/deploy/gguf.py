@@ -1,16 +1,30 @@
 """GGUF for llama.cpp: lmkit's Transformer written as one of llama.cpp's own architectures.
 
-    learned positions    -> `gpt2`        the same block, tensor for tensor
-    sinusoidal positions -> `gpt2`        the fixed table written as gpt2's learned one (adding it is all either does)
-    rotary positions     -> `starcoder2`  LayerNorm with biases, sequential residual, a plain (ungated) GELU MLP
-                                          with biases and rotate-half ("NeoX") RoPE over the whole head: lmkit's
-                                          block exactly. (gptneox matches too but transformers cannot read it;
-                                          stablelm's MLP is gated SiLU; phi2's residual is parallel.)
+    GPT-2's block (norm=layernorm, mlp=gelu)
+      learned positions    -> `gpt2`        the same block, tensor for tensor
+      sinusoidal positions -> `gpt2`        the fixed table written as gpt2's learned one (adding it is all either does)
+      rotary positions     -> `starcoder2`  LayerNorm with biases, sequential residual, a plain (ungated) GELU MLP
+                                            with biases and rotate-half ("NeoX") RoPE over the whole head: lmkit's
+                                            block exactly. (gptneox matches too but transformers cannot read it;
+                                            stablelm's MLP is gated SiLU; phi2's residual is parallel.)
+    Llama's block (norm=rmsnorm, mlp=swiglu, rotary positions)
+      no biases            -> `llama`       grouped-query attention, any head_dim; llama.cpp rotates adjacent pairs
+                                            ("normal" rope), so q and k rows are permuted as its converter does;
+                                            Llama 3 rope scaling as the `rope_freqs` tensor, linear as rope.scaling.*
+      q/k/v biases only    -> `qwen2`       rotate-half rope (no permutation) with the q/k/v biases (Qwen2)
+
+Each architecture is one weight-name map (`ARCHITECTURES`), litgpt-style, plus three switches: whether
+the fused q/k/v rows are split, whether q/k are permuted, whether absent biases are written as zeros.
 
 What cannot be said exactly is refused with one line: per-layer head counts or MLP widths (structured
 pruning), quantized weights (int8 plugins: the GGUF types quantize instead), a character vocabulary
-(llama.cpp's byte-level BPE needs merges: use tokenizer=bpe), a model without a tokenizer. A bias lmkit leaves out (`model.bias=false`) is written as
-zeros, which both architectures require and which changes nothing.
+(llama.cpp's byte-level BPE needs merges: use tokenizer=bpe), a model without a tokenizer, a block mixing
+GPT-2's and Llama's parts (layernorm with swiglu, rmsnorm with gelu), Llama-family settings on GPT-2's block
+(grouped-query attention, head_dim, qkv_bias, rope scaling), and in Llama's block biases beyond q/k/v
+(llama.cpp's llama loads them, but no reader here can check that file), learned or sinusoidal positions,
+Llama 3 scaling or a head_dim other than n_embd/n_head under qwen2.
+A bias lmkit leaves out of GPT-2's block (`model.bias=false`) is written as zeros, which gpt2 and
+starcoder2 require and which changes nothing.
 
 One approximation is allowed with a warning: llama.cpp's GELU is the tanh approximation (and on the
 CPU it is read from an fp16 table of it), so a model trained with exact GELU (`model.gelu=none`, lmkit's
@@ -32,10 +46,10 @@ import torch
 import torch.nn as nn
 
 from lmkit.backbones import TransformerConfig
+from lmkit.backbones.transformer import rope_frequencies
 from lmkit.deploy import require
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory, check_free
-from lmkit.hf import weight_map
 from lmkit.inference import InferenceModel
 
 TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -43,6 +57,49 @@ QUANT_BLOCK = 32  # q8_0 and q4_0 pack each row (a matrix's input dimension) in 
 SAMPLE_TOKENS = 64  # tokens of the fixed sample on which the GELU approximation is measured
 # llama.cpp's tokenizer.ggml.token_type values
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One of llama.cpp's architectures, as lmkit's Transformer fills it."""
+
+    name: str  # general.architecture
+    tensors: dict[str, str]  # lmkit name -> llama.cpp name; `h.N.` / `blk.N.` stand for every layer
+    split_qkv: bool = False  # c_attn's fused [q | k | v] rows written as attn_q, attn_k, attn_v
+    permute_qk: bool = False  # q/k rows reordered from rotate-half pairs (i, i + d/2) to adjacent ones (2i, 2i + 1)
+    zero_biases: bool = False  # the graph requires every bias: those the model leaves out are written as zeros
+
+
+_GPT2 = {
+    "transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+    "h.N.ln_1.weight": "blk.N.attn_norm.weight", "h.N.ln_1.bias": "blk.N.attn_norm.bias",
+    "h.N.attn.c_attn.weight": "blk.N.attn_qkv.weight", "h.N.attn.c_attn.bias": "blk.N.attn_qkv.bias",
+    "h.N.attn.c_proj.weight": "blk.N.attn_output.weight", "h.N.attn.c_proj.bias": "blk.N.attn_output.bias",
+    "h.N.ln_2.weight": "blk.N.ffn_norm.weight", "h.N.ln_2.bias": "blk.N.ffn_norm.bias",
+    "h.N.mlp.c_fc.weight": "blk.N.ffn_up.weight", "h.N.mlp.c_fc.bias": "blk.N.ffn_up.bias",
+    "h.N.mlp.c_proj.weight": "blk.N.ffn_down.weight", "h.N.mlp.c_proj.bias": "blk.N.ffn_down.bias",
+    "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+    "lm_head.weight": "output.weight",
+}
+_LLAMA = {
+    "transformer.wte.weight": "token_embd.weight",
+    "h.N.ln_1.weight": "blk.N.attn_norm.weight",
+    "h.N.attn.c_attn.weight": "blk.N.attn_qkv.weight",
+    "h.N.attn.c_proj.weight": "blk.N.attn_output.weight",
+    "h.N.ln_2.weight": "blk.N.ffn_norm.weight",
+    "h.N.mlp.gate.weight": "blk.N.ffn_gate.weight",
+    "h.N.mlp.up.weight": "blk.N.ffn_up.weight",
+    "h.N.mlp.c_proj.weight": "blk.N.ffn_down.weight",
+    "transformer.ln_f.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+ARCHITECTURES = {
+    "gpt2": Architecture("gpt2", _GPT2, zero_biases=True),
+    "starcoder2": Architecture("starcoder2", {k: v for k, v in _GPT2.items() if k != "transformer.wpe.weight"},
+                               split_qkv=True, zero_biases=True),
+    "llama": Architecture("llama", _LLAMA, split_qkv=True, permute_qk=True),
+    "qwen2": Architecture("qwen2", {**_LLAMA, "h.N.attn.c_attn.bias": "blk.N.attn_qkv.bias"}, split_qkv=True),
+}
 
 
 @dataclass
@@ -68,36 +125,72 @@ def export_gguf(model: InferenceModel, out: str | Path, *, type: str = "f32", ov
     if type not in TYPES:
         raise LmkitError(f"gguf.type={type!r} is not one of {', '.join(TYPES)}")
     check_free(Path(out), overwrite)
-    cfg = _check_model(model, type)
+    cfg, arch = _check_model(model, type)
     vocab = vocabulary(model)
     gguf = require("gguf", "gguf")
-    architecture = "starcoder2" if cfg.position == "rope" else "gpt2"
     warnings, gelu_note = [], ""
-    if cfg.gelu == "none":
+    if cfg.mlp == "gelu" and cfg.gelu == "none":
         largest, relative = gelu_gap(model)
-        gelu_note = (f"this model uses exact GELU (model.gelu=none) and llama.cpp's {architecture} graph the tanh "
+        gelu_note = (f"this model uses exact GELU (model.gelu=none) and llama.cpp's {arch.name} graph the tanh "
                      f"approximation: its logits move by up to {largest:.2g} ({relative:.2%} relative) on a fixed "
                      f"sample of {SAMPLE_TOKENS} tokens; train with model.gelu=tanh for an exact export")
         warnings.append(gelu_note)
-    tensors = gguf_tensors(model.backbone, cfg, gguf, architecture)
+    tensors = gguf_tensors(model.backbone, cfg, arch)
     with atomic_directory(Path(out), overwrite) as tmp:
-        _write(gguf, tmp / "model.gguf", architecture, model, cfg, vocab, tensors, type)
+        _write(gguf, tmp / "model.gguf", arch, model, cfg, vocab, tensors, type)
         size = (tmp / "model.gguf").stat().st_size
-        (tmp / "README.md").write_text(model_card(model, architecture, type, size, vocab, gelu_note), encoding="utf-8")
-    return GGUFExport(Path(out), architecture, type, warnings)
+        (tmp / "README.md").write_text(model_card(model, arch.name, type, size, vocab, gelu_note), encoding="utf-8")
+    return GGUFExport(Path(out), arch.name, type, warnings)
 
 
-def _check_model(model: InferenceModel, type: str) -> TransformerConfig:
-    """The Transformer's config if llama.cpp's graphs can run it exactly (GELU aside), else one line why not."""
+def architecture(cfg: TransformerConfig) -> Architecture:
+    """The llama.cpp architecture whose graph is this block, or one line naming the setting none of them has."""
+    block = (cfg.norm, cfg.mlp)
+    default_head = cfg.head_size * cfg.n_head == cfg.n_embd
+    scaling = (cfg.rope_scaling or {}).get("rope_type")
+    if block == ("layernorm", "gelu"):
+        llama_only = [f"model.{k}={getattr(cfg, k)!r}" for k, set_ in (
+            ("n_kv_head", cfg.kv_group > 1), ("head_dim", not default_head),
+            ("qkv_bias", cfg.attn_bias != cfg.bias), ("rope_scaling", scaling is not None)) if set_]
+        if llama_only:  # starcoder2 might carry some of these, but no reader here checks that it does
+            raise LmkitError(f"format=gguf writes GPT-2's block (norm=layernorm, mlp=gelu) as gpt2 or starcoder2, "
+                             f"without Llama-family settings; this model has {', '.join(llama_only)}")
+        return ARCHITECTURES["starcoder2" if cfg.position == "rope" else "gpt2"]
+    if block != ("rmsnorm", "swiglu"):
+        raise LmkitError(f"format=gguf: model.norm={cfg.norm!r} with model.mlp={cfg.mlp!r} is neither GPT-2's block "
+                         "(layernorm, gelu) nor Llama's (rmsnorm, swiglu), and llama.cpp has no architecture for it "
+                         "(use format=onnx)")
+    if cfg.position != "rope":
+        raise LmkitError(f"format=gguf: llama.cpp's llama and qwen2 use rotary positions; this Llama-style block has "
+                         f"model.position={cfg.position!r} (use format=onnx)")
+    if cfg.bias:
+        # llama.cpp's llama graph loads optional attention and MLP biases, but transformers' GGUF reader maps no
+        # bias setting into LlamaConfig, so no reader here can check such a file; qwen2's graph has q/k/v biases only.
+        raise LmkitError("format=gguf: model.bias=True puts biases on the attention output and the MLP of a "
+                         "Llama-style block, which lmkit does not write as llama.cpp's llama (unverified) or qwen2 "
+                         "(q/k/v biases only) (use format=hf)")
+    if scaling not in (None, "linear", "llama3"):
+        raise LmkitError(f"format=gguf: model.rope_scaling.rope_type={scaling!r} has no llama.cpp equivalent here "
+                         "(linear, llama3)")
+    if not cfg.attn_bias:
+        return ARCHITECTURES["llama"]
+    if scaling == "llama3":  # qwen2's graph passes no frequency factors to its rope
+        raise LmkitError("format=gguf: model.rope_scaling.rope_type='llama3' with model.qkv_bias=True (qwen2): "
+                         "llama.cpp applies Llama 3 scaling in its llama graph only")
+    if not default_head:  # transformers' qwen2 reader takes n_embd / n_head and would misread the file
+        raise LmkitError(f"format=gguf: model.head_dim={cfg.head_dim} with model.qkv_bias=True (qwen2): its readers "
+                         f"take n_embd/n_head={cfg.n_embd // cfg.n_head} as the head width")
+    return ARCHITECTURES["qwen2"]
+
+
+def _check_model(model: InferenceModel, type: str) -> tuple[TransformerConfig, Architecture]:
+    """The Transformer's config and llama.cpp architecture if its graph runs the model exactly (GELU aside),
+    else one line why not."""
     cfg = model.record.backbone
     if not isinstance(cfg, TransformerConfig):
         raise LmkitError(f"format=gguf writes Transformers (llama.cpp runs no LSTM/GRU); this model is a "
                          f"{model.record.kind} (use format=onnx or format=lmkit)")
-    llama = [f"{k}={getattr(cfg, k)!r}" for k, plain in (("norm", "layernorm"), ("mlp", "gelu"), ("n_kv_head", None),
-             ("head_dim", None), ("qkv_bias", None), ("rope_scaling", None)) if getattr(cfg, k) != plain]
-    if llama:  # llama.cpp's `llama`/`qwen2` architectures are not written yet: refuse rather than mislabel
-        raise LmkitError(f"format=gguf writes GPT-2-style blocks only for now; this model has {', '.join(llama)} "
-                         "(use format=hf or format=onnx)")
+    arch = architecture(cfg)
     quantized = [r["plugin"] for r in model.record.compression if _quantizes(r["plugin"])]
     if quantized:
         # Pruned weights are plain dense tensors and export as they are; int8 weights would be dequantized
@@ -111,12 +204,13 @@ def _check_model(model: InferenceModel, type: str) -> TransformerConfig:
     if len(widths) > 1:
         raise LmkitError(f"format=gguf: llama.cpp's graphs need one MLP width in every layer; this model has "
                          f"layer_ffn={cfg.layer_ffn} (structured pruning)")
-    if type in ("q8_0", "q4_0"):
-        for what, width in (("model.n_embd", cfg.n_embd), ("the MLP width", widths.pop())):
+    if type in ("q8_0", "q4_0"):  # every matrix's input width: n_embd, the heads' (attn_output), the MLP's (ffn_down)
+        for what, width in (("model.n_embd", cfg.n_embd), ("n_head * head_dim", cfg.n_head * cfg.head_size),
+                            ("the MLP width", widths.pop())):
             if width % QUANT_BLOCK:
                 raise LmkitError(f"gguf.type={type} packs each weight row in blocks of {QUANT_BLOCK} values; "
                                  f"{what}={width} is not a multiple of {QUANT_BLOCK} (use gguf.type=f16 or f32)")
-    return cfg
+    return cfg, arch
 
 
 def _quantizes(plugin: str) -> bool:
@@ -183,35 +277,56 @@ def gelu_gap(model: InferenceModel) -> tuple[float, float]:
     return (exact - tanh).abs().max().item(), ((exact - tanh).norm() / exact.norm()).item()
 
 
-def gguf_tensors(backbone: nn.Module, cfg: TransformerConfig, gguf: Any, architecture: str) -> dict[str, np.ndarray]:
-    """llama.cpp's tensors (float32, its names) from the backbone's.
-
-    lmkit's parameter names are GPT-2's (lmkit.hf.weight_map), so gguf's own GPT-2 name map names them;
-    starcoder2 differs only in separate q/k/v and no position table."""
+def gguf_tensors(backbone: nn.Module, cfg: TransformerConfig, arch: Architecture) -> dict[str, np.ndarray]:
+    """llama.cpp's tensors (float32, its names) from the backbone's, through the architecture's map."""
     state = {k: v.detach().float().cpu() for k, v in backbone.state_dict().items()}
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, cfg.n_layer)
-    source = [n for n in weight_map(cfg.n_layer) if n != "transformer.wpe.weight"]
-    if not cfg.tie_weights:
-        source.append("lm_head.weight")
+    if cfg.position == "sinusoidal":
+        state["transformer.wpe.weight"] = backbone.pe.float().cpu()  # adding the fixed table is all gpt2's does
     tensors = {}
-    for name in source:
-        tensor = state.get(name)
-        if tensor is None:  # a bias the model leaves out: zeros, the same shape as its weight's rows
-            tensor = torch.zeros(state[name.removesuffix(".bias") + ".weight"].shape[0])
-        if name in ("transformer.wte.weight", "lm_head.weight"):
+    for ours, theirs in _expand(arch.tensors, cfg.n_layer):
+        if ours == "lm_head.weight" and cfg.tie_weights:
+            continue  # llama.cpp reads the tied head from token_embd when output is absent
+        tensor = state.get(ours)
+        if tensor is None:  # a bias the model leaves out (the map names no other optional tensor)
+            tensor = torch.zeros(state[ours.removesuffix(".bias") + ".weight"].shape[0])
+        if ours in ("transformer.wte.weight", "lm_head.weight"):
             tensor = tensor[: cfg.vocab_size]  # rows past the vocabulary are padding (model.pad_vocab_to)
-        tensors[names.get_name(name, try_suffixes=(".weight", ".bias"))] = tensor
-    if cfg.position == "learned":
-        tensors["position_embd.weight"] = state["transformer.wpe.weight"]
-    elif cfg.position == "sinusoidal":
-        tensors["position_embd.weight"] = backbone.pe.float().cpu()
-    if architecture == "starcoder2":
+        tensors[theirs] = tensor
+    if arch.split_qkv:
+        q_rows, kv_rows = cfg.n_head * cfg.head_size, cfg.n_head // cfg.kv_group * cfg.head_size
         for i in range(cfg.n_layer):
             for kind in ("weight", "bias"):
-                q, k, v = tensors.pop(f"blk.{i}.attn_qkv.{kind}").chunk(3, dim=0)
+                if f"blk.{i}.attn_qkv.{kind}" not in tensors:
+                    continue
+                q, k, v = tensors.pop(f"blk.{i}.attn_qkv.{kind}").split([q_rows, kv_rows, kv_rows])
+                if arch.permute_qk:
+                    q, k = interleave_rope_rows(q, cfg.n_head), interleave_rope_rows(k, cfg.n_head // cfg.kv_group)
                 tensors.update({f"blk.{i}.attn_q.{kind}": q, f"blk.{i}.attn_k.{kind}": k,
                                 f"blk.{i}.attn_v.{kind}": v})
+    if (cfg.rope_scaling or {}).get("rope_type") == "llama3":
+        # llama.cpp divides each pair's frequency by its rope_freqs factor: lmkit's own scaled frequencies say
+        # the factors exactly (llama.cpp's converter recomputes them and reads original_max_position_embeddings
+        # from the top of config.json, where Llama 3 keeps it inside rope_scaling)
+        plain = rope_frequencies(cfg.head_size, cfg.rope_base)
+        tensors["rope_freqs.weight"] = plain / rope_frequencies(cfg.head_size, cfg.rope_base, cfg.rope_scaling)
     return {name: t.contiguous().numpy() for name, t in tensors.items()}
+
+
+def _expand(names: dict[str, str], n_layer: int) -> list[tuple[str, str]]:
+    """(lmkit name, llama.cpp name) pairs, the per-layer entries (`h.N.` / `blk.N.`) once for each layer."""
+    pairs = []
+    for ours, theirs in names.items():
+        if ours.startswith("h.N."):
+            pairs += [(f"transformer.h.{i}.{ours[4:]}", f"blk.{i}.{theirs[6:]}") for i in range(n_layer)]
+        else:
+            pairs.append((ours, theirs))
+    return pairs
+
+
+def interleave_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q or k rows (weight or bias) of `n_head` heads reordered for llama.cpp's "normal" rope, which rotates
+    adjacent pairs (2i, 2i + 1) where lmkit and HF rotate (i, i + d/2): convert_hf_to_gguf.py's LlamaModel.permute."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _encode(gguf: Any, name: str, array: np.ndarray, type: str, head: str) -> tuple[np.ndarray, Any]:
@@ -225,20 +340,30 @@ def _encode(gguf: Any, name: str, array: np.ndarray, type: str, head: str) -> tu
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
-def _write(gguf: Any, path: Path, architecture: str, model: InferenceModel, cfg: TransformerConfig,
+def _write(gguf: Any, path: Path, arch: Architecture, model: InferenceModel, cfg: TransformerConfig,
            vocab: Vocabulary, tensors: dict[str, np.ndarray], type: str) -> None:
-    writer = gguf.GGUFWriter(str(path), architecture)
+    writer = gguf.GGUFWriter(str(path), arch.name)
     writer.add_name(f"lmkit {cfg.kind}")
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.n_embd)
     writer.add_feed_forward_length(cfg.ffn(0))
     writer.add_block_count(cfg.n_layer)
     writer.add_head_count(cfg.n_head)
-    writer.add_head_count_kv(cfg.n_head)
-    writer.add_layer_norm_eps(cfg.layer_norm_eps)
+    writer.add_head_count_kv(cfg.n_head // cfg.kv_group)
+    if cfg.norm == "rmsnorm":
+        writer.add_layer_norm_rms_eps(cfg.layer_norm_eps)
+        writer.add_vocab_size(cfg.vocab_size)  # as llama.cpp's converter writes it for llama and qwen2
+    else:
+        writer.add_layer_norm_eps(cfg.layer_norm_eps)
+    if cfg.head_size * cfg.n_head != cfg.n_embd:  # llama.cpp's default head width is n_embd / n_head
+        writer.add_key_length(cfg.head_size)
+        writer.add_value_length(cfg.head_size)
     if cfg.position == "rope":
         writer.add_rope_freq_base(cfg.rope_base)
         writer.add_rope_dimension_count(cfg.head_size)
+    if (cfg.rope_scaling or {}).get("rope_type") == "linear":  # llama3's factors travel as the rope_freqs tensor
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope_scaling["factor"])
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
     writer.add_file_type(getattr(gguf.LlamaFileType, file_types[type]))
     if type in ("q8_0", "q4_0"):
@@ -276,6 +401,14 @@ def model_card(model: InferenceModel, architecture: str, type: str, size: int, v
     # transformers' GGUF reader maps gpt2's context_length and feed_forward_length to keys GPT2Config
     # does not read, so those two must be given (its defaults are 1024 and 4 * n_embd).
     hf_options = f", n_positions={cfg.max_seq_len}, n_inner={cfg.ffn(0)}" if architecture == "gpt2" else ""
+    hf_load = f"model = AutoModelForCausalLM.from_pretrained(\"DIR\", gguf_file=\"model.gguf\"{hf_options})\n"
+    if cfg.rope_scaling is not None:
+        # llama.cpp reads the scaling from the file; transformers' GGUF reader drops it and would run unscaled
+        notes += (f"\n- rope scaling `{cfg.rope_scaling['rope_type']}`: llama.cpp reads it from the file; "
+                  "transformers' GGUF reader drops it, so set it back on the config (below)")
+        hf_load = ("config = AutoConfig.from_pretrained(\"DIR\", gguf_file=\"model.gguf\")\n"
+                   f"config.rope_parameters = {{**config.rope_parameters, **{cfg.rope_scaling!r}}}\n"
+                   "model = AutoModelForCausalLM.from_pretrained(\"DIR\", gguf_file=\"model.gguf\", config=config)\n")
     return (f"# lmkit {record.kind} language model (GGUF, llama.cpp)\n\n"
             f"- file: model.gguf, {size:,} bytes, {type}\n- llama.cpp architecture: `{architecture}`\n"
             f"- shape: {shape}\n- tokenizer: {record.tokenizer}, as byte-level BPE ({len(vocab.tokens)} tokens, "
@@ -284,6 +417,6 @@ def model_card(model: InferenceModel, architecture: str, type: str, size: int, v
             "The lmkit record (config.json's content) is in the file's metadata as `lmkit.record`.\n\n"
             "## Use\n\n```python\nfrom llama_cpp import Llama\n\nllm = Llama(\"model.gguf\")\n"
             "print(llm(\"ROMEO:\", max_tokens=200, temperature=0.8, top_k=50)[\"choices\"][0][\"text\"])\n```\n\n"
-            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"model = AutoModelForCausalLM.from_pretrained(\"DIR\", gguf_file=\"model.gguf\"{hf_options})\n"
+            "```python\nfrom transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer\n\n"
+            f"{hf_load}"
             "tokenizer = AutoTokenizer.from_pretrained(\"DIR\", gguf_file=\"model.gguf\")\n```\n")

@@ -1,0 +1,258 @@
+"""GGUF export of the Llama family (llama.cpp's `llama` and `qwen2`), checked by readers other than lmkit.
+
+Tiny random-weight `LlamaForCausalLM` / `Qwen2ForCausalLM` models (tests/test_hf_llama.py's `hf_model`) are
+imported with lmkit, exported, and read back by transformers' GGUF loader, which un-permutes llama's q/k rows as
+llama.cpp's converter permuted them. That loader drops rope scaling, so scaled models are compared with the
+scaling restored on its config, and the `rope_freqs` tensor is checked apart against llama.cpp's own formula and
+against a numpy rope that rotates adjacent pairs, as ggml's "normal" rope does. llama-cpp-python, where installed,
+checks greedy tokens.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmkit.deploy.gguf import export_gguf
+from lmkit.errors import LmkitError
+from lmkit.hf import import_hf
+from lmkit.inference import InferenceModel
+from tests.test_gguf import TEXT, bpe, tiny_lm  # noqa: F401 (bpe is a fixture)
+from tests.test_hf_llama import LLAMA3, hf_model
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+CASES = {  # family, LlamaConfig / Qwen2Config options (over test_hf_llama's SHAPE: 2 layers x 32, 4 heads, 2 kv heads)
+    "llama_gqa_tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama_untied": ("llama", dict(tie_word_embeddings=False, num_key_value_heads=4)),
+    "llama_head_dim_mqa": ("llama", dict(head_dim=16, num_key_value_heads=1)),
+    "qwen2_qkv_bias": ("qwen2", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    "llama3_scaling": ("llama", dict(rope_parameters={"rope_theta": 500000.0, **LLAMA3})),
+    "linear_scaling": ("llama", dict(rope_parameters={"rope_theta": 10000.0, "rope_type": "linear", "factor": 4.0})),
+}
+
+
+def imported(path, tokenizer, family: str, **options) -> InferenceModel:
+    """An HF model saved with a byte-level BPE tokenizer.json, then imported by lmkit."""
+    hf_model(path, family, vocab_size=tokenizer.vocab_size, **options)
+    (path / "tokenizer.json").write_text(tokenizer.to_json(), encoding="utf-8")
+    return import_hf(path)
+
+
+def read_back(out, rope_parameters: dict | None = None):
+    """transformers' model from out/model.gguf; `rope_parameters`: the scaling its reader drops, restored."""
+    config = transformers.AutoConfig.from_pretrained(out, gguf_file="model.gguf")
+    if rope_parameters is not None:
+        config.rope_parameters = {**config.rope_parameters, **rope_parameters}
+    return transformers.AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", config=config).eval()
+
+
+def compare(model: InferenceModel, back) -> tuple[float, float, float]:
+    """(largest absolute, norm-relative difference, top-1 agreement) of `back`'s logits against lmkit's, on the
+    text's tokens and on a batch of random ids."""
+    ids = torch.tensor([model.tokenizer.encode(TEXT)[:64]])
+    noise = torch.randint(0, model.record.backbone.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    ours, theirs = [], []
+    with torch.no_grad():
+        for batch in (ids, noise):
+            ours.append(model(batch).flatten(0, 1))
+            theirs.append(back(batch).logits.flatten(0, 1))
+    ours, theirs = torch.cat(ours), torch.cat(theirs)
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
+    return (ours - theirs).abs().max().item(), ((ours - theirs).norm() / ours.norm()).item(), top1
+
+
+def fields(path) -> dict:
+    reader = gguf.GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+
+
+def tensor(path, name: str) -> np.ndarray:
+    return next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == name).data
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_f32_logits_match_transformers_gguf_loader(case, bpe, tmp_path):
+    family, options = CASES[case]
+    model = imported(tmp_path / "hf", bpe, family, **options)
+    exported = export_gguf(model, tmp_path / "gguf")
+    architecture = "qwen2" if family == "qwen2" else "llama"
+    assert exported.architecture == architecture and not exported.warnings
+    path = tmp_path / "gguf" / "model.gguf"
+    meta = fields(path)
+    cfg = model.record.backbone
+    assert meta["general.architecture"] == architecture
+    assert meta[f"{architecture}.attention.head_count_kv"] == cfg.n_head // cfg.kv_group
+    assert meta[f"{architecture}.rope.dimension_count"] == cfg.head_size
+    assert meta[f"{architecture}.rope.freq_base"] == cfg.rope_base
+    assert meta[f"{architecture}.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.layer_norm_eps)
+    scaling = cfg.rope_scaling
+    back = read_back(tmp_path / "gguf", scaling)
+    assert type(back).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[architecture]
+    largest, _, _ = compare(model, back)
+    assert largest < 1e-4, largest
+    if scaling is not None:  # the reader's loss is real: without the scaling restored, the logits differ
+        assert compare(model, read_back(tmp_path / "gguf"))[0] > 1e-3
+    card = (tmp_path / "gguf" / "README.md").read_text()  # its transformers snippet, run as a user would
+    scope = {}
+    exec(card.split("```python\n")[2].split("```")[0].replace("DIR", str(tmp_path / "gguf")), scope)
+    assert compare(model, scope["model"].eval())[0] < 1e-4
+    if case == "linear_scaling":
+        assert meta["llama.rope.scaling.type"] == "linear" and meta["llama.rope.scaling.factor"] == 4.0
+    if case == "qwen2_qkv_bias":
+        assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= {
+            t.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_llama3_rope_freqs_are_llama_cpp_converter_factors(bpe, tmp_path):
+    """The factors as convert_hf_to_gguf.py's LlamaModel computes them from the HF config (reimplemented here)."""
+    model = imported(tmp_path / "hf", bpe, "llama", rope_parameters={"rope_theta": 500000.0, **LLAMA3})
+    export_gguf(model, tmp_path / "gguf")
+    cfg = model.record.backbone
+    base, dim = cfg.rope_base, cfg.head_size
+    expected = []
+    for freq in 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim)):
+        wavelen = 2 * math.pi / freq
+        old, low, high, factor = (LLAMA3[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                                      "high_freq_factor", "factor"))
+        if wavelen < old / high:
+            expected.append(1.0)
+        elif wavelen > old / low:
+            expected.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            expected.append(1 / ((1 - smooth) / factor + smooth))
+    got = tensor(tmp_path / "gguf" / "model.gguf", "rope_freqs.weight")
+    assert got.dtype == np.float32 and got.shape == (dim // 2,)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert len(set(np.round(got, 4))) == 2  # this shape exercises both the scaled band and the smoothed one
+
+
+def ggml_normal_rope(x: np.ndarray, pos: int, base: float, factors: np.ndarray) -> np.ndarray:
+    """ggml's rope for llama (GGML_ROPE_TYPE_NORMAL): adjacent pairs (2i, 2i+1) rotated by pos * base^(-2i/d) / f_i."""
+    d = x.shape[-1]
+    theta = pos * base ** (-np.arange(0, d, 2) / d) / factors
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = x0 * np.cos(theta) - x1 * np.sin(theta), x0 * np.sin(theta) + x1 * np.cos(theta)
+    return out
+
+
+def test_llama_q_k_rows_score_as_lmkit_under_ggml_rope(bpe, tmp_path):
+    """Attention scores from the file's q/k under ggml's adjacent-pair rope equal lmkit's rotate-half scores:
+    the permutation and the rope_freqs factors mean to llama.cpp what lmkit computes (no transformers involved)."""
+    model = imported(tmp_path / "hf", bpe, "llama", rope_parameters={"rope_theta": 500000.0, **LLAMA3})
+    export_gguf(model, tmp_path / "gguf")
+    path, cfg = tmp_path / "gguf" / "model.gguf", model.record.backbone
+    hd, n_kv = cfg.head_size, cfg.n_head // cfg.kv_group
+    x = np.random.default_rng(0).standard_normal(cfg.n_embd).astype(np.float32)
+    q_file, k_file = (tensor(path, f"blk.1.attn_{p}.weight") @ x for p in ("q", "k"))
+    factors = tensor(path, "rope_freqs.weight")
+    attn = model.backbone.transformer.h[1].attn
+    q, k, _ = (attn.c_attn.weight.detach() @ torch.from_numpy(x)).split([cfg.n_head * hd, n_kv * hd, n_kv * hd])
+    cos, sin = model.backbone.rope_cos, model.backbone.rope_sin
+    from lmkit.backbones.transformer import apply_rope
+
+    for pq, pk in ((5, 2), (40, 13)):
+        ours = (apply_rope(q.view(cfg.n_head, hd), cos[pq], sin[pq])
+                @ apply_rope(k.view(n_kv, hd), cos[pk], sin[pk]).T).numpy()
+        theirs = (ggml_normal_rope(q_file.reshape(cfg.n_head, hd), pq, cfg.rope_base, factors)
+                  @ ggml_normal_rope(k_file.reshape(n_kv, hd), pk, cfg.rope_base, factors).T)
+        np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_types_load_and_agree(bpe, tmp_path):
+    model = imported(tmp_path / "hf", bpe, "llama", intermediate_size=64)  # q8_0/q4_0 rows come in blocks of 32
+    sizes, results = {}, {}
+    for type in ("f32", "q8_0", "q4_0"):
+        export_gguf(model, tmp_path / type, type=type)
+        sizes[type] = (tmp_path / type / "model.gguf").stat().st_size
+        results[type] = compare(model, read_back(tmp_path / type))
+    assert sizes["q4_0"] < sizes["q8_0"] < sizes["f32"]
+    # SHAPE's weights (std 0.2) are far larger than a trained model's, so quantization moves the logits a lot:
+    # measured 2.0% (q8_0) and 24% (q4_0) norm-relative, top-1 agreement 96% and 63%
+    assert results["f32"][0] < 1e-4
+    assert results["q8_0"][1] < 0.04 and results["q8_0"][2] > 0.9, results
+    assert results["q8_0"][1] < results["q4_0"][1] < 0.4 and results["q4_0"][2] > 0.5, results
+
+
+def test_tokenizer_reads_back_for_llama(bpe, tmp_path):
+    export_gguf(imported(tmp_path / "hf", bpe, "llama"), tmp_path / "gguf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf")
+    assert tokenizer(TEXT, add_special_tokens=False)["input_ids"] == bpe.encode(TEXT)
+    assert fields(tmp_path / "gguf" / "model.gguf")["general.architecture"] == "llama"
+    assert gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf")).fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+
+
+def _scaling_llama_cpp_lacks(tok):
+    model = tiny_lm(tok, norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
+    # TransformerConfig admits linear and llama3 only; a future type must still be refused, not mislabelled
+    model.record.backbone.rope_scaling = {"rope_type": "yarn", "factor": 4.0}
+    return model
+
+
+LLAMA_BLOCK = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
+REFUSED = {
+    "layernorm_swiglu": (lambda tok: tiny_lm(tok, mlp="swiglu", position="rope"),
+                         "model.norm='layernorm' with model.mlp='swiglu'"),
+    "rmsnorm_gelu": (lambda tok: tiny_lm(tok, norm="rmsnorm", position="rope"),
+                     "model.norm='rmsnorm' with model.mlp='gelu'"),
+    "mlp_biases": (lambda tok: tiny_lm(tok, norm="rmsnorm", mlp="swiglu", position="rope", bias=True),
+                   "model.bias=True puts biases on the attention output and the MLP"),
+    "learned_positions": (lambda tok: tiny_lm(tok, **{**LLAMA_BLOCK, "position": "learned"}),
+                          "model.position='learned'"),
+    "gqa_on_gpt2_block": (lambda tok: tiny_lm(tok, n_head=4, n_kv_head=2, position="rope"), "model.n_kv_head=2"),
+    "qwen2_llama3": (lambda tok: tiny_lm(tok, **LLAMA_BLOCK, qkv_bias=True, rope_base=5e5,
+                                         rope_scaling={"rope_type": "llama3", **{k: v for k, v in LLAMA3.items()
+                                                                                 if k != "rope_type"}}),
+                     "rope_type='llama3' with model.qkv_bias=True"),
+    "qwen2_head_dim": (lambda tok: tiny_lm(tok, **LLAMA_BLOCK, qkv_bias=True, head_dim=8),
+                       "model.head_dim=8 with model.qkv_bias=True"),
+    "rope_scaling_type": (_scaling_llama_cpp_lacks, "model.rope_scaling.rope_type='yarn'"),
+    "pruned_heads": (lambda tok: tiny_lm(tok, **LLAMA_BLOCK, n_head=4, n_kv_head=2, layer_heads=[4, 2]),
+                     "n_head heads in every layer"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_what_llama_cpp_cannot_say_is_one_line_and_nothing_written(case, bpe, tmp_path):
+    make, fragment = REFUSED[case]
+    with pytest.raises(LmkitError) as error:
+        export_gguf(make(bpe), tmp_path / "gguf")
+    assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", ["llama_gqa_tied", "qwen2_qkv_bias"])
+def test_llama_cpp_generates_lmkit_greedy_tokens(case, bpe, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")  # pip install 'lmkit[llama]' (compiles llama.cpp)
+    family, options = CASES[case]
+    model = imported(tmp_path / "hf", bpe, family, **options)
+    export_gguf(model, tmp_path / "gguf")
+    llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=64, verbose=False)
+    prompt = bpe.encode("ROMEO:\nBut, soft!")
+    ours, ids = [], list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ours.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(ours[-1])
+    theirs = []
+    llm.eval(prompt)
+    for _ in range(12):
+        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([theirs[-1]])
+    assert theirs == ours
+
+
+def test_every_mapped_name_is_one_gguf_py_lists_for_its_architecture():
+    from lmkit.deploy.gguf import ARCHITECTURES
+
+    for name, arch in ARCHITECTURES.items():
+        known = {gguf.TENSOR_NAMES[t].format(bid="N") for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[name.upper()]]}
+        for theirs in arch.tensors.values():
+            base = theirs.rsplit(".", 1)[0]
+            split = [f"blk.N.attn_{p}" for p in "qkv"] if arch.split_qkv and base == "blk.N.attn_qkv" else [base]
+            assert set(split) <= known, (name, theirs)
+        assert arch.name != "llama" or "rope_freqs" in known
