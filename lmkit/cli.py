@@ -286,6 +286,10 @@ def _import_hf(args: list[str]) -> None:
     model = import_hf(a.src)
     out = save(model, a.out, overwrite=a.overwrite)
     note = "" if model.has_tokenizer else " (no tokenizer found beside it: the model takes token ids only)"
+    if not model.has_tokenizer and (Path(a.src) / "tokenizer.model").is_file():
+        note = (" (its tokenizer.model is SentencePiece, which lmkit does not read: write tokenizer.json with "
+                "transformers' AutoTokenizer.from_pretrained(src).save_pretrained(src) and import again; until "
+                "then the model takes token ids only)")
     print(f"wrote {out}{note}")
 
 

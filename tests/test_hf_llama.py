@@ -171,3 +171,11 @@ def test_bad_input_from_the_cli_writes_nothing(tmp_path):
     result = lmkit_cmd("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'x'}", cwd=tmp_path)
     one_error_line(result, "rope_type='yarn'")
     assert result.returncode == 2 and not (tmp_path / "x").exists()
+
+
+def test_a_sentencepiece_only_tokenizer_is_named_with_the_way_out(tmp_path):
+    hf_model(tmp_path / "hf")
+    (tmp_path / "hf" / "tokenizer.model").write_bytes(b"\x0a\x00")  # TinyLlama's kind: SentencePiece, no tokenizer.json
+    result = lmkit_cmd("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'art'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tokenizer.model is SentencePiece" in result.stdout and "save_pretrained" in result.stdout
