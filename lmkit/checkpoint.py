@@ -41,3 +41,14 @@ def check_compatible(path: str | Path, checkpoint: dict[str, Any], record: Model
     if diff:
         shown = ", ".join(f"model.{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
         raise LmkitError(f"checkpoint {path} is for a different model: {shown}")
+
+
+def check_same_base(path: str | Path, checkpoint: dict[str, Any], lora_base: dict[str, str] | None) -> None:
+    """Refuse resuming a LoRA checkpoint as a full fine-tune (or the reverse), or onto another base model."""
+    saved = checkpoint.get("lmkit", {}).get("lora_base")
+    if (saved is None) != (lora_base is None):
+        raise LmkitError(f"checkpoint {path} is a {'LoRA' if saved else 'full'} fine-tune, this run finetune="
+                         f"{'lora' if lora_base else 'full'}: resume it with the finetune setting it was trained with")
+    if saved and saved["fingerprint"] != lora_base["fingerprint"]:
+        raise LmkitError(f"checkpoint {path} holds adapters for the base {saved['path']} (weights {saved['fingerprint']}),"
+                         f" not init_from={lora_base['path']} (weights {lora_base['fingerprint']})")

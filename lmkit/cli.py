@@ -142,6 +142,7 @@ def _export(args: list[str]) -> None:
     from lmkit.deploy.onnx_runtime import OnnxBackbone
     from lmkit.export import load, save
     from lmkit.hf import export_hf
+    from lmkit.lora import merged
 
     a, cfg = parse(ExportArgs, "export", args, groups=("paths", "compression"))
     if a.format not in ("lmkit", "hf", "gguf", "onnx"):
@@ -150,6 +151,7 @@ def _export(args: list[str]) -> None:
     model = load(a.model)
     if isinstance(model.backbone, OnnxBackbone):
         raise LmkitError(f"model={a.model} is an ONNX export: export from the lmkit model or checkpoint it came from")
+    model = merged(model)  # a LoRA checkpoint exports as the dense model it computes
     if a.format == "onnx":
         out = _export_onnx(model, groups["compression"] or {}, a, groups["paths"]["cache_dir"])
     elif groups["compression"]:

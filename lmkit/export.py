@@ -101,12 +101,18 @@ def _load_artifact(path: Path) -> InferenceModel:
 def _load_checkpoint(path: Path) -> InferenceModel:
     checkpoint = read_checkpoint(path)
     record = ModelRecord.from_checkpoint(checkpoint, path)
-    backbone = build_backbone(record.backbone)
-    state = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise LmkitError(f"{path}: weights do not fit the model settings ({first_line(e)})") from None
+    if checkpoint.get("lmkit", {}).get("lora_base"):  # adapters alone: their base comes from where it was
+        from lmkit.lora import adapted_backbone
+
+        backbone = adapted_backbone(checkpoint, path)
+    else:
+        backbone = build_backbone(record.backbone)
+        state = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()
+                 if k.startswith("backbone.")}
+        try:
+            backbone.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise LmkitError(f"{path}: weights do not fit the model settings ({first_line(e)})") from None
     tok_json = checkpoint.get("lmkit", {}).get("tokenizer")
     return InferenceModel(backbone, tokenizer_from_json(tok_json) if tok_json else None, record)
 
@@ -116,6 +122,9 @@ def save(model: InferenceModel, out: str | Path, *, dtype: str | torch.dtype | N
     """Write `model` as an lmkit artifact at `out` (float32 unless `dtype` says otherwise).
 
     `files` are written beside the model in the same atomic step (report.json, report.png)."""
+    from lmkit.lora import merged
+
+    model = merged(model)  # a LoRA model is written as the dense model it computes
     dtype = parse_dtype(dtype) or torch.float32
     record = model.record.replace(dtype=dtype_name(dtype),
                                   tokenizer=model.tokenizer.kind if model.has_tokenizer else None)

@@ -48,7 +48,7 @@ class LitLanguageModel(L.LightningModule):
 
     def __init__(self, model: dict[str, Any], optim: dict[str, Any], vocab_size: int,
                  data: dict[str, Any] | None = None, compile: bool = False,
-                 tokens: dict[str, Any] | None = None) -> None:
+                 tokens: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None) -> None:
         """`data` records the corpus settings, so `lmkit eval` can find the model's own test split; `tokens`, an
         imported tokenizer's conventions (`lmkit.record.TOKENS`), travel on to the checkpoint and its exports;
         `compile` runs the backbone through torch.compile for training and evaluation (compiled in place when the
@@ -59,6 +59,10 @@ class LitLanguageModel(L.LightningModule):
         self.save_hyperparameters()  # plain values: a checkpoint loads with weights_only=True
         self.backbone = build_backbone(ModelRecord.from_settings(model, vocab_size).backbone)
         self.tokenizer: Tokenizer | None = None  # attached by train.run, restored from checkpoints
+        # finetune=lora (lmkit.lora): the base the adapters train on, {path, fingerprint}, set by train.run.
+        # Checkpoints then hold the adapters alone, and restoring one leaves the base as loaded.
+        self.lora_base: dict[str, str] | None = None
+        self.strict_loading = (finetune or {}).get("kind", "full") == "full"
         self.val_nll = MeanMetric()
         self.test_nll = MeanMetric()
 
@@ -158,6 +162,11 @@ class LitLanguageModel(L.LightningModule):
         # The tokenizer travels in the checkpoint, so the checkpoint alone rebuilds model and tokenizer.
         checkpoint["lmkit"] = {"tokenizer": self.tokenizer.to_json() if self.tokenizer else None,
                                "torch_rng": torch.get_rng_state()}
+        if self.lora_base is not None:
+            from lmkit.lora import adapter_state
+
+            checkpoint["state_dict"] = adapter_state(checkpoint["state_dict"])
+            checkpoint["lmkit"]["lora_base"] = self.lora_base
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("lmkit", {})

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lmkit.callbacks import CheckpointOnInterrupt, TextSampler, Throughput, use_atomic_checkpoints
-from lmkit.checkpoint import check_compatible, read_checkpoint
+from lmkit.checkpoint import check_compatible, check_same_base, read_checkpoint
 from lmkit.distributed import check_launch, ddp_children_run_this_job
 from lmkit.conf import CONF_DIR
 from lmkit.errors import LmkitError, exit_on_user_error
@@ -33,6 +33,7 @@ from lmkit.console import known_warnings, quiet_console
 from lmkit.files import atomic_write_text, check_writable
 from lmkit.inference import InferenceModel
 from lmkit.lightning_module import LitLanguageModel
+from lmkit.lora import LoRASettings, adapt, fingerprint, merged, parameter_counts, quantize_base
 from lmkit.parallel.checkpoint import is_sharded_checkpoint
 from lmkit.parallel.parallelize import gather
 from lmkit.parallel.strategy import ShardedStrategy
@@ -95,6 +96,33 @@ def _init_from(path: str | None):
     return model
 
 
+def lora_settings(finetune: dict[str, Any], init_from: str | None) -> LoRASettings | None:
+    """The `finetune` group's LoRA settings (None for a full fine-tune), refused without a base to adapt."""
+    kind = finetune.get("kind")
+    if kind not in ("full", "lora"):
+        raise LmkitError(f"finetune.kind={kind!r} is not one of full, lora")
+    if kind == "full":
+        return None
+    settings = LoRASettings.from_config(finetune)
+    if not init_from:
+        raise LmkitError("finetune=lora trains adapters on a pretrained model: give init_from=PATH (an lmkit model "
+                         "folder or checkpoint, e.g. one `lmkit import-hf` wrote)")
+    return settings
+
+
+def _attach_lora(module: LitLanguageModel, lora: LoRASettings, *, base: str) -> None:
+    """Freeze the loaded base (quantized first for QLoRA) and wrap its projections in trainable adapters."""
+    module.lora_base = {"path": str(Path(base).resolve()), "fingerprint": fingerprint(module.backbone)}
+    if lora.base is not None:
+        model = InferenceModel(module.backbone, module.tokenizer, module.record)
+        quantize_base(model, lora.base)
+        module.backbone = model.backbone
+    adapt(module.backbone, lora)
+    trainable, total = parameter_counts(module.backbone)
+    log.info("LoRA (r=%d on %s%s): %s of %s parameters train (%.2f%%)", lora.r, ",".join(lora.targets),
+             f", {lora.base} base" if lora.base else "", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+
+
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and evaluate as `cfg` says. Returns `(metrics, objects)`; writes metrics.json on rank zero."""
     started = time.perf_counter()
@@ -111,6 +139,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     model_cfg, tokenizer_spec = _container(cfg.model), _container(cfg.tokenizer)
     compile_model = bool(model_cfg.pop("compile", False))
     init = _init_from(cfg.get("init_from"))
+    finetune = _container(cfg.get("finetune")) or {"kind": "full"}
+    lora = lora_settings(finetune, init_from=cfg.get("init_from"))
     if init is not None:  # fine-tuning: the pretrained model brings its shape and its tokenizer
         model_cfg = init.record.model_settings
         tokenizer_spec = {"kind": "json", "json": init.tokenizer.to_json()}
@@ -120,7 +150,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     tokenizer = datamodule.tokenizer
     try:
         module = LitLanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
-                                  data=data_cfg, compile=compile_model, tokens=init.record.tokens if init else None)
+                                  data=data_cfg, compile=compile_model, tokens=init.record.tokens if init else None,
+                                  finetune=finetune)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise LmkitError(f"model: {e}") from None
     module.tokenizer = tokenizer
@@ -129,6 +160,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if init is not None:
         module.backbone.load_state_dict(init.backbone.state_dict())  # same config, so the same shapes
         log.info("Initialised from %s", cfg.init_from)
+    if lora is not None:
+        _attach_lora(module, lora, base=cfg.init_from)
     context = module.backbone.max_seq_len
     if context is not None and datamodule.seq_len > context:
         raise LmkitError(f"data.seq_len={datamodule.seq_len} exceeds the model's context model.max_seq_len={context}")
@@ -147,6 +180,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     sharded = isinstance(trainer.strategy, ShardedStrategy)
     if sharded:  # what cannot be split is refused here, once, before any process starts
         trainer.strategy.check(module.record.backbone, trainer.num_devices * trainer.num_nodes)
+        if lora is not None:
+            raise LmkitError("finetune=lora under trainer=fsdp is not supported yet: use trainer=ddp (the frozen base "
+                             "is replicated, and only the adapters' gradients are reduced)")
         if during_training:  # (their masks are computed over whole tensors, which no rank holds)
             name = next(iter(during_training))
             raise LmkitError(f"compression.{name} works during training, which trainer=fsdp does not support: "
@@ -157,7 +193,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if is_sharded_checkpoint(ckpt_path) and not sharded:
             raise LmkitError(f"resume={ckpt_path} is a sharded checkpoint folder: resume it with trainer=fsdp, or "
                              f"start from its weights with init_from={ckpt_path}")
-        check_compatible(ckpt_path, read_checkpoint(ckpt_path, weights=False), module.record, tokenizer.to_json())
+        saved = read_checkpoint(ckpt_path, weights=False)
+        check_compatible(ckpt_path, saved, module.record, tokenizer.to_json())
+        check_same_base(ckpt_path, saved, module.lora_base)
         log.info("Resuming from %s", ckpt_path)
     use_atomic_checkpoints(trainer)  # a full disk: one line, and the previous checkpoint stays whole
     interrupt = next((c for c in callbacks if isinstance(c, CheckpointOnInterrupt)), None)
@@ -209,7 +247,7 @@ def _compress(module: LitLanguageModel, backbone: torch.nn.Module, compression: 
     from lmkit.compress import compress_and_export, training_context
 
     record = module.record.replace(source={"run": str(output_dir.resolve()), "step": module.trainer.global_step})
-    model = InferenceModel(backbone, module.tokenizer, record)
+    model = merged(InferenceModel(backbone, module.tokenizer, record))  # (a LoRA run: compressed as its merge)
     out = output_dir / "model"
     # Lightning has moved the model to the CPU after fit: it is measured there (the report's CPU
     # figures), while recovery fine-tunes go back to the device the run trained on.
