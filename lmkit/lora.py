@@ -182,7 +182,7 @@ def _dense_weight(module: nn.Module) -> torch.Tensor:
     or what a quantized layer computes on the identity (its dequantized weight, with no bias)."""
     if isinstance(module, LoRALinear):
         return _dense_weight(module.base) + module.delta_weight()
-    if isinstance(module, nn.Linear):
+    if type(module) is nn.Linear:  # (not a subclass: bitsandbytes' Linear8bitLt is one, holding int8 codes)
         return module.weight.detach().float()
     eye = torch.eye(module.in_features)
     return (module(eye).float() - _bias(module)).t().contiguous()

@@ -48,12 +48,12 @@ def bases(trained, tmp_path_factory) -> dict[str, object]:  # noqa: F811
 IDS = torch.randint(0, 60, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("base", ["float", "int4"])
+@pytest.mark.parametrize("base", ["float", "int4", "int8"])
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 def test_an_adapted_model_starts_as_its_base_and_merges_into_the_dense_model_it_computes(bases, family, base):
     model = lmkit.load(bases[family])
-    if base == "int4":
-        quantize_base(model, "int4")
+    if base != "float":
+        quantize_base(model, base)
     with torch.no_grad():
         before = model(IDS)
         adapt(model.backbone, EVERY_TARGET)
@@ -67,7 +67,9 @@ def test_an_adapted_model_starts_as_its_base_and_merges_into_the_dense_model_it_
         adapted = model(IDS)
         assert (adapted - before).abs().max() > 0.1
         dense = merged(model)
-        torch.testing.assert_close(dense(IDS), adapted, atol=1e-5, rtol=1e-5)
+        # LLM.int8 also rounds the activations, which a dense merge (of its dequantized weights) no longer does
+        tolerance = 2e-2 if base == "int8" else 1e-5
+        torch.testing.assert_close(dense(IDS), adapted, atol=tolerance, rtol=tolerance)
     assert not any(isinstance(m, LoRALinear) for m in dense.backbone.modules())
     assert all(p.dtype == torch.float32 for p in dense.backbone.parameters())  # dequantized, not re-quantized
     # the head's adapter unties a tied head rather than move the embedding with it
