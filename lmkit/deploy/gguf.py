@@ -16,9 +16,20 @@
 Each architecture is one weight-name map (`ARCHITECTURES`), litgpt-style, plus three switches: whether
 the fused q/k/v rows are split, whether q/k are permuted, whether absent biases are written as zeros.
 
+The tokenizer is written as llama.cpp's byte-level BPE (`tokenizer.ggml.model=gpt2`) with the split llama.cpp names
+`tokenizer.ggml.pre`, recognised from the tokenizer's pre_tokenizer JSON (`PRE_TOKENIZERS`): GPT-2's ByteLevel (lmkit's
+own BPE, GPT-2) -> `gpt-2`, Llama 3's Split regex -> `llama-bpe`, Qwen2's -> `qwen2`, SmolLM2's single digits before
+ByteLevel -> `smollm`. Added tokens marked special are CONTROL, other added ones USER_DEFINED, embedding rows past the
+tokenizer `[PAD<id>]` UNUSED, as llama.cpp's converter writes them. An imported model's `record.tokens` gives the
+start token, the end token (the first of `eos_token_ids`; later ones llama.cpp would not know by their text as eot and
+eom) and the chat template; add_bos/add_eos say what the tokenizer's post-processor adds. A tokenizer lmkit trained
+states none of these: `<|endoftext|>`, where the vocabulary has one, is both start and end, as in GPT-2.
+
 What cannot be said exactly is refused with one line: per-layer head counts or MLP widths (structured
 pruning), quantized weights (int8 plugins: the GGUF types quantize instead), a character vocabulary
-(llama.cpp's byte-level BPE needs merges: use tokenizer=bpe), a model without a tokenizer, a block mixing
+(llama.cpp's byte-level BPE needs merges: use tokenizer=bpe), a model without a tokenizer, any other
+pre-tokenizer or a normalizer (Qwen2's NFC aside, with a warning: llama.cpp does not normalize), BPE options llama.cpp
+lacks, a post-processor adding tokens other than the start and end tokens, a block mixing
 GPT-2's and Llama's parts (layernorm with swiglu, rmsnorm with gelu), Llama-family settings on GPT-2's block
 (grouped-query attention, head_dim, qkv_bias, rope scaling), and in Llama's block biases beyond q/k/v
 (llama.cpp's llama loads them, but no reader here can check that file), learned or sinusoidal positions,
