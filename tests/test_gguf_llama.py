@@ -273,7 +273,8 @@ def test_special_tokens_and_chat_template_read_back_as_the_original(adds_bos, tm
     _, tok = chat_model_folder(tmp_path / "hf")
     if adds_bos:  # a post-processor that starts every text with <s>, as Llama 3's starts it with <|begin_of_text|>
         hub = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
-        hub.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", hub.token_to_id("<s>"))])
+        hub.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", hub.token_to_id("<s>"))])
         hub.save(str(tmp_path / "hf" / "tokenizer.json"))
     model = import_hf(tmp_path / "hf")
     export_gguf(model, tmp_path / "gguf")
@@ -334,8 +335,8 @@ LLAMA_CPP_REGEXES = {
               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
     "smollm": [r"\p{N}", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"],
 }
-SPLIT_TEXT = ("Hello, WORLD! It's 2024: 12345 apples cost $3.14159 each.\n\n  naïve café — Straße, Ελλάδα, 東京\t"
-              "DON'T stop   now\r\n x=y+1; ok?? 7 8 99\n")
+SPLIT_TEXT = ("Hello, WORLD! It's 2024: 12345 apples cost $3.14159 each.\n\n  naïve café — Straße, Ελλάδα, "
+              "東京\tDON'T stop   now\r\n x=y+1; ok?? 7 8 99\n")
 
 
 def hub_pre_tokenizer(name: str):
@@ -404,6 +405,7 @@ def test_hub_pre_tokenizers_export_under_llama_cpp_names(name, tmp_path):
     (lambda: _with_pre_tokenizer("Split"), r"this tokenizer splits with Split(\p{L}+, Isolated) + ByteLevel(use_regex"),
     (lambda: _with_pre_tokenizer("prefix"), "this tokenizer splits with ByteLevel(add_prefix_space=True)"),
     (lambda: _with_pre_tokenizer("NFKC"), "this tokenizer has a NFKC normalizer"),
+    (lambda: _with_pre_tokenizer("post"), "post-processor puts ids [65] after every text"),
 ])
 def test_tokenizers_llama_cpp_cannot_split_are_one_line(make, fragment, tmp_path):
     with pytest.raises(LmkitError) as error:
@@ -413,14 +415,17 @@ def test_tokenizers_llama_cpp_cannot_split_are_one_line(make, fragment, tmp_path
 
 
 def _with_pre_tokenizer(kind: str):
-    from tokenizers import Regex, normalizers, pre_tokenizers as pt
+    from tokenizers import Regex, normalizers, pre_tokenizers as pt, processors
 
     tok = hub_tokenizer("smollm")
     if kind == "NFKC":
         tok.tokenizer.normalizer = normalizers.NFKC()
+    elif kind == "post":  # ends every text with "b", which is no end token of this model (it states none)
+        tok.tokenizer.post_processor = processors.TemplateProcessing(single="$A b", special_tokens=[("b", 65)])
     else:
         tok.tokenizer.pre_tokenizer = {
             "Metaspace": pt.Metaspace(),
-            "Split": pt.Sequence([pt.Split(Regex(r"\p{L}+"), behavior="isolated"), pt.ByteLevel(add_prefix_space=False, use_regex=False)]),
+            "Split": pt.Sequence([pt.Split(Regex(r"\p{L}+"), behavior="isolated"),
+                                  pt.ByteLevel(add_prefix_space=False, use_regex=False)]),
             "prefix": pt.ByteLevel(add_prefix_space=True)}[kind]
     return tok

@@ -347,7 +347,8 @@ def _token_list(spec: dict[str, Any], vocab_size: int) -> tuple[list[str], list[
 
 
 def _framing(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The ids a `tokenizers.Tokenizer`'s post-processor puts before and after every text (lmkit's encode keeps them)."""
+    """The ids a `tokenizers.Tokenizer`'s post-processor puts before and after every text (lmkit's encode adds
+    them)."""
     bare = tokenizer.encode("a", add_special_tokens=False).ids
     full = tokenizer.encode("a").ids
     at = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
