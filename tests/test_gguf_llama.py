@@ -256,3 +256,176 @@ def test_every_mapped_name_is_one_gguf_py_lists_for_its_architecture():
             split = [f"blk.N.attn_{p}" for p in "qkv"] if arch.split_qkv and base == "blk.N.attn_qkv" else [base]
             assert set(split) <= known, (name, theirs)
         assert arch.name != "llama" or "rope_freqs" in known
+
+
+# --- the tokenizer's special tokens and chat template (record.tokens) -----------------------------------------------
+
+def read_field(path, key: str):
+    return gguf.GGUFReader(str(path)).fields[key].contents()
+
+
+@pytest.mark.parametrize("adds_bos", [False, True])
+def test_special_tokens_and_chat_template_read_back_as_the_original(adds_bos, tmp_path):
+    from tokenizers import Tokenizer, processors
+
+    from tests.test_hf_tokens import MESSAGES, PROMPT, TEMPLATE, chat_model_folder
+
+    _, tok = chat_model_folder(tmp_path / "hf")
+    if adds_bos:  # a post-processor that starts every text with <s>, as Llama 3's starts it with <|begin_of_text|>
+        hub = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+        hub.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", hub.token_to_id("<s>"))])
+        hub.save(str(tmp_path / "hf" / "tokenizer.json"))
+    model = import_hf(tmp_path / "hf")
+    export_gguf(model, tmp_path / "gguf")
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf")
+    assert (back.bos_token, back.eos_token) == (reference.bos_token, reference.eos_token) == ("<s>", "<|im_end|>")
+    assert back.chat_template == reference.chat_template == TEMPLATE
+    rendered = reference.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert back.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False) == rendered
+    # the chat's special tokens stay whole (CONTROL), and a plain text starts with <s> exactly when lmkit's does
+    assert back(rendered, add_special_tokens=False)["input_ids"] == reference(rendered, add_special_tokens=False)[
+        "input_ids"]
+    assert back(PROMPT)["input_ids"] == model.tokenizer.encode(PROMPT) == reference(PROMPT)["input_ids"]
+    assert (model.tokenizer.encode(PROMPT)[0] == tok.tokenizer.token_to_id("<s>")) == adds_bos
+
+    path = tmp_path / "gguf" / "model.gguf"
+    ids = {name: tok.tokenizer.token_to_id(name) for name in ("<s>", "<|im_start|>", "<|im_end|>")}
+    assert read_field(path, "tokenizer.ggml.bos_token_id") == ids["<s>"]
+    assert read_field(path, "tokenizer.ggml.eos_token_id") == ids["<|im_end|>"]
+    assert read_field(path, "tokenizer.ggml.add_bos_token") is adds_bos
+    assert read_field(path, "tokenizer.chat_template") == TEMPLATE
+    assert "tokenizer.ggml.eot_token_id" not in gguf.GGUFReader(str(path)).fields
+    types = read_field(path, "tokenizer.ggml.token_type")
+    assert [types[i] for i in ids.values()] == [3, 3, 3]  # CONTROL, as llama.cpp's converter marks special tokens
+    tokens = read_field(path, "tokenizer.ggml.tokens")  # the embedding's rows past the tokenizer: [PAD<id>], UNUSED
+    assert len(tokens) == model.record.backbone.vocab_size > tok.vocab_size
+    assert tokens[-1] == f"[PAD{len(tokens) - 1}]" and types[-1] == 5
+    card = (tmp_path / "gguf" / "README.md").read_text()
+    assert "- end of text: `<|im_end|>`" in card and "- chat template: the model's own" in card
+
+
+def test_end_tokens_llama_cpp_cannot_name_by_text_become_eot_and_eom(tmp_path):
+    from tests.test_hf_tokens import chat_model_folder
+
+    _, tok = chat_model_folder(tmp_path / "hf")
+    model = import_hf(tmp_path / "hf")
+    im_end = tok.tokenizer.token_to_id("<|im_end|>")
+    model.record.tokens["eos_token_ids"] = [40, im_end, 41, 42, 43]  # <|im_end|>: llama.cpp stops there by its text
+    export_gguf(model, tmp_path / "gguf")
+    path = tmp_path / "gguf" / "model.gguf"
+    written = [read_field(path, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    assert written == [40, 41, 42]
+    assert "other end tokens [43]" in (tmp_path / "gguf" / "README.md").read_text()
+
+
+# --- hub pre-tokenizers ---------------------------------------------------------------------------------------------
+
+# The hub's tokenizer.json splits (Llama 3, Qwen2.5), as llama.cpp's src/llama-vocab.cpp quotes them
+LLAMA3_HUB = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_HUB = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# ...and the regexes llama.cpp runs for each name, one after the other (src/llama-vocab.cpp, llm_tokenizer_bpe)
+LLAMA_CPP_REGEXES = {
+    "llama-bpe": [r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "qwen2": [r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
+    "smollm": [r"\p{N}", r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"],
+}
+SPLIT_TEXT = ("Hello, WORLD! It's 2024: 12345 apples cost $3.14159 each.\n\n  naïve café — Straße, Ελλάδα, "
+              "東京\tDON'T stop   now\r\n x=y+1; ok?? 7 8 99\n")
+
+
+def hub_pre_tokenizer(name: str):
+    """(pre_tokenizer, normalizer, BPE options) of the family llama.cpp calls `name`, as its tokenizer.json has them."""
+    from tokenizers import Regex, normalizers, pre_tokenizers as pt
+
+    if name == "smollm":  # SmolLM2: digits one by one, then GPT-2's byte-level split
+        return pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]), None, {}
+    split = pt.Split(Regex(LLAMA3_HUB if name == "llama-bpe" else QWEN2_HUB), behavior="isolated")
+    sequence = pt.Sequence([split, pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if name == "llama-bpe":
+        return sequence, None, dict(ignore_merges=True)
+    return sequence, normalizers.NFC(), {}  # Qwen2.5 NFC-normalizes
+
+
+def hub_tokenizer(name: str, **bpe_options):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from lmkit.data.tokenizer import BPETokenizer
+
+    pre, normalizer, options = hub_pre_tokenizer(name)
+    tok = Tokenizer(models.BPE(**{**options, **bpe_options}))
+    tok.pre_tokenizer, tok.decoder = pre, decoders.ByteLevel()
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False,  # ~430: every merge the texts allow
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT * 3, SPLIT_TEXT * 3], trainer=trainer)
+    return BPETokenizer(tok)
+
+
+def transformers_gguf_splits() -> dict:
+    """The tokenizer.ggml.pre names transformers' GGUF tokenizer loader rebuilds a split for (others: GPT-2's)."""
+    from transformers.integrations.gguf import gguf_tokenizer_mapping
+
+    return getattr(gguf_tokenizer_mapping, "GGUF_PRE_TOKENIZER_SPLITS", {})
+
+
+@pytest.mark.parametrize("name", ["llama-bpe", "qwen2", "smollm"])
+def test_hub_pre_tokenizers_export_under_llama_cpp_names(name, tmp_path):
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    tok = hub_tokenizer(name)
+    model = imported(tmp_path / "hf", tok, "llama")
+    exported = export_gguf(model, tmp_path / "gguf")
+    assert read_field(tmp_path / "gguf" / "model.gguf", "tokenizer.ggml.pre") == name
+    assert (name == "qwen2") == any("NFC" in w for w in exported.warnings)
+    # llama.cpp's own regexes for the name split the text where the hub's pre-tokenizer does
+    llama_cpp = pt.Sequence([pt.Split(Regex(r), behavior="isolated") for r in LLAMA_CPP_REGEXES[name]]
+                            + [pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hub = tok.tokenizer.pre_tokenizer
+    assert [p for p, _ in llama_cpp.pre_tokenize_str(SPLIT_TEXT)] == [p for p, _ in hub.pre_tokenize_str(SPLIT_TEXT)]
+    if name not in transformers_gguf_splits():
+        pytest.skip(f"transformers' GGUF tokenizer loader has no split for tokenizer.ggml.pre={name!r}")
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf")
+    for text in (SPLIT_TEXT, TEXT):
+        ids = tok.encode(text)
+        assert back(text, add_special_tokens=False)["input_ids"] == ids
+        assert back.decode(ids) == text
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda: hub_tokenizer("llama-bpe", ignore_merges=False), "ignore_merges=False, but llama.cpp's llama-bpe"),
+    (lambda: hub_tokenizer("qwen2", ignore_merges=True), "ignore_merges=True, but llama.cpp's qwen2"),
+    (lambda: _with_pre_tokenizer("Metaspace"), "this tokenizer splits with Metaspace"),
+    (lambda: _with_pre_tokenizer("Split"), r"this tokenizer splits with Split(\p{L}+, Isolated) + ByteLevel(use_regex"),
+    (lambda: _with_pre_tokenizer("prefix"), "this tokenizer splits with ByteLevel(add_prefix_space=True)"),
+    (lambda: _with_pre_tokenizer("NFKC"), "this tokenizer has a NFKC normalizer"),
+    (lambda: _with_pre_tokenizer("post"), "post-processor puts ids [65] after every text"),
+])
+def test_tokenizers_llama_cpp_cannot_split_are_one_line(make, fragment, tmp_path):
+    with pytest.raises(LmkitError) as error:
+        export_gguf(tiny_lm(make(), **LLAMA_BLOCK), tmp_path / "gguf")
+    assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert not list(tmp_path.iterdir())
+
+
+def _with_pre_tokenizer(kind: str):
+    from tokenizers import Regex, normalizers, pre_tokenizers as pt, processors
+
+    tok = hub_tokenizer("smollm")
+    if kind == "NFKC":
+        tok.tokenizer.normalizer = normalizers.NFKC()
+    elif kind == "post":  # ends every text with "b", which is no end token of this model (it states none)
+        tok.tokenizer.post_processor = processors.TemplateProcessing(single="$A b", special_tokens=[("b", 65)])
+    else:
+        tok.tokenizer.pre_tokenizer = {
+            "Metaspace": pt.Metaspace(),
+            "Split": pt.Sequence([pt.Split(Regex(r"\p{L}+"), behavior="isolated"),
+                                  pt.ByteLevel(add_prefix_space=False, use_regex=False)]),
+            "prefix": pt.ByteLevel(add_prefix_space=True)}[kind]
+    return tok
