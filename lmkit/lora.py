@@ -53,6 +53,8 @@ class LoRASettings:
         settings = cls(**{**options, "targets": tuple(options.get("targets", cls.targets))})
         if not isinstance(settings.r, int) or settings.r < 1:
             raise LmkitError(f"finetune.r={settings.r!r} must be an integer of at least 1")
+        if isinstance(settings.alpha, bool) or not isinstance(settings.alpha, (int, float)) or settings.alpha <= 0:
+            raise LmkitError(f"finetune.alpha={settings.alpha!r} must be a positive number")
         if not 0 <= settings.dropout < 1:
             raise LmkitError(f"finetune.dropout={settings.dropout!r} must be in [0, 1)")
         bad = [t for t in settings.targets if t not in TARGETS]
