@@ -3,7 +3,7 @@
 Each command's keys and defaults are in conf/<command>.yaml (train: conf/train.yaml).
 
     lmkit train     [overrides]                       same as python train.py
-    lmkit export    model=PATH out=DIR [format=lmkit|hf|gguf|onnx] [dtype=fp32|bf16|fp16] [overwrite=true]
+    lmkit export    model=PATH out=DIR [format=lmkit|hf|gguf|onnx|peft] [dtype=fp32|bf16|fp16] [overwrite=true]
                     [gguf.type=f32|f16|q8_0|q4_0]
                     [compression=[prune,int8] compression.prune.amount=0.7 eval_windows=N gen_tokens=100
                     paths.cache_dir=DIR]
@@ -145,12 +145,15 @@ def _export(args: list[str]) -> None:
     from lmkit.lora import merged
 
     a, cfg = parse(ExportArgs, "export", args, groups=("paths", "compression"))
-    if a.format not in ("lmkit", "hf", "gguf", "onnx"):
-        raise LmkitError(f"format={a.format!r} is not one of lmkit, hf, gguf, onnx")
+    if a.format not in ("lmkit", "hf", "gguf", "onnx", "peft"):
+        raise LmkitError(f"format={a.format!r} is not one of lmkit, hf, gguf, onnx, peft")
     groups = _groups(cfg, "paths", "compression")
     model = load(a.model)
     if isinstance(model.backbone, OnnxBackbone):
         raise LmkitError(f"model={a.model} is an ONNX export: export from the lmkit model or checkpoint it came from")
+    if a.format == "peft":  # the adapters alone, so before the merge
+        print(f"wrote {_export_peft(model, a, groups['compression'])}")
+        return
     model = merged(model)  # a LoRA checkpoint exports as the dense model it computes
     if a.format == "onnx":
         out = _export_onnx(model, groups["compression"] or {}, a, groups["paths"]["cache_dir"])
@@ -176,6 +179,16 @@ def _export(args: list[str]) -> None:
     else:
         out = export_hf(model, a.out, overwrite=a.overwrite)
     print(f"wrote {out}")
+
+
+def _export_peft(model: Any, a: ExportArgs, compression: Any) -> Path:
+    from lmkit.lora import is_adapted
+    from lmkit.peft_format import export_peft, hf_source_of_base
+
+    if compression or a.dtype != "fp32":
+        raise LmkitError("format=peft writes the adapters in float32 as trained (drop compression/dtype)")
+    base = hf_source_of_base(a.model) if is_adapted(model.backbone) else None  # (only checkpoints hold adapters)
+    return export_peft(model, a.out, base_model=base, overwrite=a.overwrite)
 
 
 def _export_onnx(model: Any, spec: dict[str, Any], a: ExportArgs, cache_dir: str) -> str:

@@ -98,18 +98,18 @@ def _import_hf(src: Path) -> InferenceModel:
     return InferenceModel(model.eval(), tokenizer, record)
 
 
-def export_hf(model: InferenceModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a GPT-2-shaped lmkit model where `transformers.GPT2LMHeadModel.from_pretrained` loads it."""
-    backbone = model.backbone
-    cfg = getattr(backbone, "config", None)
+def hf_model_type(model: InferenceModel) -> str:
+    """The Hugging Face model_type `format=hf` writes `model` as (gpt2, llama, qwen2); what it cannot write is one
+    LmkitError line. format=peft asks too: its adapters are for that export."""
+    cfg = getattr(model.backbone, "config", None)
     if model.record.compressed:
         raise LmkitError("format=hf writes dense weights; this model is compressed (export it as format=lmkit)")
     if not isinstance(cfg, TransformerConfig):
         raise LmkitError(f"format=hf writes GPT-2 models; this model is a {model.record.kind}")
-    from lmkit.hf_llama import export_llama, is_llama_shaped
+    from lmkit.hf_llama import is_llama_shaped, llama_model_type
 
     if is_llama_shaped(cfg):
-        return export_llama(model, Path(out), overwrite)
+        return llama_model_type(cfg)
     unsupported = [f"{k}={getattr(cfg, k)!r}" for k, ok in
                    (("position", "learned"), ("bias", True), ("mlp_ratio", 4), ("tie_weights", True),
                     ("layer_heads", None), ("layer_ffn", None), ("norm", "layernorm"), ("mlp", "gelu"),
@@ -118,6 +118,17 @@ def export_hf(model: InferenceModel, out: str | Path, overwrite: bool = False) -
     if unsupported:
         raise LmkitError(f"format=hf needs a GPT-2- or Llama-shaped Transformer (norm=rmsnorm, mlp=swiglu, "
                          f"position=rope); this one has {', '.join(unsupported)}")
+    return "gpt2"
+
+
+def export_hf(model: InferenceModel, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a GPT-2-shaped lmkit model where `transformers.GPT2LMHeadModel.from_pretrained` loads it."""
+    if hf_model_type(model) != "gpt2":
+        from lmkit.hf_llama import export_llama
+
+        return export_llama(model, Path(out), overwrite)
+    backbone = model.backbone
+    cfg = backbone.config
     state = backbone.state_dict()
     state["transformer.wte.weight"] = state["transformer.wte.weight"][: cfg.vocab_size]  # drop padding rows
     tensors = {name: (state[name].t() if transposed else state[name]).contiguous().float()

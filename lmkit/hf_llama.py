@@ -160,9 +160,8 @@ def is_llama_shaped(cfg: TransformerConfig) -> bool:
     return cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and cfg.position == "rope"
 
 
-def export_llama(model: InferenceModel, out: Path, overwrite: bool = False) -> Path:
-    """Write a Llama-shaped lmkit model as `LlamaForCausalLM` (or `Qwen2ForCausalLM` when only q/k/v have biases)."""
-    cfg = model.backbone.config
+def llama_model_type(cfg: TransformerConfig) -> str:
+    """llama, or qwen2 when only q/k/v have biases; what neither can hold is one LmkitError line."""
     unsupported = [f"{k}={getattr(cfg, k)!r}" for k in ("layer_heads", "layer_ffn") if getattr(cfg, k) is not None]
     if cfg.attn_bias and not cfg.bias:
         model_type = "qwen2"
@@ -172,6 +171,13 @@ def export_llama(model: InferenceModel, out: Path, overwrite: bool = False) -> P
         unsupported.append(f"qkv_bias={cfg.qkv_bias!r} with bias={cfg.bias!r}")
     if unsupported:
         raise LmkitError(f"format=hf cannot write a Llama or Qwen2 model with {', '.join(unsupported)}")
+    return model_type
+
+
+def export_llama(model: InferenceModel, out: Path, overwrite: bool = False) -> Path:
+    """Write a Llama-shaped lmkit model as `LlamaForCausalLM` (or `Qwen2ForCausalLM` when only q/k/v have biases)."""
+    cfg = model.backbone.config
+    model_type = llama_model_type(cfg)
     state = model.backbone.state_dict()
     state["transformer.wte.weight"] = state["transformer.wte.weight"][: cfg.vocab_size]  # drop padding rows
     if not cfg.tie_weights:
