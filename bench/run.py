@@ -8,6 +8,7 @@
     deploy       torch vs onnxruntime (fp32, int8, int4): perplexity and bytes of the default models, tokens/s by width
     serve        lmkit serve at 1, 8 and 32 streaming clients: requests/s, tokens/s, p50/p99 first-token and total latency
     parallel     1 process, DDP x2, FSDP x2 and TP x2 on a 25M-parameter Transformer: memory per rank, tokens/s
+    finetune     full fine-tuning vs LoRA vs QLoRA: memory, tokens/s, checkpoint bytes, val loss on Python source
 
 Each prints its table and writes bench/results/<name>.json. Run on an otherwise idle machine:
 on 2 cores a second busy process halves every number.
@@ -22,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "generate.py", "scale": "scale.py",
            "compression": "compression.py", "deploy": "deploy.py", "serve": "serve.py",
-           "parallel": "parallel.py"}
+           "parallel": "parallel.py", "finetune": "finetune.py"}
 
 
 def main() -> int:
