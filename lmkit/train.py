@@ -171,6 +171,10 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     during_training = {plugin.name: plugin.callbacks(module) for plugin in plugins}
     during_training = {name: hooks for name, hooks in during_training.items() if hooks}
+    if lora is not None and during_training:  # (they would prune the frozen base, under the adapters)
+        name = next(iter(during_training))
+        raise LmkitError(f"compression.{name} works during training, which finetune=lora does not support: set "
+                         f"compression.{name}.during_training=false (it then compresses the merged model)")
     callbacks += [callback for hooks in during_training.values() for callback in hooks]
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)

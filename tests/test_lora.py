@@ -135,6 +135,8 @@ def test_qlora_trains_on_an_int4_base_and_compresses_after(bases, make_cfg, capl
     (["finetune=lora", "finetune.targets=[q,attn]", "init_from=X"], "finetune.targets=['q', 'attn']: each must be"),
     (["finetune=lora", "finetune.alpha=0", "init_from=X"], "finetune.alpha=0 must be a positive number"),
     (["finetune=lora", "finetune.base=int2", "init_from=X"], "finetune.base='int2' is not one of"),
+    (["finetune=lora", "init_from=X", "compression=prune", "compression.prune.during_training=true",
+      "compression.prune.criterion=magnitude"], "compression.prune works during training, which finetune=lora"),
     (["finetune=lora", "init_from=LSTM"], "finetune=lora adapts a Transformer's projections; this model is "
                                           "model.kind=lstm"),
 ])
