@@ -1,9 +1,10 @@
 """Compression trade-offs: size, perplexity and CPU generation speed of each recipe, and where int8 pays.
 
-    python bench/compression.py [--out bench/results/compression.json] [--lstm CKPT] [--transformer CKPT]
+    python bench/compression.py [--out bench/results/compression.json] [--lstm CKPT] [--transformer CKPT] [--llama CKPT]
 
-1. recipes: the default LSTM (`python train.py`) and Transformer (`python train.py model=transformer`),
-   trained here unless checkpoints are given, each compressed by every recipe below exactly as
+1. recipes: the default LSTM (`python train.py`), Transformer (`python train.py model=transformer`) and
+   Llama-block Transformer (`model=llama`: SwiGLU, grouped-query attention, RMSNorm, rope), trained here
+   unless checkpoints are given, each compressed by every recipe below exactly as
    `lmkit export model=CKPT compression=...` does it; perplexity on the whole test split,
    generation tokens/s at batch 1, bytes of model.safetensors.
 2. widths: generation tokens/s of fp32 against dynamic_int8 (and bitsandbytes int8) for random
@@ -219,12 +220,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--lstm", type=Path, help="checkpoint of the default LSTM (default: train it)")
     parser.add_argument("--transformer", type=Path, help="checkpoint of the default Transformer (default: train it)")
+    parser.add_argument("--llama", type=Path, help="checkpoint of model=llama (default: train it)")
     parser.add_argument("--cache-dir", default=os.environ.get("LMKIT_CACHE", ".cache/lmkit"))
     parser.add_argument("--only", choices=("recipes", "widths", "kernels"))
     parser.add_argument("--wide", type=Path, nargs="?", const=True, default=None,
                         help="also the recipes on a Transformer 6x384 (trained here for --wide-steps, or this checkpoint)")
     parser.add_argument("--wide-steps", type=int, default=1500, help="training steps of the wide model (23 minutes here)")
-    parser.add_argument("--models", default="lstm,transformer", help="which default models' recipes to run")
+    parser.add_argument("--models", default="lstm,transformer,llama", help="which default models' recipes to run")
     parser.add_argument("--recipes", help="comma-separated labels of RECIPES to run (default: all)")
     parser.add_argument("--gen-tokens", type=int, default=200, help="tokens generated per speed measurement (0: none)")
     parser.add_argument("--train-dir", type=Path, help="keep the trained runs here (default: a temporary folder)")

@@ -1,5 +1,10 @@
 """`prune_structured`: remove whole FFN neurons, attention heads or recurrent hidden units.
 
+In the Llama block the units are a SwiGLU unit (its gate row, its up row and its down column
+together) and a key/value group (a kv head with the n_head / n_kv_head query heads it serves: their
+q, k and v rows and the query heads' output-projection columns), so the block stays a valid
+grouped-query block; with plain multi-head attention a group is one head.
+
 The least important units are cut out and the layers rebuilt smaller, so the model has fewer
 parameters and runs faster with ordinary dense kernels. `amount` is the fraction of the model's
 parameters to remove (at least). Importance (`criterion`):
@@ -92,20 +97,37 @@ def refit(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor,
     return new[:, :-1].contiguous(), new[:, -1].contiguous()
 
 
+def mlp_inputs(cfg: TransformerConfig) -> tuple[str, ...]:
+    """The MLP's projections whose rows are its units: c_fc, or SwiGLU's gate and up."""
+    return ("mlp.gate", "mlp.up") if cfg.mlp == "swiglu" else ("mlp.c_fc",)
+
+
+def unit_reads(state: dict[str, torch.Tensor], prefix: str, cfg: TransformerConfig) -> torch.Tensor:
+    """How strongly each MLP unit reads the residual stream: the norm of its c_fc row, or for a SwiGLU unit
+    the product of its gate and up rows' norms (its output silu(g.x) * (u.x) grows with both at once)."""
+    norms = [state[f"{prefix}{name}.weight"].norm(dim=1) for name in mlp_inputs(cfg)]
+    return norms[0] if len(norms) == 1 else norms[0] * norms[1]
+
+
+def group_reads(attn: torch.Tensor, cfg: TransformerConfig, n_kv: int) -> torch.Tensor:
+    """The norm of each kv group's rows of the fused [q | k | v] weight: its query heads', its k and v head's."""
+    d, g = cfg.head_size, cfg.kv_group
+    q, k, v = attn.split([n_kv * g * d, n_kv * d, n_kv * d])
+    per_group = lambda t: t.reshape(n_kv, -1).norm(dim=1) ** 2  # noqa: E731
+    return (per_group(q) + per_group(k) + per_group(v)).sqrt()
+
+
 def weight_scores(state: dict[str, torch.Tensor], cfg: TransformerConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(neuron scores, head scores) of each layer from the weights alone: the norm of what a unit
+    """(MLP unit scores, kv group scores) of each layer from the weights alone: the norm of what a unit
     reads times the norm of what it writes."""
-    out, d = [], cfg.head_size
+    out = []
     for i in range(cfg.n_layer):
         p = f"transformer.h.{i}."
-        fc, proj = state[p + "mlp.c_fc.weight"], state[p + "mlp.c_proj.weight"]
-        attn, attn_out = state[p + "attn.c_attn.weight"], state[p + "attn.c_proj.weight"]
-        n_head = attn_out.size(1) // d
-        inner = n_head * d
-        per_head = lambda t: t.reshape(n_head, -1).norm(dim=1)  # noqa: E731
-        heads = (sum(per_head(attn[j * inner:(j + 1) * inner]) ** 2 for j in range(3)).sqrt()
-                 * per_head(attn_out.t().contiguous()))
-        out.append((fc.norm(dim=1) * proj.norm(dim=0), heads))
+        attn_out = state[p + "attn.c_proj.weight"]
+        n_kv = attn_out.size(1) // (cfg.head_size * cfg.kv_group)
+        writes = attn_out.t().reshape(n_kv, -1).norm(dim=1)  # c_proj's columns, query head by query head
+        out.append((unit_reads(state, p, cfg) * state[p + "mlp.c_proj.weight"].norm(dim=0),
+                    group_reads(state[p + "attn.c_attn.weight"], cfg, n_kv) * writes))
     return out
 
 
@@ -127,12 +149,13 @@ def energy(gram: torch.Tensor) -> torch.Tensor:
 
 def activation_scores(backbone: nn.Module, cfg: TransformerConfig,
                       grams: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(neuron scores, head scores) of each layer, measured: the energy each unit adds to the residual
+    """(MLP unit scores, kv group scores) of each layer, measured: the energy each unit adds to the residual
     stream over the calibration tokens, sum_t x_j^2 * ||W_proj[:, j]||^2 over the columns j of the
-    output projection it owns. Units of different layers and kinds compare in the same currency."""
+    output projection it owns (a SwiGLU unit's x_j is its gated product, silu(g.x) * (u.x); a kv group owns
+    its query heads' columns). Units of different layers and kinds compare in the same currency."""
     names = output_projections(cfg)
     per_column = [energy(grams[name]) * backbone.get_parameter(name).detach().pow(2).sum(0) for name in names]
-    return [(neurons, columns.view(-1, cfg.head_size).sum(1))
+    return [(neurons, columns.view(-1, cfg.head_size * cfg.kv_group).sum(1))
             for neurons, columns in zip(per_column[0::2], per_column[1::2])]
 
 
@@ -151,27 +174,39 @@ def cut_columns(state: dict[str, torch.Tensor], weight: str, kept: torch.Tensor,
         state[bias] = new_bias
 
 
+def cut_rows(state: dict[str, torch.Tensor], module: str, rows: torch.Tensor) -> None:
+    """Keep the `rows` outputs of `module`'s weight (and bias)."""
+    for name in (f"{module}.weight", f"{module}.bias"):
+        if name in state:
+            state[name] = state[name][rows]
+
+
+def group_indices(kept: torch.Tensor, n_kv: int, cfg: TransformerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of the fused [q | k | v] weight, columns of the output projection) of the `kept` kv groups:
+    group j is kv head j and query heads j*g .. j*g+g-1."""
+    d, g = cfg.head_size, cfg.kv_group
+    head_span = lambda heads: torch.cat([h * d + torch.arange(d) for h in heads])  # noqa: E731
+    queries = head_span([j * g + h for j in kept.tolist() for h in range(g)])
+    kv = head_span(kept.tolist())
+    inner = n_kv * g * d
+    return torch.cat([queries, inner + kv, inner + n_kv * d + kv]), queries
+
+
 @torch.no_grad()
 def shrink_transformer(state: dict[str, torch.Tensor], cfg: TransformerConfig,
                        scores: list[tuple[torch.Tensor, torch.Tensor]],
                        grams: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Cut each layer down to `cfg.layer_ffn` neurons and `cfg.layer_heads` heads, the highest scoring;
-    with `grams` (of the output projections' inputs), the output projections are refit."""
-    d = cfg.head_size
-    for i, (neuron_scores, head_scores) in enumerate(scores):
+    """Cut each layer down to `cfg.layer_ffn` MLP units and `cfg.layer_heads` query heads (whole kv groups),
+    the highest scoring; with `grams` (of the output projections' inputs), the output projections are refit."""
+    for i, (unit_scores, group_scores) in enumerate(scores):
         p = f"transformer.h.{i}."
-        kept = keep_top(neuron_scores, cfg.layer_ffn[i])
-        state[p + "mlp.c_fc.weight"] = state[p + "mlp.c_fc.weight"][kept]
-        if p + "mlp.c_fc.bias" in state:
-            state[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"][kept]
+        kept = keep_top(unit_scores, cfg.layer_ffn[i])
+        for name in mlp_inputs(cfg):
+            cut_rows(state, p + name, kept)
         cut_columns(state, p + "mlp.c_proj.weight", kept, grams)
-        inner = state[p + "attn.c_proj.weight"].size(1)
-        kept_heads = keep_top(head_scores, cfg.layer_heads[i])
-        cols = torch.cat([h * d + torch.arange(d) for h in kept_heads.tolist()])
-        rows = torch.cat([j * inner + cols for j in range(3)])
-        state[p + "attn.c_attn.weight"] = state[p + "attn.c_attn.weight"][rows]
-        if p + "attn.c_attn.bias" in state:
-            state[p + "attn.c_attn.bias"] = state[p + "attn.c_attn.bias"][rows]
+        kept_groups = keep_top(group_scores, cfg.layer_heads[i] // cfg.kv_group)
+        rows, cols = group_indices(kept_groups, len(group_scores), cfg)
+        cut_rows(state, p + "attn.c_attn", rows)
         cut_columns(state, p + "attn.c_proj.weight", cols, grams)
     return state
 
@@ -255,30 +290,52 @@ def shrink_rnn(state: dict[str, torch.Tensor], cfg: LSTMConfig, keep: int, tied_
     return state
 
 
+def unit_costs(cfg: TransformerConfig) -> tuple[int, int]:
+    """Parameters of one MLP unit and of one kv group (its query heads, k and v heads and c_proj columns)."""
+    d, bias, g = cfg.n_embd, int(cfg.bias), cfg.kv_group
+    unit = (d + bias) * (2 if cfg.mlp == "swiglu" else 1) + d
+    group = cfg.head_size * ((g + 2) * (d + int(cfg.attn_bias)) + g * d)
+    return unit, group
+
+
+def smallest(cfg: TransformerConfig, heads: bool) -> TransformerConfig:
+    """The model cut as far as structured pruning goes: 8 MLP units and one kv group in every layer."""
+    return replace(cfg, layer_ffn=[min(8, cfg.ffn(i)) for i in range(cfg.n_layer)],
+                   layer_heads=[cfg.kv_group if heads else cfg.heads(i) for i in range(cfg.n_layer)])
+
+
+def check_budget(cfg: TransformerConfig, budget: int, amount: float, heads: bool) -> None:
+    floor = smallest(cfg, heads).num_parameters()
+    if floor > budget:
+        keeps = f"8 MLP units and one kv group ({cfg.kv_group} query heads)" if heads else "8 MLP units"
+        raise LmkitError(f"compression.prune_structured.amount={amount} asks for at most {budget:,} of "
+                         f"{cfg.num_parameters():,} parameters, but cutting every layer to {keeps} leaves "
+                         f"{floor:,}: lower the amount")
+
+
 def transformer_plan(cfg: TransformerConfig, budget: int, heads: bool) -> TransformerConfig:
-    """The smallest uniform cut (neurons and heads) that brings the model within `budget` parameters."""
+    """The smallest uniform cut (MLP units and kv groups) that brings the model within `budget` parameters."""
     ffn = [cfg.ffn(i) for i in range(cfg.n_layer)]
-    head_counts = [cfg.heads(i) for i in range(cfg.n_layer)]
-    for percent in range(0, 96):
+    groups = [cfg.kv_heads(i) for i in range(cfg.n_layer)]
+    for percent in range(0, 101):
         cut = percent / 100
         plan = replace(cfg, layer_ffn=[min(f, multiple_of_8(f * (1 - cut))) for f in ffn],
-                       layer_heads=[max(1, round(h * (1 - cut))) if heads else h for h in head_counts])
+                       layer_heads=[cfg.kv_group * (max(1, round(n * (1 - cut))) if heads else n) for n in groups])
         if plan.num_parameters() <= budget:
             return plan
-    raise LmkitError("compression.prune_structured: the amount asks for more than cutting 95% of every layer removes")
+    raise LmkitError("compression.prune_structured: the amount asks for more than cutting every layer removes")
 
 
 def importance_plan(cfg: TransformerConfig, budget: int, heads: bool,
                     scores: list[tuple[torch.Tensor, torch.Tensor]]) -> TransformerConfig:
     """Per-layer widths by measured importance: remove the units with the lowest score per parameter,
-    across all layers and both kinds (neurons 8 at a time, so widths stay multiples of 8; heads one at
-    a time, one kept per layer), until the model fits in `budget` parameters."""
-    d, bias = cfg.n_embd, int(cfg.bias)
-    neuron_cost, head_cost = 2 * d + bias, cfg.head_size * (4 * d + 3 * bias)
+    across all layers and both kinds (MLP units 8 at a time, so widths stay multiples of 8; kv groups one
+    at a time, one kept per layer), until the model fits in `budget` parameters."""
+    neuron_cost, group_cost = unit_costs(cfg)
     ffn = [cfg.ffn(i) for i in range(cfg.n_layer)]
     head_counts = [cfg.heads(i) for i in range(cfg.n_layer)]
-    candidates = []  # (score per parameter, layer, kind, parameters removed)
-    for i, (neuron_scores, head_scores) in enumerate(scores):
+    candidates = []  # (score per parameter, layer, kind, units removed)
+    for i, (neuron_scores, group_scores) in enumerate(scores):
         ranked, start = neuron_scores.sort().values, 0
         odd = ffn[i] % 8  # an odd width first loses its lowest few, then groups of 8; 8 always stay
         for size in ([odd] if odd else []) + [8] * max(0, ffn[i] // 8 - 1):
@@ -286,7 +343,7 @@ def importance_plan(cfg: TransformerConfig, budget: int, heads: bool,
             start += size
             candidates.append((float(group.sum()) / (size * neuron_cost), i, "ffn", size))
         if heads:
-            candidates += [(float(v) / head_cost, i, "head", 1) for v in head_scores.sort().values[:-1]]
+            candidates += [(float(v) / group_cost, i, "group", 1) for v in group_scores.sort().values[:-1]]
     total = cfg.num_parameters()
     for _, i, kind, count in sorted(candidates):
         if total <= budget:
@@ -295,12 +352,12 @@ def importance_plan(cfg: TransformerConfig, budget: int, heads: bool,
             ffn[i] -= count
             total -= count * neuron_cost
         else:
-            head_counts[i] -= 1
-            total -= head_cost
+            head_counts[i] -= cfg.kv_group
+            total -= group_cost
     plan = replace(cfg, layer_ffn=ffn, layer_heads=head_counts)
     if plan.num_parameters() > budget:
         raise LmkitError("compression.prune_structured: the amount asks for more than cutting every layer to "
-                         "8 neurons and one head removes")
+                         "8 MLP units and one kv group removes")
     return plan
 
 
@@ -319,7 +376,8 @@ def rnn_plan(cfg: LSTMConfig, budget: int, tied_to_embedding: bool) -> tuple[LST
 class PruneStructured(Plugin):
     name = "prune_structured"
     finetunes = True
-    summary = "removes FFN neurons, attention heads and LSTM hidden units: a smaller dense model, no sparse kernels needed"
+    summary = ("removes FFN neurons (SwiGLU units), attention heads (kv groups) and LSTM hidden units: a smaller "
+               "dense model, no sparse kernels needed")
     defaults = {"amount": 0.3, "heads": True, "criterion": "activation", "calibration_windows": 128,
                 "finetune_steps": 200, "finetune_lr": None, "recovery": "distill", "temperature": 2.0,
                 "distill_weight": None}
@@ -357,10 +415,9 @@ class PruneStructured(Plugin):
 
     def check_model(self, model: Any) -> None:
         cfg = model.record.backbone
-        if isinstance(cfg, TransformerConfig) and (cfg.mlp != "gelu" or cfg.kv_group != 1):
-            # SwiGLU units (a gate row, an up row and a down column) and whole kv groups are not cut yet
-            raise LmkitError(f"compression.prune_structured: model.mlp={cfg.mlp}, model.n_kv_head={cfg.n_kv_head} "
-                             "(the Llama block) is not supported yet; use compression=prune")
+        if isinstance(cfg, TransformerConfig):  # before minutes of calibration
+            amount = self.settings["amount"]
+            check_budget(cfg, int((1 - amount) * cfg.num_parameters()), amount, self.settings["heads"])
 
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
         s = self.settings

@@ -46,7 +46,9 @@ RECIPES = {
 BOUNDS = {"int8": (0.35, 1.01), "dynamic_int8": (0.35, 1.02), "prune": (0.80, 1.10),
           "prune_structured": (0.85, 1.35), "prune+int8": (0.25, 1.10), "int4": (0.22, 1.06),
           "prune+int4": (0.17, 1.25), "prune-2:4": (0.80, 1.15)}
-KINDS = ("lstm", "transformer")
+KINDS = ("lstm", "transformer", "llama")
+# model=llama's block (RMSNorm, SwiGLU, rope, no biases) with grouped-query attention: 4 query heads, 2 kv heads
+TINY_LLAMA = TINY + ["model.n_head=4", "model.n_kv_head=2", "model.mlp_hidden=128"]
 
 
 LMKIT = str(Path(sys.executable).parent / "lmkit")
@@ -58,7 +60,8 @@ def cli(*args: str, **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir) -> dict[str, Path]:
-    """A 48-wide LSTM and Transformer, each trained 300 steps on the embedded corpus: their checkpoints."""
+    """A 48-wide LSTM, Transformer and Llama-block Transformer, each trained 300 steps on the embedded corpus:
+    their checkpoints."""
     from hydra import compose, initialize_config_dir
 
     from tests.conftest import CONF
@@ -66,7 +69,7 @@ def trained(tmp_path_factory, cache_dir) -> dict[str, Path]:
     out = {}
     for kind in KINDS:
         run_dir = tmp_path_factory.mktemp(kind)
-        tiny = TINY_TRANSFORMER if kind == "transformer" else TINY
+        tiny = {"transformer": TINY_TRANSFORMER, "llama": TINY_LLAMA}.get(kind, TINY)
         overrides = [f"model={kind}", *tiny, "model.n_embd=48", "trainer.max_steps=300", "trainer.val_check_interval=300",
                      "data.test_windows=32", "logger=none", f"paths.output_dir={run_dir}", f"paths.cache_dir={cache_dir}"]
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -184,12 +187,18 @@ def test_structured_pruning_rebuilds_smaller_layers(exports, trained):
         report = exports[kind, "prune_structured"]["report"]
         assert report["after_vs_before"]["parameters"] <= 0.75  # amount=0.25: at least a quarter removed
         assert report["after"]["sparsity"] < 0.01  # smaller, not sparser
-        step, recovery = report["steps"][0], RECOVERY[kind]  # the backbone's measured recovery, recorded
-        trained_lr = lmkit.load(trained[kind]).record.optim["lr"]
+        dense = lmkit.load(trained[kind])
+        step, recovery = report["steps"][0], RECOVERY[dense.record.backbone.kind]  # the backbone's, recorded
+        trained_lr = dense.record.optim["lr"]
         assert step["finetune_lr"] == pytest.approx(recovery["lr_fraction"] * trained_lr)
         assert step["distill_weight"] == recovery["distill_weight"]
     cfg = exports["transformer", "prune_structured"]["model"].record.backbone
     assert cfg.layer_ffn[0] < 4 * 48 and cfg.layer_ffn[0] % 8 == 0 and 1 <= cfg.layer_heads[0] <= 2
+    llama = exports["llama", "prune_structured"]["model"]  # whole SwiGLU units and kv groups of 2 query heads
+    cfg, block = llama.record.backbone, llama.backbone.transformer.h[0]
+    assert cfg.layer_ffn[0] < 128 and cfg.layer_heads[0] in (2, 4) and cfg.kv_heads(0) == cfg.layer_heads[0] // 2
+    assert block.mlp.gate.out_features == block.mlp.up.out_features == block.mlp.c_proj.in_features == cfg.layer_ffn[0]
+    assert block.attn.c_attn.out_features == 2 * cfg.layer_heads[0] * 12  # q of n heads, k and v of n / 2 heads each
     lstm = exports["lstm", "prune_structured"]["model"].record.backbone  # tied: one width for all of it
     budget = 0.75 * LSTMConfig(**{**vars(lstm), "n_embd": 48}).num_parameters()
     assert lstm.num_parameters() <= budget < LSTMConfig(**{**vars(lstm), "n_embd": lstm.n_embd + 1}).num_parameters()
@@ -461,7 +470,7 @@ def test_refitting_the_readers_of_removed_units_lowers_the_one_shot_loss(kind, t
     ids = context.calibration(model, 32)
     state = backbone.state_dict()
     budget = int(0.7 * cfg.num_parameters())
-    if kind == "transformer":
+    if kind != "lstm":
         grams = ps.measure(backbone, ps.output_projections(cfg), ids)
         scores = ps.activation_scores(backbone, cfg, grams)
         plan = ps.importance_plan(cfg, budget, True, scores)
@@ -483,8 +492,8 @@ def test_refitting_the_readers_of_removed_units_lowers_the_one_shot_loss(kind, t
             logits, _ = smaller(held_out[:, :-1])
         losses[refitting] = F.cross_entropy(logits.flatten(0, 1), held_out[:, 1:].flatten()).item()
     assert losses[True] < losses[False]
-    biases = ["transformer.h.0.mlp.c_proj.bias", "transformer.h.0.attn.c_proj.bias"] if kind == "transformer" \
-        else ["rnn.bias_hh_l0", "head.bias"]
+    biases = {"transformer": ["transformer.h.0.mlp.c_proj.bias", "transformer.h.0.attn.c_proj.bias"],
+              "lstm": ["rnn.bias_hh_l0", "head.bias"], "llama": []}[kind]  # the Llama block has no biases
     for bias in biases:  # the mean of what the removed units carried moved into the biases of their readers
         assert not torch.equal(cut[True][bias], cut[False][bias])
 
@@ -498,18 +507,70 @@ def test_report_says_how_each_step_ran(exports):
     assert [s["summary"] for s in steps] == ["wanda, unstructured, one-shot", "fp4, blocks of 32"]
 
 
-def test_structured_pruning_refuses_the_llama_block_in_one_line(tmp_path, cache_dir):
-    from lmkit.plugins import make
-    from tests.test_inference import tiny_lm
+def llama_with_dead_units(dead_units: list[list[int]], dead_groups: list[int]):
+    """A tiny Llama block model (4 query heads, 2 kv heads, SwiGLU width 24), every weight random, whose
+    `dead_units` (per layer) and kv group `dead_groups[layer]` write nothing: their down-projection columns,
+    and the output-projection columns of the group's 2 query heads, are zero."""
+    from tests.test_inference import lively, tiny_lm
 
-    model = tiny_lm(norm="rmsnorm", mlp="swiglu", n_kv_head=1, position="rope")
-    step = make("prune_structured", {"criterion": "magnitude", "finetune_steps": 0})
-    with pytest.raises(LmkitError, match="model.mlp=swiglu, model.n_kv_head=1") as error:
-        step.check_model(model)
+    model = lively(tiny_lm(norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=24,
+                           position="rope", bias=False))
+    group_width = 2 * 8  # 2 query heads of 32 / 4
+    with torch.no_grad():
+        for block, units, group in zip(model.backbone.transformer.h, dead_units, dead_groups):
+            block.mlp.c_proj.weight[:, units] = 0
+            block.attn.c_proj.weight[:, group * group_width:(group + 1) * group_width] = 0
+    return model
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "activation"])
+def test_structured_pruning_of_dead_swiglu_units_and_kv_groups_keeps_the_logits(criterion):
+    from dataclasses import replace
+
+    from plugins import prune_structured as ps
+
+    dead_units, dead_groups = [[3, 9, 17], [0, 5, 23]], [1, 0]
+    model = llama_with_dead_units(dead_units, dead_groups)
+    cfg, backbone = model.record.backbone, model.backbone
+    ids = torch.randint(0, cfg.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    state = backbone.state_dict()
+    if criterion == "magnitude":
+        scores = ps.weight_scores(state, cfg)
+    else:
+        scores = ps.activation_scores(backbone, cfg, ps.measure(backbone, ps.output_projections(cfg), ids))
+    plan = replace(cfg, layer_ffn=[21, 21], layer_heads=[2, 2])  # exactly the dead units and groups go
+    with torch.no_grad():
+        reference = backbone(ids)[0]
+        for sign in (1, -1):  # the lowest scores are the dead units; the highest, live ones (the test can fail)
+            smaller = build_backbone(plan).eval()
+            smaller.load_state_dict(ps.shrink_transformer(dict(state), plan, [(sign * u, sign * g) for u, g in scores]))
+            if sign == 1:
+                torch.testing.assert_close(smaller(ids)[0], reference, rtol=1e-5, atol=1e-5)
+            else:
+                assert (smaller(ids)[0] - reference).abs().max() > 0.1
+
+
+def test_structured_pruning_of_the_llama_block_reloads_and_refuses_too_much_in_one_line(tmp_path, cache_dir):
+    model = llama_with_dead_units([[], []], [0, 1])
+    step = make("prune_structured", {"criterion": "magnitude", "finetune_steps": 0, "amount": 0.3})
+    step.check_model(model)
+    record = {"plugin": step.name, "settings": step.settings, **step.apply(model, CompressContext(cache_dir=""))}
+    model.record = model.record.replace(compression=[record])
+    pruned = model.record.backbone  # the uniform cut leaves one kv group (of 2 query heads) in each layer
+    assert pruned.layer_heads == [2, 2] and pruned.layer_ffn == [16, 16]
+    save(model, tmp_path / "pruned")
+    reloaded = lmkit.load(tmp_path / "pruned")
+    ids = torch.randint(0, 20, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), model(ids))
+    assert reloaded.generate("ab", max_new_tokens=5, seed=1) == model.generate("ab", max_new_tokens=5, seed=1)
+    with pytest.raises(LmkitError, match=r"prune_structured.amount=0.9 asks for at most .* one kv group \(2 query "
+                                         r"heads\) leaves") as error:
+        make("prune_structured", {"amount": 0.9}).check_model(model)
     assert "\n" not in str(error.value)
     # in a training run, before any training
     result = run_train_py("model=llama", *TINY, "model.n_head=2", "model.n_kv_head=1", "compression=prune_structured",
-                          run_dir=tmp_path / "run", cache_dir=cache_dir)
+                          "compression.prune_structured.amount=0.95", run_dir=tmp_path / "run", cache_dir=cache_dir)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode == 2 and len(errors) == 1 and "model.n_kv_head=1" in errors[0], result.stderr[-2000:]
+    assert result.returncode == 2 and len(errors) == 1 and "amount=0.95" in errors[0], result.stderr[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists() and "Traceback" not in result.stderr
