@@ -134,9 +134,10 @@ def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def parameter_counts(backbone: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, each tensor once (a tied head is the embedding)."""
-    unique = {id(p): p for p in backbone.parameters()}.values()
-    return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
+    """(trainable, total) parameters: the adapters', and the base's as its config counts them (a quantized base
+    holds its weights in buffers, which `parameters()` does not list) plus the adapters'."""
+    trainable = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+    return trainable, backbone.config.num_parameters() + trainable
 
 
 def fingerprint(backbone: nn.Module) -> str:

@@ -160,6 +160,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if init is not None:
         module.backbone.load_state_dict(init.backbone.state_dict())  # same config, so the same shapes
         log.info("Initialised from %s", cfg.init_from)
+        del init  # its weights are copied: a second model held for the whole run is memory a fine-tune needs
     if lora is not None:
         _attach_lora(module, lora, base=cfg.init_from)
     context = module.backbone.max_seq_len

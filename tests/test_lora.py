@@ -3,6 +3,7 @@ exactly and load on their base, and merges into dense models equal to the adapte
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -77,6 +78,21 @@ def test_an_adapted_model_starts_as_its_base_and_merges_into_the_dense_model_it_
     torch.testing.assert_close(dense.backbone.transformer.wte.weight, merge(model.backbone).transformer.wte.weight)
 
 
+def test_a_4bit_base_passes_gradients_without_keeping_a_float_weight(bases):
+    model = lmkit.load(bases["llama"])
+    quantize_base(model, "int4")
+    layer = model.backbone.transformer.h[0].mlp.up
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert not any(t.shape == (layer.out_features, layer.in_features) for t in saved)  # QLoRA's memory
+    y.square().sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(reference, layer.quantized.dequantize()).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad)
+
+
 def test_a_lora_run_trains_the_adapters_alone_and_its_checkpoint_loads_on_its_base(bases, make_cfg, tmp_path, caplog):
     caplog.set_level("INFO", logger="lmkit")
     metrics, objects = run(make_cfg(*FINETUNE, f"init_from={bases['llama']}", "trainer.max_steps=3"))
@@ -119,7 +135,9 @@ def test_qlora_trains_on_an_int4_base_and_compresses_after(bases, make_cfg, capl
     caplog.set_level("INFO", logger="lmkit")
     metrics, objects = run(make_cfg(*FINETUNE, f"init_from={bases['llama']}", "finetune.base=int4",
                                     "trainer.max_steps=3", "compression=int4"))
-    assert any("int4 base" in r.message for r in caplog.records)
+    line = next(r.message for r in caplog.records if "int4 base" in r.message)
+    # of the whole base (its 4-bit weights are buffers): about 30% for this tiny model, not 98% as of its norms
+    assert float(re.search(r"\(([\d.]+)%\)", line).group(1)) < 50, line
     assert type(objects["module"].backbone.transformer.h[0].attn.c_attn.base).__name__ == "Int4Linear"
     loaded = lmkit.load(metrics["last_ckpt"])  # the base quantized again, as in training
     with torch.no_grad():
