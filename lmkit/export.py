@@ -29,6 +29,7 @@ from lmkit.errors import LmkitError, first_line
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
 from lmkit.plugins import plugin_class
+from lmkit.lora import LoRASettings, adapt, fingerprint, merged, quantize_base
 from lmkit.record import ModelRecord, dtype_name, parse_dtype
 from lmkit.tensors import count_parameters, load_tensors, unique_tensors
 
@@ -102,9 +103,7 @@ def _load_checkpoint(path: Path) -> InferenceModel:
     checkpoint = read_checkpoint(path)
     record = ModelRecord.from_checkpoint(checkpoint, path)
     if checkpoint.get("lmkit", {}).get("lora_base"):  # adapters alone: their base comes from where it was
-        from lmkit.lora import adapted_backbone
-
-        backbone = adapted_backbone(checkpoint, path)
+        backbone = _adapted_backbone(checkpoint, path)
     else:
         backbone = build_backbone(record.backbone)
         state = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()
@@ -117,13 +116,35 @@ def _load_checkpoint(path: Path) -> InferenceModel:
     return InferenceModel(backbone, tokenizer_from_json(tok_json) if tok_json else None, record)
 
 
+def _adapted_backbone(checkpoint: dict, path: Path) -> torch.nn.Module:
+    """The backbone a LoRA checkpoint trained: the base it names, checked against its fingerprint, quantized as in
+    training (QLoRA), with the checkpoint's adapters."""
+    base = checkpoint["lmkit"]["lora_base"]
+    settings = LoRASettings.from_config(checkpoint["hyper_parameters"]["finetune"])
+    if not Path(base["path"]).exists():
+        raise LmkitError(f"{path} holds LoRA adapters for the base model {base['path']}, which is missing: "
+                         "put that model back there")
+    model = load(base["path"])
+    if fingerprint(model.backbone) != base["fingerprint"]:
+        raise LmkitError(f"{path} holds LoRA adapters for the base model at {base['path']}, but the model there now "
+                         f"has other weights (fingerprint {fingerprint(model.backbone)}, recorded {base['fingerprint']})")
+    if settings.base is not None:
+        quantize_base(model, settings.base)
+    adapt(model.backbone, settings)
+    state = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()}
+    result = model.backbone.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing or result.unexpected_keys:
+        raise LmkitError(f"{path}: its adapters do not fit finetune settings {settings} "
+                         f"(e.g. {(missing or result.unexpected_keys)[0]})")
+    return model.backbone
+
+
 def save(model: InferenceModel, out: str | Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False,
          files: dict[str, bytes] | None = None, readme_extra: str | None = None) -> Path:
     """Write `model` as an lmkit artifact at `out` (float32 unless `dtype` says otherwise).
 
     `files` are written beside the model in the same atomic step (report.json, report.png)."""
-    from lmkit.lora import merged
-
     model = merged(model)  # a LoRA model is written as the dense model it computes
     dtype = parse_dtype(dtype) or torch.float32
     record = model.record.replace(dtype=dtype_name(dtype),

@@ -19,9 +19,8 @@ from safetensors.torch import load_file
 
 from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.errors import LmkitError, first_line
-from lmkit.hf_files import read_hf_tokenizer, read_hf_tokens, write_hf_folder
+from lmkit.hf_files import imported_model, write_hf_folder
 from lmkit.inference import InferenceModel
-from lmkit.record import ModelRecord
 
 # Per block: lmkit name suffix -> whether HF stores it transposed (Conv1D).
 BLOCK_MAP = {
@@ -91,11 +90,7 @@ def _import_hf(src: Path) -> InferenceModel:
         state[name] = weights[name].t().contiguous() if transposed else weights[name]
     state["lm_head.weight"] = state["transformer.wte.weight"]  # GPT-2 ties its head to the embedding
     model.load_state_dict(state, strict=True)
-    tokenizer = read_hf_tokenizer(src)
-    record = ModelRecord(backbone=cfg, tokenizer=tokenizer.kind if tokenizer else None,
-                         tokens=read_hf_tokens(src, tokenizer, cfg.vocab_size),
-                         source={"hf": str(src.resolve()), "architectures": hf.get("architectures")})
-    return InferenceModel(model.eval(), tokenizer, record)
+    return imported_model(src, model, hf)
 
 
 def hf_model_type(model: InferenceModel) -> str:

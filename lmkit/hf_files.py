@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from safetensors.torch import save_file
 
 from lmkit.data.tokenizer import BPETokenizer, Tokenizer, byte_level
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
+from lmkit.record import ModelRecord
 
 
 def read_hf_tokenizer(src: Path) -> Tokenizer | None:
@@ -28,6 +30,16 @@ def read_hf_tokenizer(src: Path) -> Tokenizer | None:
         return BPETokenizer(byte_level(HFTokenizer(models.BPE.from_file(str(src / "vocab.json"),
                                                                         str(src / "merges.txt")))))
     return None
+
+
+def imported_model(src: Path, backbone: nn.Module, hf_config: dict[str, Any]) -> InferenceModel:
+    """A loaded Hugging Face backbone with the tokenizer (and its conventions) its folder brings, and its record."""
+    tokenizer = read_hf_tokenizer(src)
+    cfg = backbone.config
+    record = ModelRecord(backbone=cfg, tokenizer=tokenizer.kind if tokenizer else None,
+                         tokens=read_hf_tokens(src, tokenizer, cfg.vocab_size),
+                         source={"hf": str(src.resolve()), "architectures": hf_config.get("architectures")})
+    return InferenceModel(backbone.eval(), tokenizer, record)
 
 
 def read_hf_tokens(src: Path, tokenizer: Tokenizer | None, vocab_size: int) -> dict[str, Any]:

@@ -17,9 +17,8 @@ from safetensors.torch import load_file
 
 from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.errors import LmkitError
-from lmkit.hf_files import read_hf_tokenizer, read_hf_tokens, write_hf_folder
+from lmkit.hf_files import imported_model, write_hf_folder
 from lmkit.inference import InferenceModel
-from lmkit.record import ModelRecord
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type -> HF class
 QKV = ("q_proj", "k_proj", "v_proj")
@@ -149,11 +148,7 @@ def import_llama(src: Path, hf: dict[str, Any]) -> InferenceModel:
     if extra:
         raise LmkitError(f"src={src}: the checkpoint has {extra[0]}, which config.json does not account for")
     model.load_state_dict(state, strict=True)
-    tokenizer = read_hf_tokenizer(src)
-    record = ModelRecord(backbone=cfg, tokenizer=tokenizer.kind if tokenizer else None,
-                         tokens=read_hf_tokens(src, tokenizer, cfg.vocab_size),
-                         source={"hf": str(src.resolve()), "architectures": hf.get("architectures")})
-    return InferenceModel(model.eval(), tokenizer, record)
+    return imported_model(src, model, hf)
 
 
 def is_llama_shaped(cfg: TransformerConfig) -> bool:

@@ -19,7 +19,6 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -217,29 +216,3 @@ def quantize_base(model: Any, base: str) -> None:
     plugin = make(base)
     plugin.check_model(model)
     plugin.apply(model, CompressContext(cache_dir=""))  # (int4 and int8 read no corpus)
-
-
-def adapted_backbone(checkpoint: dict[str, Any], path: Path) -> nn.Module:
-    """The backbone a LoRA checkpoint trained: the base it names, checked against its fingerprint, quantized as in
-    training (QLoRA), with the checkpoint's adapters."""
-    from lmkit.export import load
-
-    base = checkpoint["lmkit"]["lora_base"]
-    settings = LoRASettings.from_config(checkpoint["hyper_parameters"]["finetune"])
-    if not Path(base["path"]).exists():
-        raise LmkitError(f"{path} holds LoRA adapters for the base model {base['path']}, which is missing: "
-                         "put that model back there")
-    model = load(base["path"])
-    if fingerprint(model.backbone) != base["fingerprint"]:
-        raise LmkitError(f"{path} holds LoRA adapters for the base model at {base['path']}, but the model there now "
-                         f"has other weights (fingerprint {fingerprint(model.backbone)}, recorded {base['fingerprint']})")
-    if settings.base is not None:
-        quantize_base(model, settings.base)
-    adapt(model.backbone, settings)
-    state = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()}
-    result = model.backbone.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if ".lora_" in k]
-    if missing or result.unexpected_keys:
-        raise LmkitError(f"{path}: its adapters do not fit finetune settings {settings} "
-                         f"(e.g. {(missing or result.unexpected_keys)[0]})")
-    return model.backbone
