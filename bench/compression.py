@@ -182,7 +182,7 @@ def kernels() -> list[dict]:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     from lmkit.backbones.unrolled import UnrolledRNN
-    from plugins.dynamic_int8 import DynamicInt8Linear
+    from lmkit.builtin_plugins.dynamic_int8 import DynamicInt8Linear
 
     warnings.filterwarnings("ignore")
     out = []

@@ -19,13 +19,14 @@ Each command's keys and defaults are in conf/<command>.yaml (train: conf/train.y
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from lmkit.conf import CONF_DIR, check_conf_dir, compose, load_flat
+from lmkit.conf import check_conf_dir, compose, load_flat
 from lmkit.errors import LmkitError, exit_on_user_error
 
 
@@ -319,9 +320,11 @@ def _train(args: list[str]) -> None:
     check_conf_dir()
     from lmkit.train import main
 
-    # The same @hydra.main as train.py. Lightning re-launches DDP ranks as `python sys.argv[0] ...`:
-    # make that train.py itself.
-    sys.argv = [str(CONF_DIR.parent / "train.py"), *args]
+    # The same @hydra.main as train.py. Lightning re-launches DDP ranks as `python -m <__main__'s module> ...`
+    # when __main__ has a module spec (else as `python sys.argv[0] ...`, here the `lmkit` script, which would
+    # take the first override for a command): make that `python -m lmkit.train`, in a checkout and a wheel alike.
+    sys.modules["__main__"].__spec__ = importlib.util.find_spec("lmkit.train")
+    sys.argv = ["lmkit train", *args]
     main()
 
 

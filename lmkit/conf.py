@@ -13,12 +13,16 @@ from typing import Any
 
 from lmkit.errors import LmkitError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_PACKAGE = Path(__file__).resolve().parent
+# A wheel carries conf/ as lmkit/_conf; a checkout (and an editable install) reads the repository's conf/.
+CONF_DIR = next((d for d in (_PACKAGE / "_conf", _PACKAGE.parent / "conf") if (d / "train.yaml").is_file()),
+                _PACKAGE / "_conf")
 
 
 def check_conf_dir() -> None:
     if not (CONF_DIR / "train.yaml").is_file():
-        raise LmkitError(f"lmkit needs its configs in {CONF_DIR} (install lmkit from a source checkout: pip install -e .)")
+        raise LmkitError(f"lmkit's configs are missing from {CONF_DIR}: reinstall lmkit (pip install lmkit, or "
+                         "pip install -e . in a checkout)")
 
 
 def compose(config_name: str, overrides: list[str]) -> Any:

@@ -283,3 +283,7 @@ def _float(value: Any) -> float | None:
 
 def _abspath(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path else None
+
+
+if __name__ == "__main__":  # `python -m lmkit.train ...`: how Lightning re-launches ranks of an `lmkit train` run
+    main()

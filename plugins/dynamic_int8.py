@@ -25,7 +25,7 @@ from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin
 from lmkit.tensors import once_per_tensor, swap_modules
-from plugins.int8 import Int8Embedding, half_where_lossless, round_to_half
+from lmkit.builtin_plugins.int8 import Int8Embedding, half_where_lossless, round_to_half
 
 
 def row_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

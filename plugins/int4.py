@@ -29,8 +29,8 @@ from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin
 from lmkit.tensors import once_per_tensor, swap_modules
-from plugins.int8 import half_where_lossless, round_to_half
-from plugins.prune import VALUES as PRUNED_VALUES
+from lmkit.builtin_plugins.int8 import half_where_lossless, round_to_half
+from lmkit.builtin_plugins.prune import VALUES as PRUNED_VALUES
 
 NIBBLES, SHAPE = ".__nibbles", ".__nibble_shape"
 

@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin, Teacher
-from plugins.calibrate import collect, owner
+from lmkit.builtin_plugins.calibrate import collect, owner
 
 MASK, VALUES, SHAPE = ".__mask", ".__values", ".__shape"
 

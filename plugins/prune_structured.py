@@ -49,7 +49,7 @@ import torch.nn as nn
 from lmkit.backbones import LSTMConfig, TransformerConfig, build_backbone
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin, Teacher
-from plugins.calibrate import collect
+from lmkit.builtin_plugins.calibrate import collect
 
 
 def multiple_of_8(n: float) -> int:

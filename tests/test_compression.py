@@ -25,9 +25,9 @@ from lmkit.export import save
 from lmkit.finetune import distillation_loss
 from lmkit.plugins import CompressContext, Teacher, installed, make, recipe
 from lmkit.train import run
-from plugins.calibrate import collect
-from plugins.int4 import Int4Weight, nibbles, unnibble
-from plugins.prune import targets, wanda_scores
+from lmkit.builtin_plugins.calibrate import collect
+from lmkit.builtin_plugins.int4 import Int4Weight, nibbles, unnibble
+from lmkit.builtin_plugins.prune import targets, wanda_scores
 from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py
 from tests.helpers import decode_by_hand
 
@@ -181,7 +181,7 @@ def test_pruned_artifact_is_smaller_than_the_dense_one_and_stores_bitmasks(train
 
 
 def test_structured_pruning_rebuilds_smaller_layers(exports, trained):
-    from plugins.prune_structured import RECOVERY
+    from lmkit.builtin_plugins.prune_structured import RECOVERY
 
     for kind in KINDS:
         report = exports[kind, "prune_structured"]["report"]
@@ -434,7 +434,7 @@ def test_bad_criterion_pattern_and_int4_input_is_one_clear_line(trained, context
 
 
 def test_structured_plan_cuts_the_least_important_layers_most():
-    from plugins.prune_structured import importance_plan
+    from lmkit.builtin_plugins.prune_structured import importance_plan
 
     cfg = TransformerConfig(vocab_size=30, n_layer=2, n_head=4, n_embd=32, max_seq_len=16)
     weak, strong = (torch.rand(128), torch.rand(4)), (10 + torch.rand(128), 10 + torch.rand(4))
@@ -446,7 +446,7 @@ def test_structured_plan_cuts_the_least_important_layers_most():
 
 
 def test_refit_takes_over_what_a_removed_input_carried():
-    from plugins.prune_structured import refit
+    from lmkit.builtin_plugins.prune_structured import refit
 
     torch.manual_seed(0)
     x = torch.randn(2000, 4)
@@ -463,7 +463,7 @@ def test_refit_takes_over_what_a_removed_input_carried():
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_refitting_the_readers_of_removed_units_lowers_the_one_shot_loss(kind, trained, context):
-    from plugins import prune_structured as ps
+    from lmkit.builtin_plugins import prune_structured as ps
 
     model = lmkit.load(trained[kind])
     cfg, backbone = model.record.backbone, model.backbone
@@ -527,7 +527,7 @@ def llama_with_dead_units(dead_units: list[list[int]], dead_groups: list[int]):
 def test_structured_pruning_of_dead_swiglu_units_and_kv_groups_keeps_the_logits(criterion):
     from dataclasses import replace
 
-    from plugins import prune_structured as ps
+    from lmkit.builtin_plugins import prune_structured as ps
 
     dead_units, dead_groups = [[3, 9, 17], [0, 5, 23]], [1, 0]
     model = llama_with_dead_units(dead_units, dead_groups)
