@@ -45,16 +45,26 @@ def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(tmp_path,
     assert not list(ddp.glob("*ddp_process*")) and not (ddp.parent / "outputs").exists()
 
 
+# A user's own config folder, the Hydra way (`--config-dir`): a model preset built on lmkit's, and an experiment.
+USER_MODEL = "# lmkit's LSTM with dropout\ndefaults:\n  - lstm\ndropout: 0.1\n"
+USER_EXPERIMENT = "# @package _global_\ndefaults:\n  - override /model: dropped_lstm\n"
+
+
 def test_multirun_of_ddp_jobs_gives_one_sweep_with_one_job_per_point(tmp_path, cache_dir):
+    for path, text in (("model/dropped_lstm.yaml", USER_MODEL), ("experiment/mine.yaml", USER_EXPERIMENT)):
+        (tmp_path / "my_conf" / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "my_conf" / path).write_text(text)
     sweep = tmp_path / "sweep"
-    result = run_train_py("-m", *SMALL, *DDP2, "model.n_embd=32,48", f"hydra.sweep.dir={sweep}",
-                          run_dir=tmp_path / "unused", cache_dir=cache_dir)
+    # the user's presets must reach the re-launched rank 1 of each job too
+    result = run_train_py("-m", f"--config-dir={tmp_path / 'my_conf'}", "experiment=mine",
+                          *[o for o in SMALL if o != "model=lstm"], *DDP2, "model.n_embd=32,48",
+                          f"hydra.sweep.dir={sweep}", run_dir=tmp_path / "unused", cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1"]
     assert [metrics(j)["world_size"] for j in jobs] == [2, 2]
-    widths = [torch.load(metrics(j)["last_ckpt"], weights_only=True)["hyper_parameters"]["model"]["n_embd"] for j in jobs]
-    assert widths == [32, 48]
+    models = [torch.load(metrics(j)["last_ckpt"], weights_only=True)["hyper_parameters"]["model"] for j in jobs]
+    assert [m["n_embd"] for m in models] == [32, 48] and [m["dropout"] for m in models] == [0.1, 0.1]
     assert result.stdout.count("Metrics:") + result.stderr.count("Metrics:") == 2  # no job ran twice
     assert not list(tmp_path.rglob("multirun")) and not list(tmp_path.rglob("multiruns"))
 
