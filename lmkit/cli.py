@@ -14,6 +14,7 @@ Each command's keys and defaults are in conf/<command>.yaml (train: conf/train.y
     lmkit serve     model=PATH [host=127.0.0.1 port=8000 runtime=torch max_batch_size=32 workers=1 api_key=...]
                                                       an OpenAI-compatible HTTP server (needs lmkit[serve])
     lmkit plugins                                     the installed compression plugins
+    lmkit --version                                   lmkit's version; lmkit <command> --help: its keys
     lmkit report    DIR [DIR ...] [out=pareto.png]    compare compressed exports of one model
 """
 
@@ -22,11 +23,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import textwrap
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from lmkit.conf import check_conf_dir, compose, load_flat
+from lmkit.conf import CONF_DIR, check_conf_dir, compose, load_flat
 from lmkit.errors import LmkitError, exit_on_user_error
 
 
@@ -332,13 +334,35 @@ COMMANDS = {"train": _train, "export": _export, "generate": _generate, "eval": _
             "plugins": _plugins, "report": _report, "serve": _serve}
 
 
+def command_help(command: str) -> str:
+    """What `lmkit <command> --help` prints: its usage line, then its keys with their defaults and comments,
+    which is its conf/<command>.yaml as written (one place for both)."""
+    lines = __doc__.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(f"lmkit {command} "))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith(" " * 8)), len(lines))
+    usage = textwrap.dedent("\n".join(lines[start:end]))  # its line, and the lines that continue it
+    conf = CONF_DIR / f"{command.replace('-', '_')}.yaml"
+    if not conf.is_file():
+        return usage + "\n"
+    return f"{usage}\n\nKeys, their defaults and what they do ({conf.name}; set any with key=value):\n\n" + \
+        conf.read_text(encoding="utf-8")
+
+
 def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
         print(__doc__.split("\n", 2)[2], end="")
         return
+    if args[0] in ("--version", "-V"):
+        from lmkit import __version__
+
+        print(f"lmkit {__version__}")
+        return
     with exit_on_user_error():
         command = COMMANDS.get(args[0])
         if command is None:
             raise LmkitError(f"unknown command {args[0]!r}; commands: {', '.join(COMMANDS)}")
+        if args[0] != "train" and any(a in ("-h", "--help") for a in args[1:]):  # train's is Hydra's own
+            print(command_help(args[0]), end="")
+            return
         command(args[1:])

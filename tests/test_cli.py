@@ -119,6 +119,33 @@ def test_corrupt_checkpoint(lstm_checkpoint, tiny_corpus, tmp_path, cache_dir):
     assert_clean_error(result, "corrupt or truncated", "truncated.ckpt", run_dir=run_dir)
 
 
+@pytest.mark.parametrize("command", ["generate", "eval", "export", "import-hf", "serve", "plugins", "report"])
+def test_each_command_says_its_keys_defaults_and_comments_on_help(command):
+    import subprocess
+    import sys
+
+    from lmkit.conf import CONF_DIR
+
+    script = Path(sys.executable).parent / "lmkit"
+    result = subprocess.run([str(script), command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith(f"lmkit {command} "), result.stderr[-2000:]
+    conf = CONF_DIR / f"{command.replace('-', '_')}.yaml"
+    if conf.is_file():  # every key with its default and comment, as written once in the YAML
+        assert conf.read_text() in result.stdout
+    assert subprocess.run([str(script), command, "-h"], capture_output=True, text=True).stdout == result.stdout
+
+
+def test_version():
+    import subprocess
+    import sys
+
+    import lmkit
+
+    script = Path(sys.executable).parent / "lmkit"
+    assert subprocess.run([str(script), "--version"], capture_output=True, text=True).stdout == \
+        f"lmkit {lmkit.__version__}\n"
+
+
 def test_lmkit_train_command_takes_the_same_overrides(tmp_path, cache_dir):
     import subprocess
     import sys
