@@ -302,6 +302,9 @@ def _main(cfg: DictConfig) -> float | None:
         name = cfg.get("optimized_metric") or "val_loss"
         if name not in metrics:
             raise LmkitError(f"optimized_metric={name} is not a metric of this run: one of {', '.join(metrics)}")
+        if metrics[name] is None and "hparams_search" in cfg:  # (Optuna would fail every trial, then the study)
+            raise LmkitError(f"hparams_search optimises {name}, which this run did not measure "
+                             "(trainer.limit_val_batches=0?)")
     return metrics[name]
 
 

@@ -66,3 +66,16 @@ def test_search_without_the_extra_is_one_line_naming_it(command, tmp_path):
     assert "Optuna sweeper" in errors[0] and errors[0].endswith("pip install 'lmkit[optuna]'")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optimized_metric=val_los"], "optimized_metric=val_los is not a metric of this run: one of train_loss, val_loss"),
+    (["trainer.limit_val_batches=0"], "hparams_search optimises val_loss, which this run did not measure"),
+])
+def test_a_search_for_a_metric_it_cannot_read_is_one_line(overrides, message, tmp_path, cache_dir):
+    one = [o for o in SEARCH if not o.startswith(("hparams_search.n_trials", "trainer.max_steps"))]
+    result = run_train_py(*one, "hparams_search.n_trials=1", "trainer.max_steps=2", *overrides,
+                          f"hydra.sweep.dir={tmp_path / 'sweep'}", run_dir=tmp_path / "unused", cache_dir=cache_dir)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
