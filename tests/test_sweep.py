@@ -79,3 +79,17 @@ def test_a_search_for_a_metric_it_cannot_read_is_one_line(overrides, message, tm
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_the_preset_drives_the_sweeper(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=optuna", "hparams_search.n_trials=7",
+                                          "optimized_metric=test_loss"], return_hydra_config=True)
+    sweeper = OmegaConf.to_container(cfg.hydra.sweeper, resolve=True)
+    assert sweeper["_target_"].endswith("OptunaSweeper") and sweeper["sampler"]["seed"] == cfg.hparams_search.seed
+    assert (sweeper["n_trials"], sweeper["direction"], sweeper["study_name"]) == (7, "minimize", "test_loss")
+    assert sweeper["params"]["optim.lr"].startswith("tag(log,")
