@@ -271,7 +271,7 @@ def _compress(module: LitLanguageModel, backbone: torch.nn.Module, compression: 
 
 def check_sweeper(args: list[str]) -> None:
     """`hparams_search=...` needs Hydra's Optuna sweeper, an extra. Checked on the command line, before Hydra
-    composes the config: without the plugin, Hydra's own error is a traceback about a missing config."""
+    composes the config: without the plugin, Hydra's own error is a page about a missing hydra/sweeper option."""
     if not any(re.fullmatch(r"\+{0,2}hparams_search=(?!null$).+", arg) for arg in args):
         return
     for module in ("hydra_plugins.hydra_optuna_sweeper", "optuna"):

@@ -54,13 +54,14 @@ def test_optuna_search_of_ddp_trials_launches_each_trials_ranks_once(tmp_path, c
 @pytest.mark.parametrize("command", [[str(ROOT / "train.py")], ["-c", "from lmkit.cli import main; main()", "train"]],
                          ids=["train.py", "lmkit train"])
 def test_search_without_the_extra_is_one_line_naming_it(command, tmp_path):
-    # An empty module named hydra_plugins hides the installed plugins' namespace package: as if not installed.
-    shadow = tmp_path / "shadow"
-    shadow.mkdir()
-    (shadow / "hydra_plugins.py").write_text("")
+    # An empty hydra_plugins package first on the path hides the installed plugins: Hydra sees none, as without the
+    # extra (where Hydra's own error would be a page about a missing hydra/sweeper config)
+    shadow = tmp_path / "shadow" / "hydra_plugins"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
     result = subprocess.run([sys.executable, *command, "-m", "hparams_search=optuna", "trainer.max_steps=1",
                              f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "PYTHONPATH": f"{shadow}{os.pathsep}{ROOT}"})
+                            timeout=120, env={**os.environ, "PYTHONPATH": f"{shadow.parent}{os.pathsep}{ROOT}"})
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     assert "Optuna sweeper" in errors[0] and errors[0].endswith("pip install 'lmkit[optuna]'")
