@@ -1,13 +1,17 @@
 """`run(cfg)`: build data, model, callbacks, loggers and trainer from a composed config; fit; evaluate.
 
 A pure function of the config (no globals, no chdir), so tests and sweeps call it as they like;
-`main` is the one `@hydra.main` around it, which `train.py` and `lmkit train` both call.
+`main` (the one `@hydra.main` around it, behind a check of the command line) is what `train.py` and `lmkit
+train` both call.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import re
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -265,16 +269,43 @@ def _compress(module: LitLanguageModel, backbone: torch.nn.Module, compression: 
             "export_bytes_ratio": report["after_vs_before"]["bytes"]}
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def check_sweeper(args: list[str]) -> None:
+    """`hparams_search=...` needs Hydra's Optuna sweeper, an extra. Checked on the command line, before Hydra
+    composes the config: without the plugin, Hydra's own error is a page about a missing hydra/sweeper option."""
+    if not any(re.fullmatch(r"\+{0,2}hparams_search=(?!null$).+", arg) for arg in args):
+        return
+    for module in ("hydra_plugins.hydra_optuna_sweeper", "optuna"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # (its parent package is missing)
+            found = False
+        if not found:
+            raise LmkitError(f"hparams_search needs Hydra's Optuna sweeper ({module} is not installed): "
+                             "pip install 'lmkit[optuna]'")
+
+
+def main() -> None:
     """The entry point of `python train.py` and `lmkit train`."""
+    with exit_on_user_error():
+        check_sweeper(sys.argv[1:])
+    _main()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
+def _main(cfg: DictConfig) -> float | None:
     with exit_on_user_error():
         try:
             metrics, _ = run(cfg)
         except SIGTERMException:  # Lightning's is a SystemExit with code 0: a terminated run says so (128 + 15)
             raise SystemExit(143) from None
-    # A sweeper (e.g. Optuna) optimises the value main returns.
-    return metrics.get(cfg.get("optimized_metric") or "val_loss")
+        # A sweeper (hparams_search=optuna) optimises the value returned here.
+        name = cfg.get("optimized_metric") or "val_loss"
+        if name not in metrics:
+            raise LmkitError(f"optimized_metric={name} is not a metric of this run: one of {', '.join(metrics)}")
+        if metrics[name] is None and "hparams_search" in cfg:  # (Optuna would fail every trial, then the study)
+            raise LmkitError(f"hparams_search optimises {name}, which this run did not measure "
+                             "(trainer.limit_val_batches=0?)")
+    return metrics[name]
 
 
 def _float(value: Any) -> float | None:
