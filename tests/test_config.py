@@ -49,7 +49,7 @@ def test_canonical_keys_are_plain_overrides(make_cfg):
 
 def test_every_user_facing_key_is_documented_inline():
     """The keys users type (model, data, tokenizer, optim, trainer) carry a comment on their line or the line above."""
-    for group in ("model", "data", "tokenizer", "optim", "trainer", "experiment"):
+    for group in ("model", "data", "tokenizer", "optim", "trainer", "experiment", "finetune", "hparams_search"):
         for path in sorted((CONF / group).glob("*.yaml")):
             lines = path.read_text().splitlines()
             for i, line in enumerate(lines):
