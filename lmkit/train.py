@@ -284,10 +284,22 @@ def check_sweeper(args: list[str]) -> None:
                              "pip install 'lmkit[optuna]'")
 
 
+def check_config_dirs(args: list[str]) -> None:
+    """A user's config folder (`--config-dir DIR`, `-cd=DIR`) must exist: Hydra's own word for it is no error."""
+    for i, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        if name in ("--config-dir", "-cd"):
+            folder = value if equals else (args[i + 1] if i + 1 < len(args) else "")
+            if not Path(folder).is_dir():
+                raise LmkitError(f"{name} {folder}: no such folder (a folder of your own config groups, e.g. "
+                                 "model/, experiment/)")
+
+
 def main() -> None:
     """The entry point of `python train.py` and `lmkit train`."""
     with exit_on_user_error():
         check_sweeper(sys.argv[1:])
+        check_config_dirs(sys.argv[1:])
     _main()
 
 

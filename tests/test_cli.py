@@ -59,6 +59,14 @@ def assert_clean_error(result, *fragments: str, run_dir: Path) -> None:
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("flag", ["--config-dir", "-cd"])
+def test_a_config_dir_that_does_not_exist_is_one_line(flag, tmp_path, cache_dir):
+    missing = tmp_path / "my_conf"
+    result = run_train_py(f"{flag}={missing}", run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
+    assert result.returncode == 2
+    assert_clean_error(result, "no such folder", str(missing), run_dir=tmp_path / "run")
+
+
 @pytest.mark.parametrize("case", ["missing", "glob", "empty", "undecodable"])
 def test_bad_corpus_gives_one_line(case, tmp_path):
     corpus = tmp_path / "corpus"
