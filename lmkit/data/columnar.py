@@ -135,5 +135,10 @@ def _row_group_ends(metadata: Any, text_field: str, file_size: int) -> list[int]
 def _stream_batches(path: Path, text_field: str) -> Iterator[tuple[list[str], int]]:
     with _open_stream(path) as (reader, file):
         _text_column(reader.schema, path, text_field)
+        previous = None  # one batch held back: the last one ends at the file's end (after the end-of-stream mark)
         for batch in reader:
-            yield _texts(batch.column(text_field)), file.tell()
+            if previous:
+                yield previous
+            previous = _texts(batch.column(text_field)), file.tell()
+        if previous:
+            yield previous[0], path.stat().st_size
