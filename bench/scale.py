@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "tokenize": [], "train": []}
-    print(f"{'input':>8} {'corpus MB':>10} {'file MB':>8} {'tokens':>14} {'seconds':>8} {'MB/s':>6} {'peak RSS MB':>12}")
+    print(f"{'input':>8} {'corpus MB':>10} {'file MB':>8} {'tokens':>14} {'seconds':>8} {'MB/s':>6} "
+          f"{'peak RSS MB':>12}")
     # A child's peak RSS is only reported as the maximum over all children so far, so measure
     # the sizes in increasing order, one input after the other: a flat column means memory did not grow
     # with the corpus (a later input's rows show its own peak only where it is above the earlier ones').

@@ -59,9 +59,11 @@ def test_parquet_row_groups_read_the_documents_a_jsonl_file_holds(tmp_path):
     assert pq.ParquetFile(parquet).num_row_groups == 5
     from_parquet = Corpus(resolve_files(str(parquet)))
     assert documents_of(from_parquet) == documents_of(Corpus([write_jsonl(tmp_path / "docs.jsonl")])) == DOCS
+    assert resolve_files(str(tmp_path)) == [tmp_path / "docs.jsonl", parquet]  # a directory's Parquet files too
     # the same text in the token cache, document for document
     parquet_cache = build_or_open(from_parquet, {"kind": "char"}, [0.8, 0.1, 0.1], tmp_path / "cache")
-    jsonl_cache = build_or_open(Corpus([tmp_path / "docs.jsonl"]), {"kind": "char"}, [0.8, 0.1, 0.1], tmp_path / "cache")
+    jsonl_cache = build_or_open(Corpus([tmp_path / "docs.jsonl"]), {"kind": "char"}, [0.8, 0.1, 0.1],
+                                tmp_path / "cache")
     assert parquet_cache.path != jsonl_cache.path
     assert np.array_equal(parquet_cache.tokens(), jsonl_cache.tokens())
 

@@ -30,7 +30,7 @@ from lmkit.files import atomic_directory, cannot_write
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 # How documents are joined in the cache, part of its key so a cache built another way is never reused:
-# 1 (until 0.1): a blank line after each JSON line, .txt files run together; 2: a separator between documents
+# 1 (before issue 23): a blank line after each JSON line, .txt files run together; 2: a separator between documents
 # (files, JSON lines, rows), END_OF_TEXT where the tokenizer has it, else a blank line (Tokenizer.encode_documents).
 DOCUMENT_JOIN = 2
 SPLITS = ("train", "val", "test")

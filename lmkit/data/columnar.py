@@ -1,6 +1,7 @@
 """Parquet files and Arrow IPC streams (a `datasets.save_to_disk` folder): one text column, a batch at a time.
 
-Memory holds one batch of documents, never a whole row group or file. pyarrow is an extra
+Memory holds one row group's compressed text column and one batch of documents, never a whole file
+(bench/README.md, scale: flat from 10 MB to 1 GB). pyarrow is an extra
 (`pip install 'lmkit[parquet]'`), imported only when such a file is read.
 """
 
@@ -32,7 +33,8 @@ def pyarrow() -> Any:
 def check_columnar(path: Path, kind: str, text_field: str) -> None:
     """Refuse, before anything is tokenized, a file that cannot be read or has no text column `text_field`."""
     if kind == "parquet":
-        _text_column(_open_parquet(path).schema_arrow, path, text_field)
+        with _open_parquet(path) as parquet:
+            _text_column(parquet.schema_arrow, path, text_field)
     else:
         with _open_stream(path) as (reader, _):
             _text_column(reader.schema, path, text_field)
@@ -63,7 +65,8 @@ def dataset_folder_files(folder: Path) -> list[Path] | None:
         raise LmkitError(f"{state}: not a `datasets` state file (no _data_files list)") from None
     missing = [n for n in names if not (folder / n).is_file()]
     if missing or not names:
-        raise LmkitError(f"{folder}: its state.json names Arrow files that are not there: {', '.join(missing) or 'none'}")
+        raise LmkitError(f"{folder}: its state.json names Arrow files that are not there: "
+                         f"{', '.join(missing) or 'none'}")
     return [folder / n for n in names]
 
 
@@ -104,15 +107,15 @@ def _texts(column: Any) -> list[str]:
 
 
 def _parquet_batches(path: Path, text_field: str) -> Iterator[tuple[list[str], int]]:
-    parquet = _open_parquet(path)
-    _text_column(parquet.schema_arrow, path, text_field)
-    start = 0
-    for group, end in enumerate(_row_group_ends(parquet.metadata, text_field, path.stat().st_size)):
-        rows, done = parquet.metadata.row_group(group).num_rows, 0
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=[text_field]):
-            done += batch.num_rows
-            yield _texts(batch.column(0)), start + (end - start) * done // max(rows, 1)
-        start = end
+    with _open_parquet(path) as parquet:
+        _text_column(parquet.schema_arrow, path, text_field)
+        start = 0
+        for group, end in enumerate(_row_group_ends(parquet.metadata, text_field, path.stat().st_size)):
+            rows, done = parquet.metadata.row_group(group).num_rows, 0
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=[text_field]):
+                done += batch.num_rows
+                yield _texts(batch.column(0)), start + (end - start) * done // max(rows, 1)
+            start = end
 
 
 def _row_group_ends(metadata: Any, text_field: str, file_size: int) -> list[int]:
