@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -104,6 +105,9 @@ def main() -> None:
     # the sizes in increasing order, one input after the other: a flat column means memory did not grow
     # with the corpus (a later input's rows show its own peak only where it is above the earlier ones').
     for kind in args.inputs.split(","):
+        if kind == "parquet" and importlib.util.find_spec("pyarrow") is None:
+            print("  parquet: skipped, pyarrow is not installed (pip install 'lmkit[parquet]')")
+            continue
         for mb in sorted(int(s) for s in args.sizes.split(",")):
             with tempfile.TemporaryDirectory() as tmp:
                 row = tokenize_cost(mb, Path(tmp), kind)
