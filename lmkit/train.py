@@ -32,6 +32,7 @@ from lmkit.callbacks import CheckpointOnInterrupt, TextSampler, Throughput, use_
 from lmkit.checkpoint import check_compatible, check_same_base, read_checkpoint
 from lmkit.distributed import check_launch, ddp_children_run_this_job
 from lmkit.conf import CONF_DIR
+from lmkit.data.tokenizer import Tokenizer
 from lmkit.errors import LmkitError, exit_on_user_error
 from lmkit.console import known_warnings, quiet_console
 from lmkit.files import atomic_write_text, check_writable
@@ -127,6 +128,13 @@ def _attach_lora(module: LitLanguageModel, lora: LoRASettings, *, base: str) -> 
              f", {lora.base} base" if lora.base else "", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
 
 
+def _end_of_text_tokens(tokenizer: Tokenizer) -> dict[str, Any] | None:
+    """A model trained from scratch ends a text where its corpus ended each document: at END_OF_TEXT, when the
+    tokenizer has it (lmkit.data.tokenizer), so generation and `lmkit serve` stop there."""
+    eot = tokenizer.end_of_text_id
+    return None if eot is None else {"eos_token_ids": [eot]}
+
+
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train and evaluate as `cfg` says. Returns `(metrics, objects)`; writes metrics.json on rank zero."""
     started = time.perf_counter()
@@ -154,7 +162,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     tokenizer = datamodule.tokenizer
     try:
         module = LitLanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
-                                  data=data_cfg, compile=compile_model, tokens=init.record.tokens if init else None,
+                                  data=data_cfg, compile=compile_model,
+                                  tokens=init.record.tokens if init else _end_of_text_tokens(tokenizer),
                                   finetune=finetune)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise LmkitError(f"model: {e}") from None

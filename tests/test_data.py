@@ -59,8 +59,9 @@ def test_blocks_cut_exactly_at_line_ends_and_cover_the_corpus(tmp_path):
     assert corpus.total_bytes > 2 * BLOCK_BYTES
     cuts = [int(corpus.total_bytes * 0.9), int(corpus.total_bytes * 0.95)]
     pieces = list(corpus.blocks(cuts))
-    assert "".join(t for t, _, _ in pieces) == path.read_text()
-    by_segment = ["".join(t for t, s, _ in pieces if s == k) for k in range(3)]
+    assert all(len(b.documents) == 1 for b in pieces) and [b.continues for b in pieces[:2]] == [False, True]
+    assert "".join(b.documents[0] for b in pieces) == path.read_text()
+    by_segment = ["".join(b.documents[0] for b in pieces if b.segment == k) for k in range(3)]
     assert all(seg.endswith("\n") for seg in by_segment)
     assert len(by_segment[0].encode()) >= cuts[0] > len(by_segment[0].encode()) - 200
 
@@ -68,8 +69,8 @@ def test_blocks_cut_exactly_at_line_ends_and_cover_the_corpus(tmp_path):
 def test_jsonl_documents_are_read_from_their_text_field(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("\n".join(json.dumps({"body": f"doc {i}", "id": i}) for i in range(3)) + "\n")
-    text = "".join(t for t, _, _ in Corpus([path], text_field="body").blocks())
-    assert text == "doc 0\n\ndoc 1\n\ndoc 2\n\n"
+    docs = [d for b in Corpus([path], text_field="body").blocks() for d in b.documents]
+    assert docs == ["doc 0", "doc 1", "doc 2"]
     with pytest.raises(LmkitError, match="'text'"):
         list(Corpus([path]).blocks())
 
@@ -79,7 +80,7 @@ def test_undecodable_bytes_name_the_file_and_offset(tmp_path):
     path.write_bytes(b"good line\n" * 10 + b"bad \xff byte\n")
     with pytest.raises(LmkitError, match=r"bad.txt.*offset 104.*data.errors=replace"):
         list(Corpus([path]).blocks())
-    assert "\ufffd" in "".join(t for t, _, _ in Corpus([path], errors="replace").blocks())
+    assert "\ufffd" in "".join(b.documents[0] for b in Corpus([path], errors="replace").blocks())
 
 
 def test_resolve_files_errors_name_the_path(tmp_path):

@@ -21,13 +21,18 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from lmkit.data.corpus import Corpus
-from lmkit.data.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer, tokenizer_from_json
+from lmkit.data.corpus import Block, Corpus
+from lmkit.data.tokenizer import (BLANK_LINE, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer,
+                                  tokenizer_from_json)
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory, cannot_write
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+# How documents are joined in the cache, part of its key so a cache built another way is never reused:
+# 1 (before issue 23): a blank line after each JSON line, .txt files run together; 2: a separator between documents
+# (files, JSON lines, rows), END_OF_TEXT where the tokenizer has it, else a blank line (Tokenizer.encode_documents).
+DOCUMENT_JOIN = 2
 SPLITS = ("train", "val", "test")
 
 
@@ -60,7 +65,7 @@ def _validate_split(split: list[float]) -> list[float]:
 
 
 def cache_key(corpus_hash: str, tokenizer: dict, split: list[float]) -> str:
-    spec = {"v": FORMAT_VERSION, "corpus": corpus_hash, "tokenizer": tokenizer, "split": split}
+    spec = {"v": FORMAT_VERSION, "join": DOCUMENT_JOIN, "corpus": corpus_hash, "tokenizer": tokenizer, "split": split}
     if tokenizer.get("path"):  # a saved tokenizer: its contents matter, not its name
         if not Path(tokenizer["path"]).is_file():
             raise LmkitError(f"tokenizer.path: no such file: {tokenizer['path']}")
@@ -83,15 +88,16 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def build_tokenizer(spec: dict, texts: Callable[[bool], Iterator[str]]) -> Tokenizer:
-    """`texts(train_only)` streams the corpus; BPE learns from the training split alone."""
+def build_tokenizer(spec: dict, texts: Callable[[bool, str | None], Iterator[str]]) -> Tokenizer:
+    """`texts(train_only, separator)` streams the corpus's documents, with `separator` between them when given;
+    BPE learns from the training split alone, and its END_OF_TEXT separator is a special token, not text."""
     kind = spec.get("kind")
-    if kind == "char":
-        return CharTokenizer.from_texts(texts(False))  # the whole corpus, so val/test never meet an unknown char
+    if kind == "char":  # the whole corpus, so val/test never meet an unknown char; and the blank line that joins
+        return CharTokenizer.from_texts(texts(False, BLANK_LINE))
     if kind == "bpe":
         if spec.get("path"):
             return load_tokenizer(spec["path"])
-        return BPETokenizer.train(texts(True), vocab_size=int(spec["vocab_size"]))
+        return BPETokenizer.train(texts(True, None), vocab_size=int(spec["vocab_size"]))
     if kind == "json":  # a tokenizer handed over inline (fine-tuning from an exported model)
         return tokenizer_from_json(spec["json"])
     if kind == "file":
@@ -139,11 +145,14 @@ def build_or_open(corpus: Corpus, tokenizer: dict, split: list[float], cache_dir
 def _build(corpus: Corpus, corpus_hash: str, spec: dict, split: list[float], out: Path) -> None:
     cuts = [int(corpus.total_bytes * split[0]), int(corpus.total_bytes * (split[0] + split[1]))]
 
-    def texts(train_only: bool) -> Iterator[str]:
-        for text, segment, _ in corpus.blocks(cuts):
-            if train_only and segment > 0:
+    def texts(train_only: bool, separator: str | None) -> Iterator[str]:
+        for block, lead in _with_leads(corpus.blocks(cuts)):
+            if train_only and block.segment > 0:
                 return
-            yield text
+            for i, doc in enumerate(block.documents):
+                if separator and (i or lead):
+                    yield separator
+                yield doc
 
     tokenizer = build_tokenizer(spec, texts)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
@@ -152,14 +161,14 @@ def _build(corpus: Corpus, corpus_hash: str, spec: dict, split: list[float], out
     with open(out / "tokens.bin", "wb") as fh, tqdm(total=corpus.total_bytes, unit="B", unit_scale=True,
                                                    desc="Tokenizing", disable=not show) as bar:
         done = 0
-        for text, segment, read in corpus.blocks(cuts):
-            while len(bounds) <= segment:
+        for block, lead in _with_leads(corpus.blocks(cuts)):
+            while len(bounds) <= block.segment:
                 bounds.append(n)
-            ids = tokenizer.encode_array(text).astype(dtype)
+            ids = tokenizer.encode_documents(block.documents, lead).astype(dtype)
             fh.write(ids.data)  # (ndarray.tofile reports a full disk without its errno)
             n += len(ids)
-            bar.update(read - done)
-            done = read
+            bar.update(block.bytes_read - done)
+            done = block.bytes_read
     while len(bounds) < 4:
         bounds.append(n)
     if n == 0:
@@ -168,3 +177,12 @@ def _build(corpus: Corpus, corpus_hash: str, spec: dict, split: list[float], out
     meta = {"version": FORMAT_VERSION, "n_tokens": n, "dtype": np.dtype(dtype).name, "bounds": bounds,
             "corpus": corpus_hash, "files": [str(f) for f in corpus.files], "tokenizer": spec, "split": split}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _with_leads(blocks: Iterator[Block]) -> Iterator[tuple[Block, bool]]:
+    """Each block with whether a separator goes before its first document: one did come before, and the
+    block does not carry it on."""
+    seen = False
+    for block in blocks:
+        yield block, seen and bool(block.documents) and not block.continues
+        seen = seen or bool(block.documents)

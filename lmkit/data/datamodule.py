@@ -60,7 +60,8 @@ class LMDataModule(L.LightningDataModule):
             return Corpus([shakespeare_file(self.cache_dir)])
         if self.source == "text":
             if not self.path:
-                raise LmkitError("data=text needs data.path=FILE, DIR or GLOB (.txt or .jsonl)")
+                raise LmkitError("data=text needs data.path=FILE, DIR or GLOB "
+                                 "(.txt, .jsonl, .parquet or a datasets.save_to_disk folder)")
             return Corpus(resolve_files(self.path), **self.corpus_options)
         raise LmkitError(f"data.source={self.source!r} is not one of shakespeare, text")
 

@@ -16,13 +16,18 @@ import numpy as np
 
 from lmkit.errors import LmkitError
 
+END_OF_TEXT = "<|endoftext|>"  # the special token a trained BPE tokenizer reserves to end each document (GPT-2's)
+BLANK_LINE = "\n\n"  # what separates documents for a tokenizer without END_OF_TEXT
+
 
 class Tokenizer(Protocol):
     kind: str
     vocab_size: int
+    end_of_text_id: int | None  # the END_OF_TEXT special token's id, when the vocabulary has one
 
     def encode(self, text: str) -> list[int]: ...
     def encode_array(self, text: str) -> np.ndarray: ...
+    def encode_documents(self, documents: Sequence[str], lead: bool) -> np.ndarray: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def to_json(self) -> str: ...
 
@@ -31,6 +36,7 @@ class CharTokenizer:
     """One token per Unicode character; encoding is a table lookup over code points."""
 
     kind = "char"
+    end_of_text_id = None  # documents are separated by a blank line, which it encodes as text
 
     def __init__(self, chars: str) -> None:
         if not chars:
@@ -58,6 +64,10 @@ class CharTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
+
+    def encode_documents(self, documents: Sequence[str], lead: bool) -> np.ndarray:
+        """The documents joined by a blank line, with one before the first when `lead` (more came before)."""
+        return self.encode_array((BLANK_LINE if lead else "") + BLANK_LINE.join(documents))
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -99,12 +109,18 @@ class BPETokenizer:
         self.tokenizer = tokenizer
         self.vocab_size = tokenizer.get_vocab_size()
 
+    @property
+    def end_of_text_id(self) -> int | None:
+        return self.tokenizer.token_to_id(END_OF_TEXT)
+
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Merges learned from `texts`, with END_OF_TEXT reserved as a special token (id 0): one id, never
+        split, dropped by `decode`."""
         from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
 
         tok = byte_level(HFTokenizer(models.BPE()))
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[END_OF_TEXT],
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
@@ -114,6 +130,24 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
+
+    def encode_documents(self, documents: Sequence[str], lead: bool) -> np.ndarray:
+        """The documents, each after an END_OF_TEXT id when the vocabulary has one (the first only when `lead`:
+        more came before); otherwise joined by a blank line, as text."""
+        eot = self.end_of_text_id
+        if eot is None:
+            return self.encode_array((BLANK_LINE if lead else "") + BLANK_LINE.join(documents))
+        self.tokenizer.encode_special_tokens = True  # a document that quotes "<|endoftext|>" is text, not an end
+        try:
+            encodings = self.tokenizer.encode_batch(list(documents))
+        finally:
+            self.tokenizer.encode_special_tokens = False
+        ids: list[int] = []
+        for i, encoding in enumerate(encodings):
+            if i or lead:
+                ids.append(eot)
+            ids += encoding.ids
+        return np.asarray(ids, dtype=np.int64)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
