@@ -42,6 +42,15 @@ def in_venv(venv: Path, *cmd: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def test_every_config_group_is_a_package_of_the_wheel():
+    """Else setuptools warns, at every install, about a folder it would carry as data only."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    groups = {f"lmkit._conf.{d.name}" for d in (ROOT / "conf").iterdir() if d.is_dir()}
+    assert groups <= set(packages), sorted(groups - set(packages))
+
+
 def test_the_wheel_holds_lmkit_alone_and_its_configs(installed, tmp_path):
     result = in_venv(installed, "python", "-c", "import lmkit, lmkit.conf, importlib.util; "
                      "print(lmkit.__file__, lmkit.conf.CONF_DIR, importlib.util.find_spec('plugins'))", cwd=tmp_path)
