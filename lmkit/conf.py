@@ -2,11 +2,13 @@
 
 `python train.py` and `lmkit train` compose `conf/train.yaml` through one `@hydra.main`
 (lmkit.train.main); `lmkit generate|eval|export` compose `conf/<command>.yaml` here, so a default
-is written once, in YAML, next to the comment that explains it.
+is written once, in YAML, next to the comment that explains it. Also the checks of the training command line
+that must run before Hydra composes anything (a user's --config-dir that is missing, the Optuna extra).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -77,3 +79,29 @@ def group_option(group: str, option: str) -> dict[str, Any]:
 
     cfg = compose("train", [f"{group}={option}", "paths.output_dir=unused"])
     return OmegaConf.to_container(cfg[group], resolve=True)
+
+
+def check_sweeper(args: list[str]) -> None:
+    """`hparams_search=...` needs Hydra's Optuna sweeper, an extra. Checked on the command line, before Hydra
+    composes the config: without the plugin, Hydra's own error is a page about a missing hydra/sweeper option."""
+    if not any(re.fullmatch(r"\+{0,2}hparams_search=(?!null$).+", arg) for arg in args):
+        return
+    for module in ("hydra_plugins.hydra_optuna_sweeper", "optuna"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ImportError:  # (its parent package is missing)
+            found = False
+        if not found:
+            raise LmkitError(f"hparams_search needs Hydra's Optuna sweeper ({module} is not installed): "
+                             "pip install 'lmkit[optuna]'")
+
+
+def check_config_dirs(args: list[str]) -> None:
+    """A user's config folder (`--config-dir DIR`, `-cd=DIR`) must exist: Hydra's own word for it is no error."""
+    for i, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        if name in ("--config-dir", "-cd"):
+            folder = value if equals else (args[i + 1] if i + 1 < len(args) else "")
+            if not Path(folder).is_dir():
+                raise LmkitError(f"{name} {folder}: no such folder (a folder of your own config groups, e.g. "
+                                 "model/, experiment/)")

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -216,3 +217,33 @@ def quantize_base(model: Any, base: str) -> None:
     plugin = make(base)
     plugin.check_model(model)
     plugin.apply(model, CompressContext(cache_dir=""))  # (int4 and int8 read no corpus)
+
+
+def lora_settings(finetune: dict[str, Any], init_from: str | None) -> LoRASettings | None:
+    """The `finetune` group's LoRA settings (None for a full fine-tune), refused without a base to adapt."""
+    kind = finetune.get("kind")
+    if kind not in ("full", "lora"):
+        raise LmkitError(f"finetune.kind={kind!r} is not one of full, lora")
+    if kind == "full":
+        return None
+    settings = LoRASettings.from_config(finetune)
+    if not init_from:
+        raise LmkitError("finetune=lora trains adapters on a pretrained model: give init_from=PATH (an lmkit model "
+                         "folder or checkpoint, e.g. one `lmkit import-hf` wrote)")
+    return settings
+
+
+def attach(module: Any, lora: LoRASettings, *, base: str) -> None:
+    """Freeze the base loaded into `module` (a LitLanguageModel; quantized first for QLoRA), wrap its projections in
+    trainable adapters, and record the base's path and fingerprint for its checkpoints."""
+    from lmkit.inference import InferenceModel
+
+    module.lora_base = {"path": str(Path(base).resolve()), "fingerprint": fingerprint(module.backbone)}
+    if lora.base is not None:
+        model = InferenceModel(module.backbone, module.tokenizer, module.record)
+        quantize_base(model, lora.base)
+        module.backbone = model.backbone
+    adapt(module.backbone, lora)
+    trainable, total = parameter_counts(module.backbone)
+    log.info("LoRA (r=%d on %s%s): %s of %s parameters train (%.2f%%)", lora.r, ",".join(lora.targets),
+             f", {lora.base} base" if lora.base else "", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

@@ -7,10 +7,8 @@ train` both call.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -31,14 +29,14 @@ from omegaconf.errors import MissingMandatoryValue
 from lmkit.callbacks import CheckpointOnInterrupt, TextSampler, Throughput, use_atomic_checkpoints
 from lmkit.checkpoint import check_compatible, check_same_base, read_checkpoint
 from lmkit.distributed import check_launch, ddp_children_run_this_job
-from lmkit.conf import CONF_DIR
+from lmkit.conf import CONF_DIR, check_config_dirs, check_sweeper
 from lmkit.data.tokenizer import Tokenizer
 from lmkit.errors import LmkitError, exit_on_user_error
 from lmkit.console import known_warnings, quiet_console
 from lmkit.files import atomic_write_text, check_writable
 from lmkit.inference import InferenceModel
 from lmkit.lightning_module import LitLanguageModel
-from lmkit.lora import LoRASettings, adapt, fingerprint, merged, parameter_counts, quantize_base
+from lmkit.lora import attach, lora_settings, merged
 from lmkit.parallel.checkpoint import is_sharded_checkpoint
 from lmkit.parallel.parallelize import gather
 from lmkit.parallel.strategy import ShardedStrategy
@@ -101,33 +99,6 @@ def _init_from(path: str | None):
     return model
 
 
-def lora_settings(finetune: dict[str, Any], init_from: str | None) -> LoRASettings | None:
-    """The `finetune` group's LoRA settings (None for a full fine-tune), refused without a base to adapt."""
-    kind = finetune.get("kind")
-    if kind not in ("full", "lora"):
-        raise LmkitError(f"finetune.kind={kind!r} is not one of full, lora")
-    if kind == "full":
-        return None
-    settings = LoRASettings.from_config(finetune)
-    if not init_from:
-        raise LmkitError("finetune=lora trains adapters on a pretrained model: give init_from=PATH (an lmkit model "
-                         "folder or checkpoint, e.g. one `lmkit import-hf` wrote)")
-    return settings
-
-
-def _attach_lora(module: LitLanguageModel, lora: LoRASettings, *, base: str) -> None:
-    """Freeze the loaded base (quantized first for QLoRA) and wrap its projections in trainable adapters."""
-    module.lora_base = {"path": str(Path(base).resolve()), "fingerprint": fingerprint(module.backbone)}
-    if lora.base is not None:
-        model = InferenceModel(module.backbone, module.tokenizer, module.record)
-        quantize_base(model, lora.base)
-        module.backbone = model.backbone
-    adapt(module.backbone, lora)
-    trainable, total = parameter_counts(module.backbone)
-    log.info("LoRA (r=%d on %s%s): %s of %s parameters train (%.2f%%)", lora.r, ",".join(lora.targets),
-             f", {lora.base} base" if lora.base else "", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-
-
 def _end_of_text_tokens(tokenizer: Tokenizer) -> dict[str, Any] | None:
     """A model trained from scratch ends a text where its corpus ended each document: at END_OF_TEXT, when the
     tokenizer has it (lmkit.data.tokenizer), so generation and `lmkit serve` stop there."""
@@ -175,7 +146,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("Initialised from %s", cfg.init_from)
         del init  # its weights are copied: a second model held for the whole run is memory a fine-tune needs
     if lora is not None:
-        _attach_lora(module, lora, base=cfg.init_from)
+        attach(module, lora, base=cfg.init_from)
     context = module.backbone.max_seq_len
     if context is not None and datamodule.seq_len > context:
         raise LmkitError(f"data.seq_len={datamodule.seq_len} exceeds the model's context model.max_seq_len={context}")
@@ -276,32 +247,6 @@ def _compress(module: LitLanguageModel, backbone: torch.nn.Module, compression: 
     after = report["after"]
     return {"export_dir": str(out.resolve()), "export_bytes": after["bytes"], "export_ppl": after["perplexity"],
             "export_bytes_ratio": report["after_vs_before"]["bytes"]}
-
-
-def check_sweeper(args: list[str]) -> None:
-    """`hparams_search=...` needs Hydra's Optuna sweeper, an extra. Checked on the command line, before Hydra
-    composes the config: without the plugin, Hydra's own error is a page about a missing hydra/sweeper option."""
-    if not any(re.fullmatch(r"\+{0,2}hparams_search=(?!null$).+", arg) for arg in args):
-        return
-    for module in ("hydra_plugins.hydra_optuna_sweeper", "optuna"):
-        try:
-            found = importlib.util.find_spec(module) is not None
-        except ImportError:  # (its parent package is missing)
-            found = False
-        if not found:
-            raise LmkitError(f"hparams_search needs Hydra's Optuna sweeper ({module} is not installed): "
-                             "pip install 'lmkit[optuna]'")
-
-
-def check_config_dirs(args: list[str]) -> None:
-    """A user's config folder (`--config-dir DIR`, `-cd=DIR`) must exist: Hydra's own word for it is no error."""
-    for i, arg in enumerate(args):
-        name, equals, value = arg.partition("=")
-        if name in ("--config-dir", "-cd"):
-            folder = value if equals else (args[i + 1] if i + 1 < len(args) else "")
-            if not Path(folder).is_dir():
-                raise LmkitError(f"{name} {folder}: no such folder (a folder of your own config groups, e.g. "
-                                 "model/, experiment/)")
 
 
 def main() -> None:
