@@ -59,12 +59,18 @@ def assert_clean_error(result, *fragments: str, run_dir: Path) -> None:
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("flag", ["--config-dir", "-cd"])
-def test_a_config_dir_that_does_not_exist_is_one_line(flag, tmp_path, cache_dir):
+def test_a_config_dir_that_does_not_exist_is_one_line(tmp_path, cache_dir):
+    from lmkit.conf import check_config_dirs
+    from lmkit.errors import LmkitError
+
     missing = tmp_path / "my_conf"
-    result = run_train_py(f"{flag}={missing}", run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
+    result = run_train_py(f"--config-dir={missing}", run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
     assert result.returncode == 2
     assert_clean_error(result, "no such folder", str(missing), run_dir=tmp_path / "run")
+    for args in (["-cd", str(missing)], [f"-cd={missing}"], ["--config-dir", str(missing), "model=lstm"]):
+        with pytest.raises(LmkitError, match="no such folder"):
+            check_config_dirs(args)
+    check_config_dirs(["--config-dir", str(tmp_path)])  # one that exists is fine
 
 
 @pytest.mark.parametrize("case", ["missing", "glob", "empty", "undecodable"])
