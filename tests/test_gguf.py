@@ -177,14 +177,21 @@ def test_llama_cpp_generates_lmkit_greedy_tokens(bpe, tmp_path):
     llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=32, verbose=False)
     prompt = bpe.encode("ROMEO:\nBut, soft!")
     assert llm.tokenize("ROMEO:\nBut, soft!".encode(), add_bos=False, special=False) == prompt
+    ours, theirs = greedy_tokens(model, llm, prompt)
+    assert theirs == ours
+
+
+def greedy_tokens(model, llm, prompt: list[int], steps: int = 12) -> tuple[list[int], list[int]]:
+    """`steps` greedy tokens after `prompt` from lmkit's model and from llama.cpp's, each decoded by hand (neither
+    stops at an end token)."""
     ours, ids = [], list(prompt)
     with torch.no_grad():
-        for _ in range(12):
+        for _ in range(steps):
             ours.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
             ids.append(ours[-1])
     theirs = []
     llm.eval(prompt)
-    for _ in range(12):  # greedy by hand: lmkit's vocabulary has no end-of-text token to stop at
+    for _ in range(steps):
         theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
         llm.eval([theirs[-1]])
-    assert theirs == ours
+    return ours, theirs

@@ -18,7 +18,7 @@ from lmkit.deploy.gguf import export_gguf
 from lmkit.errors import LmkitError
 from lmkit.hf import import_hf
 from lmkit.inference import InferenceModel
-from tests.test_gguf import TEXT, bpe, tiny_lm  # noqa: F401 (bpe is a fixture)
+from tests.test_gguf import TEXT, bpe, greedy_tokens, tiny_lm  # noqa: F401 (bpe is a fixture)
 from tests.test_hf_llama import LLAMA3, hf_model
 
 gguf = pytest.importorskip("gguf")
@@ -233,16 +233,7 @@ def test_llama_cpp_generates_lmkit_greedy_tokens(case, bpe, tmp_path):
     export_gguf(model, tmp_path / "gguf")
     llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=64, verbose=False)
     prompt = bpe.encode("ROMEO:\nBut, soft!")
-    ours, ids = [], list(prompt)
-    with torch.no_grad():
-        for _ in range(12):
-            ours.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-            ids.append(ours[-1])
-    theirs = []
-    llm.eval(prompt)
-    for _ in range(12):
-        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([theirs[-1]])
+    ours, theirs = greedy_tokens(model, llm, prompt)
     assert theirs == ours
 
 
