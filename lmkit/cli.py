@@ -94,6 +94,7 @@ class ServeArgs:
     max_tokens: int
     max_tokens_limit: int
     max_n: int
+    max_prompt_tokens: int
     log_level: str
 
 

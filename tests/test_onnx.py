@@ -115,9 +115,8 @@ runtime = json.load(open(f"{folder}/config.json"))["runtime"]
 session = onnxruntime.InferenceSession(f"{folder}/{runtime['file']}")
 tokenizer = Tokenizer.from_file(f"{folder}/tokenizer.json")
 ids = tokenizer.encode(prompt).ids
-# an empty cache: its batch axis (the 0 in cache_shapes) becomes 1; a Transformer's past length stays 0
-cache = [np.zeros([d or 1 if axis == (0 if len(shape) == 4 else 1) else d for axis, d in enumerate(shape)],
-                  np.float32) for shape in runtime["cache_shapes"]]
+# an empty cache: its batch axis (each shape's first 0) becomes 1; a Transformer's past length stays 0
+cache = [np.zeros(s[:s.index(0)] + [1] + s[s.index(0) + 1:], np.float32) for s in runtime["cache_shapes"]]
 feed = np.array([ids], dtype=np.int64)
 for _ in range(steps):  # the prompt in one call, then one token per call
     logits, *cache = session.run(None, {"input_ids": feed, **dict(zip(runtime["inputs"][1:], cache))})
@@ -229,3 +228,35 @@ def test_cli_exports_a_pruned_int8_model_that_generate_and_eval_run(trained, tmp
     again = lmkit_cmd("export", f"model={out}", f"out={tmp_path / 'no'}", cwd=tmp_path, env=env)
     one_error_line(again, "is an ONNX export: export from the lmkit model or checkpoint it came from")
     assert not (tmp_path / "no").exists()
+
+
+def test_rows_of_different_lengths_decode_together_through_past_mask(exports):
+    """Rows prefilled apart and stacked (the shorter one padded on the left, as `lmkit serve` batches them)
+    give each row's logits as if it ran alone, at its own positions; a row leaving trims the padding."""
+    for name in ("learned", "llama", "sinusoidal"):
+        model, path = exports[name]
+        backbone = lmkit.load(path).backbone
+        texts = [torch.tensor([TOKENIZER.encode(t)]) for t in ("ROMEO: But soft, what", "light", "O")]
+        states = [backbone(ids, backbone.init_state(1))[1] for ids in texts]
+        state = backbone.stack_states(states)
+        assert state.pos == 21 and state.arrays[-1].sum(axis=1).tolist() == [21, 5, 1]
+        following = torch.tensor([[3, 4], [5, 6], [7, 8]])
+        logits, state = backbone(following, state)
+        for row, ids in enumerate(texts):
+            alone = model(torch.cat([ids, following[row:row + 1]], dim=1))[0, -2:]
+            torch.testing.assert_close(logits[row], alone, atol=2e-3, rtol=1e-3)
+        short = backbone.stack_states([backbone.select_states(state, [1, 2])])
+        assert short.pos == 7 and short.arrays[0].shape[2] == 7
+
+
+def test_an_export_from_before_past_mask_loads_and_serves_one_request_at_a_time():
+    """tests/data/format1-transformer-onnx: an ONNX Transformer exported before graphs took past_mask."""
+    from lmkit.serve.engine import Engine
+
+    old = lmkit.load(Path(__file__).parent / "data" / "format1-transformer-onnx")
+    assert "past_mask" not in old.backbone.inputs
+    same = dict(max_new_tokens=40, temperature=0.8, seed=1)
+    assert old.generate("ROMEO:", **same) == lmkit.load(Path(__file__).parent / "data" / "format1-transformer").generate(
+        "ROMEO:", **same)
+    engine = Engine(old, max_rows=8)
+    assert not engine.batched and "re-export it with `lmkit export format=onnx` to batch" in engine.unbatched

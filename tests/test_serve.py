@@ -116,7 +116,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path):
-    server = Server(model_dir, free_port(), "max_batch_size=8", "max_tokens_limit=100000", "max_n=4")
+    server = Server(model_dir, free_port(), "max_batch_size=8", "max_tokens_limit=100000", "max_n=4",
+                    "max_prompt_tokens=64")
     try:
         server.wait_ready()
         yield server
@@ -271,6 +272,8 @@ BAD = [  # (path, body, status, param)
     ("/v1/completions", {"model": NAME, "prompt": "Déjà vu"}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": [9999]}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": "A" * 65}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": [[1], [1] * 65]}, 400, "prompt"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "A"}, 404, "model"),
     ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": 3}]}, 400, "messages.0.content"),
@@ -341,29 +344,54 @@ def test_sigterm_stops_the_server_and_its_processes(server):
     assert not alive
 
 
-def test_an_onnx_export_serves_the_same_text(tmp_path, model):
-    """runtime=onnx: the same server over what lmkit.load returns for an ONNX export (onnxruntime)."""
+def test_an_onnx_transformer_serves_32_clients_as_generate_and_frees_the_rows_of_those_who_hang_up(tmp_path):
+    """runtime=onnx, a Transformer with a 32-token context, 32 rows per batch: 32 clients fill the batch with
+    endless streams and hang up, so the next 32 are served only if their rows were freed; those 32 (prompts of
+    different lengths, one longer than the context, greedy and seeded, some re-priming as they decode) each
+    get `lmkit generate`'s text for the same export."""
     pytest.importorskip("onnxruntime")
+    import lmkit
     from lmkit.deploy.onnx import export_onnx
 
-    onnx_dir = export_onnx(model, tmp_path / NAME)
+    onnx_dir = export_onnx(tiny_model("transformer"), tmp_path / NAME)
     with pytest.raises(LmkitError, match="is an ONNX export: serve it with runtime=onnx"):
         _serve([f"model={onnx_dir}"])
-    server = Server(onnx_dir, free_port(), "runtime=onnx")
+    model = lmkit.load(onnx_dir)
+    prompts = ["ROMEO:", "A", "Be it so, my lord, and more than that: O noble", "O, I am slain"]  # the third: 46 tokens
+    assert len(model.encode(prompts[2])) > 32
+    requests = [dict(prompt=prompts[i % 4], max_tokens=20 + i, temperature=0.9, seed=i) if i % 2 else
+                dict(prompt=prompts[i % 4], max_tokens=20 + i, temperature=0) for i in range(32)]
+    server = Server(onnx_dir, free_port(), "runtime=onnx", "max_batch_size=32", "max_tokens_limit=1000000")
     try:
         server.wait_ready()
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-        prompts = ["ROMEO:", "Be it so"]
-        result = client.completions.create(model=NAME, prompt=prompts, max_tokens=20, temperature=0)
-        assert [c.text for c in result.choices] == [model.generate(p, max_new_tokens=20, temperature=0)[len(p):]
-                                                    for p in prompts]
-        seeded = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=20, temperature=0.9, seed=3,
-                                           stream=True)
-        assert "ROMEO:" + "".join(c.choices[0].text for c in seeded) == model.generate(
-            "ROMEO:", max_new_tokens=20, temperature=0.9, seed=3)
+
+        async def hang_up_then_ask() -> list[str]:
+            async with httpx.AsyncClient(timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as http:
+                async def endless() -> None:
+                    body = {"model": NAME, "prompt": "A", "max_tokens": 1000000, "stream": True}
+                    async with http.stream("POST", server.url + "/v1/completions", json=body) as stream:
+                        async for line in stream.aiter_lines():
+                            assert line.startswith("data: ")
+                            return  # hang up after the first text
+
+                await asyncio.gather(*(endless() for _ in range(32)))
+            async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60) as c:
+                async def one(request: dict) -> str:
+                    stream = await c.completions.create(model=NAME, stream=True, **request)
+                    return "".join([chunk.choices[0].text async for chunk in stream])
+
+                return await asyncio.gather(*(one(r) for r in requests))
+
+        texts = asyncio.run(hang_up_then_ask())
+        for request, text in zip(requests, texts):
+            prompt = request["prompt"]
+            want = model.generate(prompt, max_new_tokens=request["max_tokens"], temperature=request["temperature"],
+                                  seed=request.get("seed"))
+            assert prompt + text == want, request
         os.killpg(server.proc.pid, signal.SIGINT)  # Ctrl-C at a console reaches the whole process group
         assert server.proc.wait(30) == 0
         assert "lmkit serve: stopped" in "".join(server.lines) and "Traceback" not in "".join(server.lines)
+        assert "one request at a time" not in "".join(server.lines)
     finally:
         server.stop()
 
@@ -414,11 +442,19 @@ def test_a_request_added_while_a_failed_step_resets_is_answered_or_kept():
 
 # --- the engine alone ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["transformer", "lstm"])
-def test_engine_rows_joining_and_leaving_decode_as_generate(kind):
+@pytest.mark.parametrize("kind, runtime", [("transformer", "torch"), ("lstm", "torch"), ("transformer", "onnx"),
+                                           ("lstm", "onnx")])
+def test_engine_rows_joining_and_leaving_decode_as_generate(kind, runtime, tmp_path):
     """Requests of different lengths join a running batch and leave it; a 16-token Transformer re-primes
-    its context several times. Each request's text equals InferenceModel.generate's (greedy and seeded)."""
+    its context several times. Each request's text equals InferenceModel.generate's (greedy and seeded),
+    with torch and with onnxruntime (an ONNX Transformer's rows padded through its past_mask)."""
     model = tiny_model(kind, **({"max_seq_len": 16} if kind == "transformer" else {}))
+    if runtime == "onnx":
+        pytest.importorskip("onnxruntime")
+        import lmkit
+        from lmkit.deploy.onnx import export_onnx
+
+        model = lmkit.load(export_onnx(model, tmp_path / kind))
     engine = Engine(model, max_rows=6)
     jobs = {}
     for i, prompt in enumerate(["ROMEO:", "A", "Be it so, my lord, and more", "O"]):

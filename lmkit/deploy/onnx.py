@@ -5,12 +5,18 @@ The graph interface (config.json's `runtime` block names the inputs and outputs)
 
     inputs   input_ids  int64 [batch, seq]
              then the cache: a Transformer's past_key_values.{i}.key / .value [batch, heads, past_seq, head_dim]
-             (past_seq 0 is an empty cache); an LSTM's state.h / state.c, a GRU's state.h [layers, batch, hidden]
-             (zeros are an empty state)
+             and past_mask float32 [batch, past_seq] (past_seq 0 is an empty cache); an LSTM's state.h /
+             state.c, a GRU's state.h [layers, batch, hidden] (zeros are an empty state)
     outputs  logits [batch, seq, vocab], then present.*: output k+1 is input k+1 of the next call
 
-A prompt runs in one call, then one token per call; positions continue from the past length. Dynamic
-batch, sequence and past lengths. The decoding loop needs numpy, onnxruntime and tokenizers only.
+A prompt runs in one call, then one token per call. The first 0 of each cache shape is its batch axis.
+Dynamic batch, sequence and past lengths. The decoding loop needs numpy, onnxruntime and tokenizers only.
+
+`past_mask` is what lets rows of different lengths decode in one batch: 1 where a past slot holds a
+token, 0 where it is padding put before a shorter row's text (what a server does when it stacks rows
+prefilled apart). Each row's positions count its own tokens only. It is part of the cache rather than an
+input of its own, so the one decoding loop every export shares stays the same: a loop that never pads
+threads it through as it threads the keys and values (the graph appends a 1 per new token).
 """
 
 from __future__ import annotations
@@ -42,22 +48,28 @@ INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits takes
 class PastCache:
     """The KVCache protocol over explicit tensors, as ONNX passes them between calls: each layer's keys
     and values grow by concatenation and become outputs. The mask is always explicit, so one graph
-    serves a whole prompt (past 0), a single new token and a chunk after a filled past alike."""
+    serves a whole prompt (past 0), a single new token, a chunk after a filled past, and rows padded apart."""
 
-    pad = None
-
-    def __init__(self, past: tuple[torch.Tensor, ...]) -> None:
+    def __init__(self, past: tuple[torch.Tensor, ...], past_mask: torch.Tensor) -> None:
         self.past = past  # key and value of layer 0, of layer 1, ...
         self.present: list[torch.Tensor] = []
         self.pos = past[0].size(2)
+        self.past_mask = past_mask  # (batch, pos): 1 for a token, 0 for padding
+
+    def present_mask(self, T: int) -> torch.Tensor:
+        return torch.cat([self.past_mask, self.past_mask.new_ones(self.past_mask.size(0), T)], dim=1)
 
     def positions(self, T: int) -> torch.Tensor:
-        return torch.arange(self.pos, self.pos + T, device=self.past[0].device)
+        """(batch, T): each row's tokens so far, then one more per new token."""
+        held = self.past_mask.sum(dim=1, keepdim=True).to(torch.long)
+        return held + torch.arange(T, device=held.device)
 
     def mask(self, T: int) -> torch.Tensor:
+        """(batch, 1, T, pos + T): causal, and never a padding slot (a new token always sees itself)."""
         end = self.pos + T
-        slots = torch.arange(end, device=self.past[0].device)
-        return slots <= torch.arange(self.pos, end, device=slots.device)[:, None]
+        slots = torch.arange(end, device=self.past_mask.device)
+        causal = slots <= torch.arange(self.pos, end, device=slots.device)[:, None]
+        return causal & (self.present_mask(T) > 0)[:, None, None, :]
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = torch.cat([self.past[2 * layer], k], dim=2), torch.cat([self.past[2 * layer + 1], v], dim=2)
@@ -70,12 +82,13 @@ class TransformerGraph(nn.Module):
         super().__init__()
         self.backbone = backbone
 
-    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        cache = PastCache(past)
+    def forward(self, input_ids: torch.Tensor, *cache_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = PastCache(cache_inputs[:-1], cache_inputs[-1])
+        T = input_ids.size(1)
         # what the backbone checks in Python, said so the exporter keeps the graph's lengths symbolic
-        torch._check(cache.pos + input_ids.size(1) <= self.backbone.config.max_seq_len)
+        torch._check(cache.pos + T <= self.backbone.config.max_seq_len)
         logits, _ = self.backbone(input_ids, cache)
-        return logits, *cache.present
+        return logits, *cache.present, cache.present_mask(T)
 
 
 class RecurrentGraph(nn.Module):
@@ -94,7 +107,8 @@ def interface(model: InferenceModel) -> dict[str, Any]:
     if model.record.kind == "transformer":
         names = [f"{i}.{part}" for i in range(cfg.n_layer) for part in ("key", "value")]
         shapes = [[0, cfg.kv_heads(i), 0, cfg.head_size] for i in range(cfg.n_layer) for _ in ("key", "value")]
-        inputs = [f"past_key_values.{n}" for n in names]
+        inputs = [f"past_key_values.{n}" for n in names] + ["past_mask"]
+        names, shapes = names + ["mask"], shapes + [[0, 0]]
     else:
         names = ["h", "c"] if cfg.cell == "lstm" else ["h"]
         shapes = [[cfg.n_layer, 0, cfg.hidden_size or cfg.n_embd]] * len(names)
@@ -155,11 +169,14 @@ def export_graph(model: InferenceModel, path: Path, *, untie_head: bool = False)
         warnings.simplefilter("ignore")  # the exporters' progress lines, deprecation and shape-renaming chatter
         if model.record.kind == "transformer":
             require("onnxscript", "onnx")
-            past = tuple(torch.zeros(2, s[1], 4, s[3]) for s in names["cache_shapes"])
+            past = tuple(torch.zeros(2, s[1], 4, s[3]) for s in names["cache_shapes"][:-1])
+            past_mask = torch.tensor([[0.0, 1, 1, 1], [1, 1, 1, 1]])  # a padded row, so no mask is taken for all ones
             batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-            program = torch.onnx.export(TransformerGraph(backbone), (ids, *past), dynamo=True, opset_version=OPSET,
-                                        optimize=True, input_names=names["inputs"], output_names=names["outputs"],
-                                        dynamic_shapes=({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past)))
+            program = torch.onnx.export(TransformerGraph(backbone), (ids, *past, past_mask), dynamo=True,
+                                        opset_version=OPSET, optimize=True, input_names=names["inputs"],
+                                        output_names=names["outputs"],
+                                        dynamic_shapes=({0: batch, 1: seq},
+                                                        (*({0: batch, 2: past_len} for _ in past), {0: batch, 1: past_len})))
             program.save(str(path), external_data=False)
             _tidy(path)
         else:

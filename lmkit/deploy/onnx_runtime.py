@@ -22,7 +22,7 @@ from lmkit.record import ModelRecord
 
 
 class OnnxState:
-    """What the graph returned as present.* (the next call's cache inputs), and how many tokens it holds."""
+    """What the graph returned as present.* (the next call's cache inputs), and how many slots it holds."""
 
     def __init__(self, arrays: list[np.ndarray], pos: int, batch_axis: int) -> None:
         self.arrays, self.pos, self.batch_axis = arrays, pos, batch_axis  # keys/values [batch, ...]; RNN [layers, batch, ...]
@@ -30,6 +30,10 @@ class OnnxState:
     @property
     def batch_size(self) -> int:
         return self.arrays[0].shape[self.batch_axis]
+
+
+UNMASKED = ("its ONNX Transformer graph has no past_mask (an export from before lmkit batched ONNX Transformers), so "
+            "rows of different lengths cannot share a batch: re-export it with `lmkit export format=onnx` to batch")
 
 
 class OnnxBackbone(nn.Module):
@@ -40,6 +44,7 @@ class OnnxBackbone(nn.Module):
         self.max_seq_len: int | None = None if self.recurrent else record.backbone.max_seq_len
         self.batch_axis = 1 if self.recurrent else 0
         self.inputs, self.outputs = runtime["inputs"], runtime["outputs"]
+        self.masked = self.inputs[-1] == "past_mask"  # the last cache entry, in exports that batch Transformers
 
     def init_state(self, batch_size: int, device: Any = None, dtype: Any = None) -> OnnxState:
         """An empty cache: past length 0 for a Transformer, zeros for a recurrent state."""
@@ -60,12 +65,31 @@ class OnnxBackbone(nn.Module):
         return torch.from_numpy(logits), OnnxState(present, state.pos + ids.size(1), self.batch_axis)
 
     def stack_states(self, states: list[OnnxState]) -> OnnxState:
-        """One batch of the rows of `states`. The graph has no padding mask, so a Transformer's rows must hold
-        texts of one length; a recurrent state's rows may differ."""
-        if not self.recurrent and len({s.pos for s in states}) > 1:
-            raise ValueError("an ONNX Transformer batches rows of equal length only (its graph has no padding mask)")
-        arrays = [np.concatenate(parts, axis=self.batch_axis) for parts in zip(*(s.arrays for s in states))]
-        return OnnxState(arrays, max(s.pos for s in states), self.batch_axis)
+        """One batch of the rows of `states` (of any lengths), so they decode together. A Transformer's rows
+        are right-aligned at the longest row's length, the slots before a shorter row's text zero in
+        keys, values and past_mask (as `Transformer.stack_states` pads its cache)."""
+        if self.recurrent:
+            return OnnxState([np.concatenate(parts, axis=1) for parts in zip(*(s.arrays for s in states))],
+                             max(s.pos for s in states), self.batch_axis)
+        if not self.masked:
+            if len({s.pos for s in states}) > 1:
+                raise ValueError(UNMASKED)
+            return OnnxState([np.concatenate(parts) for parts in zip(*(s.arrays for s in states))], states[0].pos, 0)
+        held = [int(s.arrays[-1].sum(axis=1).max()) for s in states]  # each state's longest row
+        pos = max(held)
+        arrays = []
+        for parts in zip(*(s.arrays for s in states)):
+            shape = list(parts[0].shape)
+            shape[0], shape[-1 if parts[0].ndim == 2 else 2] = sum(p.shape[0] for p in parts), pos
+            out, row = np.zeros(shape, dtype=parts[0].dtype), 0
+            for part, n in zip(parts, held):  # one block per state: its rows are right-aligned already
+                if part.ndim == 2:  # past_mask
+                    out[row:row + part.shape[0], pos - n:] = part[:, part.shape[1] - n:]
+                else:
+                    out[row:row + part.shape[0], :, pos - n:] = part[:, :, part.shape[2] - n:]
+                row += part.shape[0]
+            arrays.append(out)
+        return OnnxState(arrays, pos, 0)
 
     def select_states(self, state: OnnxState, rows: list[int]) -> OnnxState:
         return OnnxState([a.take(rows, axis=self.batch_axis) for a in state.arrays], state.pos, self.batch_axis)

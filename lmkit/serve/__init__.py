@@ -38,7 +38,7 @@ def serve(a: Any) -> None:
     settings = Settings(model=a.model, name=a.name or (path.resolve().name if path.is_dir() else path.stem),
                         runtime=a.runtime, device=a.device, host=a.host, port=a.port, max_batch_size=a.max_batch_size,
                         batch_timeout=a.batch_timeout, workers=a.workers, api_key=a.api_key or None,
-                        limits=Limits(a.max_tokens, a.max_tokens_limit, a.max_n), stream_interval=a.stream_interval,
+                        limits=Limits(a.max_tokens, a.max_tokens_limit, a.max_n, a.max_prompt_tokens), stream_interval=a.stream_interval,
                         threads=a.threads, log_level=a.log_level)
     run(settings, tokenizer, chat)
 
@@ -51,7 +51,7 @@ def check(a: Any, hosts: tuple[str, ...]) -> None:
         raise LmkitError(f"host={a.host!r}: LitServe binds only {', '.join(hosts)}")
     if not 1024 <= a.port <= 65535:
         raise LmkitError(f"port={a.port} is not in 1024-65535")
-    for key in ("max_batch_size", "workers", "max_tokens", "max_tokens_limit", "max_n"):
+    for key in ("max_batch_size", "workers", "max_tokens", "max_tokens_limit", "max_n", "max_prompt_tokens"):
         if getattr(a, key) < 1:
             raise LmkitError(f"{key}={getattr(a, key)} must be at least 1")
     for key in ("batch_timeout", "stream_interval"):

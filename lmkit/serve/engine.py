@@ -98,6 +98,7 @@ class Engine:
         self.max_rows = max_rows
         self.limit: int | None = getattr(self.backbone, "max_seq_len", None)
         self.keep = reprime_length(self.limit)
+        self.unbatched: str | None = None  # why rows of different requests cannot decode together, if they cannot
         self.batched = self._can_batch()
         self.arrivals: deque[Group] = deque()  # appended by the server's thread, drained by step()
         self.requests: dict[str, Request] = {}
@@ -108,15 +109,17 @@ class Engine:
 
     @torch.no_grad()
     def _can_batch(self) -> bool:
-        """Whether rows of different lengths, prefilled apart, decode together (an ONNX Transformer's graph
-        has no padding mask, so its stack_states refuses them): then one request is served at a time."""
+        """Whether rows of different lengths, prefilled apart, decode together (an old ONNX Transformer export
+        has no padding mask, so its stack_states refuses them): if not, one request is served at a time."""
         if not (hasattr(self.backbone, "stack_states") and hasattr(self.backbone, "select_states")):
+            self.unbatched = "its backbone cannot stack the states of rows decoded apart"
             return False
         states = [self.backbone(torch.zeros(1, n, dtype=torch.long, device=self.device),
                                 self.backbone.init_state(1))[1] for n in (1, 2)]
         try:
             self.backbone.stack_states(states)
-        except ValueError:
+        except ValueError as e:
+            self.unbatched = str(e)
             return False
         return True
 

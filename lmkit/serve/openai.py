@@ -110,6 +110,7 @@ class Limits:
     max_tokens: int  # when a request gives none
     max_tokens_limit: int
     max_n: int
+    max_prompt_tokens: int = 16384  # a longer prompt is refused before it reaches a worker
 
 
 @dataclass
@@ -169,6 +170,11 @@ def prepare(request: Options, *, model_name: str, tokenizer: Any, vocab_size: in
         stop = stop if request.stop is not None else chat_format.default_stop
     else:
         prompts = prompt_ids(request.prompt, tokenizer, vocab_size)
+    for i, ids in enumerate(prompts):
+        if len(ids) > limits.max_prompt_tokens:
+            where = "messages" if chat else "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            raise ApiError(400, f"{where}: {len(ids)} tokens, above this server's limit of {limits.max_prompt_tokens}",
+                           param="messages" if chat else "prompt")
     job = Job(prompts=prompts, n=request.n, max_tokens=max_tokens, temperature=request.temperature,
               top_k=request.top_k, top_p=request.top_p if request.top_p < 1 else None, seed=request.seed, stop=stop)
     usage = request.stream_options is not None and request.stream_options.include_usage

@@ -176,6 +176,9 @@ class ModelAPI(ls.LitAPI):
     def start(self, model: Any, worker: int) -> None:
         """The engine and its bookkeeping over a loaded model: `setup` after the process-wide settings (and tests)."""
         self.engine = Engine(model, max_rows=self.settings.max_batch_size)
+        if self.engine.unbatched and worker == 0:
+            print(f"lmkit serve: {self.settings.name} serves one request at a time: {self.engine.unbatched}",
+                  file=sys.stderr, flush=True)
         self.cancel_queue = self.cancels[worker]
         self.cancelled = CancelledIds()  # cancels of requests this worker has not seen (yet)
         self.to_cancel: deque[str] = deque()  # cancels for the engine's next step
