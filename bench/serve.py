@@ -8,8 +8,9 @@ on what the weights learned), served by `lmkit serve` in a subprocess on 127.0.0
 closed-loop clients: each sends a streaming /v1/completions request, reads it to `data: [DONE]`, and
 sends the next, for `--seconds`. The clients share the machine with the server (on 2 cores they take
 a real part of it), so the figures are what one machine does serving itself. The onnx rows serve
-`lmkit export format=onnx` of the same model (they need the onnx extra); an ONNX Transformer's graph
-has no padding mask, so it serves one request at a time.
+`lmkit export format=onnx` of the same model, in float32 and with `compression=int8` (they need the onnx
+extra). The run ends with the serving targets, each said met or not: at 32 clients at least 4x one
+client's tokens/s and a first-token p99 under 1 s, for every row; onnx int8 at least torch's tokens/s.
 """
 
 from __future__ import annotations
@@ -119,16 +120,41 @@ async def load(port: int, clients: int, seconds: float, max_tokens: int) -> dict
             "latency_p50_ms": round(1000 * pct(latency, 0.5), 1), "latency_p99_ms": round(1000 * pct(latency, 0.99), 1)}
 
 
-def exports(model: InferenceModel, out: Path) -> dict[str, Path]:
-    """The model as each runtime serves it: the lmkit artifact (torch) and, with the onnx extra, an ONNX export."""
-    paths = {"torch": save(model, out / "torch")}
+def exports(model: InferenceModel, out: Path) -> dict[str, tuple[str, Path]]:
+    """The model as each row serves it, {row: (runtime, folder)}: the lmkit artifact (torch) and, with the onnx
+    extra, ONNX exports in float32 and int8 (onnxruntime's quantizer: the fastest CPU export)."""
+    paths = {"torch": ("torch", save(model, out / "torch"))}
     try:
         from lmkit.deploy.onnx import export_onnx
 
-        paths["onnx"] = Path(export_onnx(model, out / "onnx"))
+        paths["onnx"] = ("onnx", Path(export_onnx(model, out / "onnx")))
+        paths["onnx int8"] = ("onnx", Path(export_onnx(model, out / "onnx-int8", quantization=("int8", {}))))
     except Exception as e:  # the onnx extra is not installed, or the exporter refused
         print(f"(no onnx rows: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
     return paths
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The serving targets (issue 24), each as a line that says whether this run met it."""
+    def row(name: str, runtime: str, clients: int) -> dict | None:
+        return next((r for r in rows if (r["model"], r["runtime"], r["clients"]) == (name, runtime, clients)), None)
+
+    most, lines = max(CONCURRENCY), []
+    for name, runtime in dict.fromkeys((r["model"], r["runtime"]) for r in rows):
+        one, full = row(name, runtime, 1), row(name, runtime, most)
+        if one and full:
+            gain = full["tokens_s"] / one["tokens_s"]
+            lines.append(f"{name}, {runtime}: {most} clients give {gain:.1f}x the tokens/s of one "
+                         f"({'met' if gain >= 4 else 'NOT met'}: 4x); first token p99 {full['ttft_p99_ms']:.0f} ms "
+                         f"({'met' if full['ttft_p99_ms'] < 1000 else 'NOT met'}: under 1 s)")
+    for name in dict.fromkeys(r["model"] for r in rows):
+        for clients in CONCURRENCY:
+            fp32, int8 = row(name, "torch", clients), row(name, "onnx int8", clients)
+            if fp32 and int8:
+                ratio = int8["tokens_s"] / fp32["tokens_s"]
+                lines.append(f"{name}, {clients} clients: onnx int8 gives {ratio:.2f}x torch fp32's tokens/s "
+                             f"({'met' if ratio >= 1 else 'NOT met'}: at least 1x)")
+    return lines
 
 
 def main() -> None:
@@ -139,7 +165,7 @@ def main() -> None:
     parser.add_argument("--only", choices=list(MODELS))
     args = parser.parse_args()
     rows, load_before = [], os.getloadavg()
-    header = (f"{'model':<28} {'runtime':<7} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'p99':>7} "
+    header = (f"{'model':<28} {'runtime':<9} {'clients':>7} {'req/s':>7} {'tok/s':>8} {'ttft p50':>9} {'p99':>7} "
               f"{'latency p50':>12} {'p99':>7} {'fail':>5}")
     print(header)
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,26 +175,24 @@ def main() -> None:
             torch.manual_seed(0)
             record = ModelRecord(backbone=backbone_config(kind, len(CHARS), **options), tokenizer="char")
             model = InferenceModel(build_backbone(record.backbone).eval(), CharTokenizer(CHARS), record)
-            for runtime, model_dir in exports(model, Path(tmp) / kind).items():
+            for label, (runtime, model_dir) in exports(model, Path(tmp) / kind).items():
                 port = free_port()
                 proc = start(model_dir, port, runtime)
                 try:
                     for clients in CONCURRENCY:
-                        row = {"model": name, "runtime": runtime,
+                        row = {"model": name, "runtime": label,
                                **asyncio.run(load(port, clients, args.seconds, args.max_tokens))}
                         rows.append(row)
-                        print(f"{name:<28} {runtime:<7} {clients:>7} {row['requests_s']:>7} {row['tokens_s']:>8} "
+                        print(f"{name:<28} {label:<9} {clients:>7} {row['requests_s']:>7} {row['tokens_s']:>8} "
                               f"{row['ttft_p50_ms']:>8}m {row['ttft_p99_ms']:>6}m {row['latency_p50_ms']:>11}m "
                               f"{row['latency_p99_ms']:>6}m {row['failures']:>5}", flush=True)
                 finally:
                     stop(proc)
-    for name, runtime in dict.fromkeys((r["model"], r["runtime"]) for r in rows):
-        one = next(r for r in rows if (r["model"], r["runtime"], r["clients"]) == (name, runtime, 1))
-        most = next(r for r in rows if (r["model"], r["runtime"], r["clients"]) == (name, runtime, max(CONCURRENCY)))
-        print(f"{name}, {runtime}: {max(CONCURRENCY)} clients give {most['tokens_s'] / one['tokens_s']:.1f}x "
-              "the tokens/s of one")
+    summary = targets(rows)
+    print("\n".join(summary))
     result = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "torch": torch.__version__,
-              "load_average_before": load_before, "load_average_after": os.getloadavg(), "seconds": args.seconds, "max_tokens": args.max_tokens, "rows": rows}
+              "load_average_before": load_before, "load_average_after": os.getloadavg(), "seconds": args.seconds, "max_tokens": args.max_tokens, "rows": rows,
+              "targets": summary}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

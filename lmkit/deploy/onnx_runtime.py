@@ -119,7 +119,11 @@ def load_onnx(path: Path, device: str | torch.device | None = None) -> Inference
     if not graph.is_file():
         raise LmkitError(f"{path} has no {graph.name}")
     try:
-        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        # torch's thread count, which `lmkit serve` sets per worker: onnxruntime's own default (every core, its
+        # pool spinning between calls) took the cores the server's HTTP process and its clients need
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types, with a useful first line
         raise LmkitError(f"{graph} is corrupt or not an ONNX model onnxruntime can run ({first_line(e)})") from None
     found = [i.name for i in session.get_inputs()]

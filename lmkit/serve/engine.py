@@ -75,7 +75,7 @@ class Group:
     rows: list[Row]
     length: int = 0  # tokens each row holds in the state (what `state.pos` is for the group alone)
     generator: torch.Generator | None = None  # its own, when the request has a seed
-    next: torch.Tensor | None = None  # (n,) the tokens drawn for its rows, to feed
+    next: list[int] = field(default_factory=list)  # the tokens drawn for its rows, to feed
 
     @property
     def open(self) -> bool:
@@ -174,7 +174,7 @@ class Engine:
         self._admit(stay, ready, news)
         self._restack(old, stay, ready)
         if self.groups:
-            tokens = torch.cat([g.next for g in self.groups])[:, None]
+            tokens = torch.tensor([[t] for g in self.groups for t in g.next], device=self.device)
             logits, self.state = self.backbone(tokens, self.state)
             self.logits = logits[:, -1]
             for group in self.groups:
@@ -275,13 +275,14 @@ class Engine:
                 shared.setdefault(setting, []).extend(range(offset, offset + n))
             offset += n
         for (temperature, top_k, top_p), rows in shared.items():
-            index = torch.tensor(rows, device=tokens.device)
+            every = len(rows) == logits.size(0)  # the common case: one setting for the whole batch, no copy
+            index = slice(None) if every else torch.tensor(rows, device=tokens.device)
             tokens[index] = sample_next(logits[index], temperature=temperature, top_k=top_k, top_p=top_p,
                                         generator=self.unseeded)[:, 0]
         offset, values = 0, tokens.tolist()
         for group in groups:
-            group.next = tokens[offset:offset + len(group.rows)]
-            for row, token in zip(group.rows, values[offset:offset + len(group.rows)]):
+            group.next = values[offset:offset + len(group.rows)]
+            for row, token in zip(group.rows, group.next):
                 if row.finish is None:
                     self._record(group, row, token, news)
                 else:
