@@ -33,6 +33,22 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small char Transformer trained on the embedded corpus, and its checkpoint: one for the session, read (never
+    written) by the command, ONNX, LoRA and PEFT tests. Its token cache is its own (`cache`), which the commands'
+    evaluations read through LMKIT_CACHE."""
+    from lmkit.train import run
+
+    tmp = tmp_path_factory.mktemp("trained")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}",
+                                          "model=transformer", *TINY, "model.n_head=2", "trainer.max_steps=40",
+                                          "trainer.val_check_interval=40", "logger=none"])
+    metrics, _ = run(cfg)
+    return {"ckpt": Path(metrics["last_ckpt"]), "cache": tmp / "cache", "tmp": tmp, "metrics": metrics}
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, cache_dir: Path):
     def make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
@@ -126,6 +142,27 @@ def run_train_py_each(cases: dict[str, list[str]], cwd: Path,
     return {name: subprocess.CompletedProcess([sys.executable, str(ROOT / "train.py"), *argv], code,
                                               Path(out).read_text(), Path(err).read_text())
             for name, (argv, out, err), code in zip(cases, plan, codes)}
+
+
+def lmkit_main(*args: str) -> subprocess.CompletedProcess:
+    """`lmkit ARGS` in this process: what the `lmkit` script runs (lmkit.cli.main, with that command line), what it
+    printed and its exit code. For refusals of the commands other than train, which need no process of their own
+    (an exception other than the SystemExit of a one-line error propagates, and fails the test)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from lmkit.cli import main
+
+    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = ["lmkit", *args]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["lmkit", *args], code, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:
