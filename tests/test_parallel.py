@@ -19,8 +19,8 @@ import lmkit
 from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.parallel.checkpoint import read_metadata
-from tests.conftest import (TINY, TINY_TRANSFORMER, run_train_py, run_train_py_each, sigterm_train_py_when,
-                            train_py_args)
+from tests.conftest import (TINY, TINY_TRANSFORMER, lmkit_main, run_train_py, run_train_py_each,
+                            sigterm_train_py_when, train_py_args)
 from tests.test_commands import lmkit_cmd
 
 pytestmark = pytest.mark.slow
@@ -196,7 +196,7 @@ def test_reading_a_sharded_folder_never_runs_code_and_names_a_missing_shard(fsdp
             return (exec, (f"open({str(tmp_path / 'ran')!r}, 'w')",))
 
     (folder / ".metadata").write_bytes(pickle.dumps(Hostile()))
-    result = lmkit_cmd("eval", f"model={folder}", cwd=tmp_path)
+    result = lmkit_main("eval", f"model={folder}")  # in this process: code it ran would run here
     assert result.returncode == 2 and ".metadata is not checkpoint metadata (builtins.exec" in result.stderr
     assert not (tmp_path / "ran").exists()
 
