@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -32,6 +33,22 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small char Transformer trained on the embedded corpus, and its checkpoint: one for the session, read (never
+    written) by the command, ONNX, LoRA and PEFT tests. Its token cache is its own (`cache`), which the commands'
+    evaluations read through LMKIT_CACHE."""
+    from lmkit.train import run
+
+    tmp = tmp_path_factory.mktemp("trained")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}",
+                                          "model=transformer", *TINY, "model.n_head=2", "trainer.max_steps=40",
+                                          "trainer.val_check_interval=40", "logger=none"])
+    metrics, _ = run(cfg)
+    return {"ckpt": Path(metrics["last_ckpt"]), "cache": tmp / "cache", "tmp": tmp, "metrics": metrics}
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, cache_dir: Path):
     def make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
@@ -42,24 +59,110 @@ def make_cfg(tmp_path: Path, cache_dir: Path):
     return make
 
 
-@pytest.fixture
-def tiny_corpus(tmp_path: Path) -> Path:
-    """A small corpus of short, repetitive lines a tiny model can learn by heart."""
+def write_tiny_corpus(path: Path) -> Path:
+    """A small corpus of short, repetitive lines a tiny model can learn by heart, written at `path`."""
     lines = [f"{name}: {verb} the {thing}." for name in ("ANNE", "BEN", "CLEO", "DAN")
              for verb in ("sees", "takes", "loves") for thing in ("moon", "sword", "rose", "crown")]
-    path = tmp_path / "tiny.txt"
     path.write_text("\n".join(lines * 12) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    return write_tiny_corpus(tmp_path / "tiny.txt")
+
+
+def train_py_args(*overrides: str, run_dir: Path, cache_dir: Path) -> list[str]:
+    """The arguments of `python train.py` for a run in `run_dir` with the token cache in `cache_dir`."""
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra's own flags (-m) go before the overrides
+    return [*flags, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}",
+            *(o for o in overrides if not o.startswith("-"))]
 
 
 def run_train_py(*overrides: str, run_dir: Path, cache_dir: Path, timeout: int = 600,
                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python train.py ...` in a subprocess, as a user runs it."""
-    flags = [o for o in overrides if o.startswith("-")]  # Hydra's own flags (-m) go before the overrides
-    cmd = [sys.executable, str(ROOT / "train.py"), *flags, f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache_dir}",
-           *(o for o in overrides if not o.startswith("-"))]
+    cmd = [sys.executable, str(ROOT / "train.py"), *train_py_args(*overrides, run_dir=run_dir, cache_dir=cache_dir)]
     return subprocess.run(cmd, cwd=run_dir.parent, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+# `python train.py ARGS` for each command line in turn, in one interpreter: train.py run as __main__ (runpy) with
+# its sys.argv, its stdout and stderr the files given (file descriptors 1 and 2, so what Lightning, Hydra, warnings
+# or a traceback print lands there, as in a process of its own), its exit code what SystemExit carries (an
+# uncaught exception prints its traceback and gives 1, as the interpreter does). Hydra's global state is cleared
+# after each, as a new process would start without it.
+_EACH = """
+import json, os, runpy, sys, traceback
+from hydra.core.global_hydra import GlobalHydra
+
+script, cases = sys.argv[1], json.load(open(sys.argv[2]))
+sys.path[0] = os.path.dirname(script)  # as `python train.py` starts: the script's folder first
+codes = []
+for argv, out, err in cases:
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(out, "w") as fo, open(err, "w") as fe:
+        os.dup2(fo.fileno(), 1); os.dup2(fe.fileno(), 2)
+        sys.argv, code = [script, *argv], 0
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+            os.close(saved[0]); os.close(saved[1])
+            GlobalHydra.instance().clear()
+    codes.append(code)
+print(json.dumps(codes))
+"""
+
+
+def run_train_py_each(cases: dict[str, list[str]], cwd: Path,
+                      timeout: int = 600) -> dict[str, subprocess.CompletedProcess]:
+    """`python train.py ARGS` for each `name: ARGS` (train_py_args), all in one interpreter, one after the other:
+    what each printed and its exit code. For command lines that train.py refuses before training, whose
+    checks need a process but not one each (its start, importing torch and Lightning, takes seconds)."""
+    files = cwd / "train_py_each"
+    files.mkdir()
+    plan = [(argv, str(files / f"{i}.out"), str(files / f"{i}.err")) for i, argv in enumerate(cases.values())]
+    (files / "cases.json").write_text(json.dumps(plan))
+    result = subprocess.run([sys.executable, "-c", _EACH, str(ROOT / "train.py"), str(files / "cases.json")],
+                            cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    codes = json.loads(result.stdout.splitlines()[-1])
+    return {name: subprocess.CompletedProcess([sys.executable, str(ROOT / "train.py"), *argv], code,
+                                              Path(out).read_text(), Path(err).read_text())
+            for name, (argv, out, err), code in zip(cases, plan, codes)}
+
+
+def lmkit_main(*args: str) -> subprocess.CompletedProcess:
+    """`lmkit ARGS` in this process: what the `lmkit` script runs (lmkit.cli.main, with that command line), what it
+    printed and its exit code. For refusals of the commands other than train, which need no process of their own
+    (an exception other than the SystemExit of a one-line error propagates, and fails the test)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from lmkit.cli import main
+
+    out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    sys.argv = ["lmkit", *args]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["lmkit", *args], code, out.getvalue(), err.getvalue())
 
 
 def free_port() -> int:

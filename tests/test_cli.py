@@ -1,13 +1,15 @@
-"""`python train.py` as a user runs it: a subprocess, its exit code, what it prints and writes."""
+"""`python train.py` as a user runs it: a subprocess, its exit code, what it prints and writes. (The command lines it
+refuses before training run one after the other in one subprocess, each as train.py's __main__: run_train_py_each.)"""
 
 import json
 import math
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from lmkit.train import run
-from tests.conftest import TINY, run_train_py
+from tests.conftest import TINY, run_train_py, run_train_py_each, train_py_args
 
 TINY_RUN = ["model=lstm", *TINY, "trainer.max_steps=20", "trainer.val_check_interval=10"]
 
@@ -39,8 +41,10 @@ def test_train_py_end_to_end(train_py_run):
 def test_experiments_fast_dev_run_as_a_sweep(tmp_path, cache_dir):
     """`-m experiment=glob(*)`: every preset builds, trains a step, evaluates; one sweep folder."""
     sweep = tmp_path / "sweep"
+    # (a sample of a few tokens: 200, the default, from GPT-2 small's 124M parameters take half a minute on 2 cores)
     result = run_train_py("-m", "experiment=glob(*)", "trainer.fast_dev_run=true", "data.batch_size=2",
-                          "data.eval_batch_size=2", "data.seq_len=32", "logger=none", f"hydra.sweep.dir={sweep}",
+                          "data.eval_batch_size=2", "data.seq_len=32", "logger=none",
+                          "callbacks.text_sampler.max_new_tokens=8", f"hydra.sweep.dir={sweep}",
                           run_dir=tmp_path / "unused", cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     experiments = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
@@ -59,78 +63,114 @@ def assert_clean_error(result, *fragments: str, run_dir: Path) -> None:
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
 
 
-def test_a_config_dir_that_does_not_exist_is_one_line(tmp_path, cache_dir):
+@pytest.fixture(scope="module")
+def lstm_checkpoint(tmp_path_factory, cache_dir) -> tuple[Path, Path]:
+    """A small LSTM trained on the tiny corpus: its last checkpoint, and the corpus."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF, write_tiny_corpus
+
+    tmp = tmp_path_factory.mktemp("lstm")
+    corpus = write_tiny_corpus(tmp / "tiny.txt")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={tmp / 'trained'}", f"paths.cache_dir={cache_dir}",
+                                          "data=text", f"data.path={corpus}", "data.split=[0.8,0.1,0.1]", *TINY_RUN,
+                                          "logger=none"])
+    metrics, _ = run(cfg)
+    return Path(metrics["last_ckpt"]), corpus
+
+
+BAD_CORPORA = {  # data.path (in a folder holding empty.txt and bad.txt), and what the error line names
+    "missing": ("nope.txt", ["no such file", "nope.txt"]),
+    "glob": ("*.md", ["matches no files", "*.md"]),
+    "empty": ("empty.txt", ["corpus is empty", "empty.txt"]),
+    "undecodable": ("bad.txt", ["bad.txt", "offset 15", "data.errors=replace"]),
+}
+BAD_SETTINGS = [
+    (["data=text"], "data.path is required"),
+    (["tokenizer=file", "tokenizer.path=nope.json"], "tokenizer.path: no such file: nope.json"),
+    (["data.seq_len=0"], "data.seq_len=0"),
+    (["optim.name=sgd"], "optim.name='sgd'"),
+]
+UNKNOWN = [("model.nonsense=1", "Key 'nonsense' is not in struct"), ("model=mamba", "Could not find 'model/mamba'")]
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory, cache_dir, lstm_checkpoint) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """`python train.py` with each command line the tests below check it refuses, before any training: name ->
+    (what it printed and its exit code, the case's folder, which holds its run folder `run`). All run in one
+    interpreter (run_train_py_each), each as train.py's __main__ with its own arguments and output."""
+    base = tmp_path_factory.mktemp("refused")
+    ckpt, corpus = lstm_checkpoint
+    corpora = base / "corpus"
+    corpora.mkdir()
+    (corpora / "empty.txt").write_text("")
+    (corpora / "bad.txt").write_bytes(b"fine\n" * 3 + b"\xc3\x28 oops\n")
+    other = base / "other.txt"
+    other.write_text(corpus.read_text() + "Quixotic zeal!\n")  # more characters: a bigger vocabulary
+    truncated = base / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[:5000])
+    resume = ["data.split=[0.8,0.1,0.1]", *TINY_RUN, f"resume={ckpt}"]
+    cases = {  # name -> (overrides, token cache)
+        "config_dir": ([f"--config-dir={base / 'config_dir' / 'my_conf'}"], cache_dir),
+        **{f"corpus_{name}": (["data=text", f"data.path={corpora / path}", *TINY_RUN], base / f"corpus_{name}" / "cache")
+           for name, (path, _) in BAD_CORPORA.items()},
+        **{f"unknown_{i}": ([override], cache_dir) for i, (override, _) in enumerate(UNKNOWN)},
+        "seq_len": (["model=transformer", "model.max_seq_len=16", *TINY, "model.n_head=2"], cache_dir),
+        "other_tokenizer": (["data=text", f"data.path={other}", *resume], cache_dir),
+        "other_model": (["data=text", f"data.path={corpus}", *resume, "model.n_embd=48"], cache_dir),
+        "corrupt": (["data=text", f"data.path={corpus}", "data.split=[0.8,0.1,0.1]", *TINY_RUN,
+                     f"resume={truncated}"], cache_dir),
+        **{f"settings_{i}": ([*TINY_RUN, *overrides], cache_dir) for i, (overrides, _) in enumerate(BAD_SETTINGS)},
+    }
+    results = run_train_py_each({name: train_py_args(*overrides, run_dir=base / name / "run", cache_dir=cache)
+                                 for name, (overrides, cache) in cases.items()}, cwd=base)
+    return {name: (results[name], base / name) for name in cases}
+
+
+def test_a_config_dir_that_does_not_exist_is_one_line(refused, tmp_path):
     from lmkit.conf import check_config_dirs
     from lmkit.errors import LmkitError
 
-    missing = tmp_path / "my_conf"
-    result = run_train_py(f"--config-dir={missing}", run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
+    result, folder = refused["config_dir"]
+    missing = folder / "my_conf"
     assert result.returncode == 2
-    assert_clean_error(result, "no such folder", str(missing), run_dir=tmp_path / "run")
+    assert_clean_error(result, "no such folder", str(missing), run_dir=folder / "run")
     for args in (["-cd", str(missing)], [f"-cd={missing}"], ["--config-dir", str(missing), "model=lstm"]):
         with pytest.raises(LmkitError, match="no such folder"):
             check_config_dirs(args)
     check_config_dirs(["--config-dir", str(tmp_path)])  # one that exists is fine
 
 
-@pytest.mark.parametrize("case", ["missing", "glob", "empty", "undecodable"])
-def test_bad_corpus_gives_one_line(case, tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    (corpus / "empty.txt").write_text("")
-    (corpus / "bad.txt").write_bytes(b"fine\n" * 3 + b"\xc3\x28 oops\n")
-    path, fragments = {
-        "missing": (corpus / "nope.txt", ["no such file", "nope.txt"]),
-        "glob": (f"{corpus}/*.md", ["matches no files", "*.md"]),
-        "empty": (corpus / "empty.txt", ["corpus is empty", "empty.txt"]),
-        "undecodable": (corpus / "bad.txt", ["bad.txt", "offset 15", "data.errors=replace"]),
-    }[case]
-    run_dir = tmp_path / "run"
-    result = run_train_py("data=text", f"data.path={path}", *TINY_RUN, run_dir=run_dir, cache_dir=tmp_path / "cache")
-    assert_clean_error(result, *fragments, run_dir=run_dir)
-    assert not list((tmp_path / "cache").rglob("*.tmp-*"))  # nothing half-written in the cache
+@pytest.mark.parametrize("case", BAD_CORPORA)
+def test_bad_corpus_gives_one_line(case, refused):
+    result, folder = refused[f"corpus_{case}"]
+    assert_clean_error(result, *BAD_CORPORA[case][1], run_dir=folder / "run")
+    assert not list((folder / "cache").rglob("*.tmp-*"))  # nothing half-written in the cache
 
 
-@pytest.mark.parametrize("override,message", [("model.nonsense=1", "Key 'nonsense' is not in struct"),
-                                              ("model=mamba", "Could not find 'model/mamba'")])
-def test_unknown_config_key_or_option_is_hydras_one_message(override, message, tmp_path, cache_dir):
-    result = run_train_py(override, run_dir=tmp_path / "run", cache_dir=cache_dir)
+@pytest.mark.parametrize("index", range(len(UNKNOWN)), ids=[override for override, _ in UNKNOWN])
+def test_unknown_config_key_or_option_is_hydras_one_message(index, refused):
+    result, message = refused[f"unknown_{index}"][0], UNKNOWN[index][1]
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_seq_len_beyond_the_model_context(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    result = run_train_py("model=transformer", "model.max_seq_len=16", *TINY, "model.n_head=2", run_dir=run_dir, cache_dir=cache_dir)
-    assert_clean_error(result, "data.seq_len=32", "model.max_seq_len=16", run_dir=run_dir)
+def test_seq_len_beyond_the_model_context(refused):
+    result, folder = refused["seq_len"]
+    assert_clean_error(result, "data.seq_len=32", "model.max_seq_len=16", run_dir=folder / "run")
 
 
-@pytest.fixture
-def lstm_checkpoint(tmp_path, make_cfg, tiny_corpus) -> Path:
-    metrics, _ = run(make_cfg("data=text", f"data.path={tiny_corpus}", "data.split=[0.8,0.1,0.1]", *TINY_RUN,
-                              "logger=none", output_dir=tmp_path / "trained"))
-    return Path(metrics["last_ckpt"])
+def test_resume_with_a_checkpoint_that_does_not_fit(refused, lstm_checkpoint):
+    ckpt, _ = lstm_checkpoint
+    result, folder = refused["other_tokenizer"]
+    assert_clean_error(result, "different tokenizer", str(ckpt), run_dir=folder / "run")
+    result, folder = refused["other_model"]
+    assert_clean_error(result, "different model", "model.n_embd: checkpoint 32 vs run 48", run_dir=folder / "run")
 
 
-def test_resume_with_a_checkpoint_that_does_not_fit(lstm_checkpoint, tiny_corpus, tmp_path, cache_dir):
-    other = tmp_path / "other.txt"
-    other.write_text(tiny_corpus.read_text() + "Quixotic zeal!\n")  # more characters: a bigger vocabulary
-    base = ["data.split=[0.8,0.1,0.1]", *TINY_RUN, f"resume={lstm_checkpoint}"]
-    run_dir = tmp_path / "run1"
-    result = run_train_py("data=text", f"data.path={other}", *base, run_dir=run_dir, cache_dir=cache_dir)
-    assert_clean_error(result, "different tokenizer", str(lstm_checkpoint), run_dir=run_dir)
-    run_dir = tmp_path / "run2"
-    result = run_train_py("data=text", f"data.path={tiny_corpus}", *base, "model.n_embd=48", run_dir=run_dir,
-                          cache_dir=cache_dir)
-    assert_clean_error(result, "different model", "model.n_embd: checkpoint 32 vs run 48", run_dir=run_dir)
-
-
-def test_corrupt_checkpoint(lstm_checkpoint, tiny_corpus, tmp_path, cache_dir):
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes(lstm_checkpoint.read_bytes()[:5000])
-    run_dir = tmp_path / "run"
-    result = run_train_py("data=text", f"data.path={tiny_corpus}", "data.split=[0.8,0.1,0.1]", *TINY_RUN,
-                          f"resume={truncated}", run_dir=run_dir, cache_dir=cache_dir)
-    assert_clean_error(result, "corrupt or truncated", "truncated.ckpt", run_dir=run_dir)
+def test_corrupt_checkpoint(refused):
+    result, folder = refused["corrupt"]
+    assert_clean_error(result, "corrupt or truncated", "truncated.ckpt", run_dir=folder / "run")
 
 
 @pytest.mark.parametrize("command", ["generate", "eval", "export", "import-hf", "serve", "plugins", "report"])
@@ -198,16 +238,10 @@ def test_lmkit_train_trains_the_same_model_as_train_py(train_py_run, tmp_path, c
     assert (cli_dir / "samples.txt").read_text() == (py_dir / "samples.txt").read_text()
 
 
-@pytest.mark.parametrize("overrides,fragment", [
-    (["data=text"], "data.path is required"),
-    (["tokenizer=file", "tokenizer.path=nope.json"], "tokenizer.path: no such file: nope.json"),
-    (["data.seq_len=0"], "data.seq_len=0"),
-    (["optim.name=sgd"], "optim.name='sgd'"),
-])
-def test_bad_settings_give_one_line(overrides, fragment, tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
-    result = run_train_py(*TINY_RUN, *overrides, run_dir=run_dir, cache_dir=cache_dir)
-    assert_clean_error(result, fragment, run_dir=run_dir)
+@pytest.mark.parametrize("index", range(len(BAD_SETTINGS)), ids=[fragment for _, fragment in BAD_SETTINGS])
+def test_bad_settings_give_one_line(index, refused):
+    result, folder = refused[f"settings_{index}"]
+    assert_clean_error(result, BAD_SETTINGS[index][1], run_dir=folder / "run")
 
 
 def test_log_every_n_steps_zero_and_no_validation_still_finish(make_cfg):

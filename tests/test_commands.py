@@ -10,7 +10,7 @@ import torch
 
 import lmkit
 from lmkit.train import run
-from tests.conftest import TINY
+from tests.conftest import TINY, lmkit_main
 
 transformers = pytest.importorskip("transformers")
 LMKIT = str(Path(sys.executable).parent / "lmkit")
@@ -28,22 +28,6 @@ def one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None
     assert len(lines) == 1, result.stderr[-2000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
-    """A small char Transformer trained on the embedded corpus, and its checkpoint."""
-    from hydra import compose, initialize_config_dir
-
-    from tests.conftest import CONF
-
-    tmp = tmp_path_factory.mktemp("trained")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.output_dir={tmp / 'run'}", f"paths.cache_dir={tmp / 'cache'}",
-                                          "model=transformer", *TINY, "model.n_head=2", "trainer.max_steps=40",
-                                          "trainer.val_check_interval=40", "logger=none"])
-    metrics, _ = run(cfg)
-    return {"ckpt": Path(metrics["last_ckpt"]), "cache": tmp / "cache", "tmp": tmp, "metrics": metrics}
 
 
 def test_export_generate_eval_from_a_checkpoint(trained, tmp_path):
@@ -140,6 +124,8 @@ def test_fine_tune_from_an_imported_model(family, tmp_path, make_cfg, tiny_corpu
 
 @pytest.mark.parametrize("case", ["neither", "version", "missing_keys", "truncated", "not_covered"])
 def test_bad_model_inputs_give_one_line(case, tmp_path):
+    """Through `lmkit`'s main in this process (lmkit_main): the one-line refusals of `lmkit generate` and `lmkit
+    import-hf` in a process of their own are test_prompt_characters_the_tokenizer_lacks's and test_hf_llama.py's."""
     art = tmp_path / "art"
     if case != "neither":
         from tests.test_inference import tiny_lm
@@ -158,12 +144,12 @@ def test_bad_model_inputs_give_one_line(case, tmp_path):
     elif case == "not_covered":
         (tmp_path / "hf").mkdir()
         (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "mamba"}))
-        result = lmkit_cmd("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'x'}", cwd=tmp_path)
+        result = lmkit_main("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'x'}")
         one_error_line(result, "model_type='mamba'", "gpt2, llama, qwen2")
         assert not (tmp_path / "x").exists()
         return
     target = tmp_path / "nothing-here" if case == "neither" else art
-    result = lmkit_cmd("generate", f"model={target}", "max_new_tokens=3", cwd=tmp_path)
+    result = lmkit_main("generate", f"model={target}", "max_new_tokens=3")
     fragment = {"neither": "neither an lmkit model directory", "version": "format 99",
                 "missing_keys": "lacks model.kind", "truncated": "corrupt, truncated"}[case]
     one_error_line(result, fragment)

@@ -28,7 +28,7 @@ from lmkit.train import run
 from lmkit.builtin_plugins.calibrate import collect
 from lmkit.builtin_plugins.int4 import Int4Weight, nibbles, unnibble
 from lmkit.builtin_plugins.prune import targets, wanda_scores
-from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py
+from tests.conftest import TINY, TINY_TRANSFORMER, lmkit_main, run_train_py
 from tests.helpers import decode_by_hand
 
 RECIPES = {
@@ -229,11 +229,13 @@ def test_bad_compression_input_is_one_line_and_writes_nothing(trained, exports, 
         "compression.prune.amount='abc' must be a number": ["compression=prune", "compression.prune.amount=abc"],
         "compression.prune.embeddings='no' must be true or false": ["compression=prune", "compression.prune.embeddings=no"],
     }
+    # through `lmkit`'s main in this process: `lmkit export`'s one-line refusals in a process of their own are
+    # test_commands.py's and test_onnx.py's
     for expected, args in cases.items():
-        result = cli("export", f"model={ckpt}", f"out={out}", *args)
+        result = lmkit_main("export", f"model={ckpt}", f"out={out}", *args)
         assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert not out.exists()
-    requantize = cli("export", f"model={exports['lstm', 'int8']['out']}", f"out={out}", "compression=int8")
+    requantize = lmkit_main("export", f"model={exports['lstm', 'int8']['out']}", f"out={out}", "compression=int8")
     assert requantize.returncode == 2 and "already quantized by int8" in requantize.stderr
     with pytest.raises(LmkitError, match="keeps the dtypes its plugins chose"):
         lmkit.load(exports["lstm", "int8"]["out"], dtype="bf16")
@@ -243,7 +245,7 @@ def test_bad_compression_input_is_one_line_and_writes_nothing(trained, exports, 
         (corrupt / f.name).write_bytes(f.read_bytes())
     data = (corrupt / "model.safetensors").read_bytes()
     (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
-    result = cli("generate", f"model={corrupt}", "max_new_tokens=3")
+    result = lmkit_main("generate", f"model={corrupt}", "max_new_tokens=3")
     assert result.returncode == 2 and "corrupt" in result.stderr and "Traceback" not in result.stderr
     unknown = json.loads((corrupt / "config.json").read_text())
     unknown["compression"][0]["plugin"] = "os.system"  # a name selects an installed plugin, never code

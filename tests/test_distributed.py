@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, free_port, run_train_py, sigterm_train_py_when
+from tests.conftest import (ROOT, TINY, free_port, run_train_py, run_train_py_each, sigterm_train_py_when,
+                            train_py_args)
 
 DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 SMALL = ["model=lstm", *TINY, "trainer.max_steps=12", "trainer.val_check_interval=6"]
@@ -128,14 +129,29 @@ def test_a_crashed_rank_fails_the_whole_job_quickly(tmp_path, cache_dir):
     assert "injected failure on rank 1" in result.stderr
 
 
-@pytest.mark.parametrize("overrides,message", [
+BAD_LAUNCHES = [
     (["trainer=gpu", "trainer.devices=2"], "trainer.devices=2 but this machine has"),
     (["trainer=ddp", "trainer.accelerator=cpu", "trainer.num_nodes=2"], "trainer.num_nodes=2 needs a launcher"),
-])
-def test_bad_launch_settings_give_one_line(overrides, message, tmp_path, cache_dir):
+]
+
+
+@pytest.fixture(scope="module")
+def bad_launches(tmp_path_factory, cache_dir) -> list[subprocess.CompletedProcess]:
+    """`python train.py` with each of BAD_LAUNCHES, in one interpreter, one after the other (run_train_py_each):
+    refused before any process starts, they need a process but not one each."""
+    base = tmp_path_factory.mktemp("bad_launches")
+    results = run_train_py_each({str(i): train_py_args(*SMALL, *overrides, run_dir=base / str(i) / "run",
+                                                       cache_dir=cache_dir)
+                                 for i, (overrides, _) in enumerate(BAD_LAUNCHES)}, cwd=base, timeout=300)
+    return list(results.values())
+
+
+@pytest.mark.parametrize("index", range(len(BAD_LAUNCHES)), ids=[message for _, message in BAD_LAUNCHES])
+def test_bad_launch_settings_give_one_line(index, bad_launches):
+    message = BAD_LAUNCHES[index][1]
     if message.startswith("trainer.devices") and torch.cuda.device_count() >= 2:
         pytest.skip("this machine has two GPUs")
-    result = run_train_py(*SMALL, *overrides, run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
+    result = bad_launches[index]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr

@@ -19,7 +19,6 @@ from lmkit.lora import LoRALinear, LoRASettings, adapt, merge, merged, quantize_
 from lmkit.record import ModelRecord
 from lmkit.train import run
 from tests.conftest import TINY
-from tests.test_commands import trained  # noqa: F401 (a fixture: the GPT-2-block base)
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +31,7 @@ FINETUNE = ["finetune=lora", *[o for o in TINY if not o.startswith("model.")], "
 
 
 @pytest.fixture(scope="module")
-def bases(trained, tmp_path_factory) -> dict[str, object]:  # noqa: F811
+def bases(trained, tmp_path_factory) -> dict[str, object]:
     """Base models saved as lmkit folders: GPT-2's block (trained), a Llama block (random, with GQA and a tied
     head), and an LSTM; all with the embedded corpus's character tokenizer."""
     tmp = tmp_path_factory.mktemp("bases")

@@ -19,7 +19,8 @@ from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
-from tests.test_commands import LMKIT, lmkit_cmd, one_error_line, trained  # noqa: F401 (a fixture)
+from tests.conftest import lmkit_main
+from tests.test_commands import lmkit_cmd, one_error_line
 
 ort = pytest.importorskip("onnxruntime")
 from lmkit.deploy.onnx import export_onnx  # noqa: E402 (after the skip: it needs onnx installed)
@@ -200,7 +201,7 @@ def test_refusals_are_one_line(exports, tmp_path):
         lmkit.load(corrupt)
 
 
-def test_cli_exports_a_pruned_int8_model_that_generate_and_eval_run(trained, tmp_path):  # noqa: F811
+def test_cli_exports_a_pruned_int8_model_that_generate_and_eval_run(trained, tmp_path):
     """`lmkit export format=onnx compression=[prune,int8]`: pruning in torch, int8 by onnxruntime; then
     `lmkit generate` and `lmkit eval` on the folder, and a one-line refusal that writes nothing."""
     env = {"LMKIT_CACHE": str(trained["cache"])}
@@ -222,10 +223,12 @@ def test_cli_exports_a_pruned_int8_model_that_generate_and_eval_run(trained, tmp
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert 1 < json.loads(evaluated.stdout)["perplexity"] < 80
 
-    refused = lmkit_cmd("export", f"model={trained['ckpt']}", f"out={tmp_path / 'no'}", "format=onnx",
-                        "compression=[int8,prune]", cwd=tmp_path, env=env)
+    # the refusals through `lmkit`'s main in this process (one-line refusals of `lmkit export` in a process of their
+    # own: test_commands.py's)
+    refused = lmkit_main("export", f"model={trained['ckpt']}", f"out={tmp_path / 'no'}", "format=onnx",
+                         "compression=[int8,prune]")
     one_error_line(refused, "int8")
-    again = lmkit_cmd("export", f"model={out}", f"out={tmp_path / 'no'}", cwd=tmp_path, env=env)
+    again = lmkit_main("export", f"model={out}", f"out={tmp_path / 'no'}")
     one_error_line(again, "is an ONNX export: export from the lmkit model or checkpoint it came from")
     assert not (tmp_path / "no").exists()
 

@@ -9,6 +9,7 @@ import csv
 import json
 import pickle
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,18 @@ import lmkit
 from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.parallel.checkpoint import read_metadata
-from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py, sigterm_train_py_when
+from tests.conftest import (TINY, TINY_TRANSFORMER, lmkit_main, run_train_py, run_train_py_each,
+                            sigterm_train_py_when, train_py_args)
 from tests.test_commands import lmkit_cmd
 
 pytestmark = pytest.mark.slow
 
 # A fixed schedule (it must not depend on max_steps: interrupted and resumed runs set other ones), every step logged.
+# Samples of 16 tokens: a sharded model is sampled by all its ranks together, without a cache, a collective per
+# layer and token (200 tokens, the default, took ~3.5 s per validation of a tensor-parallel run).
+SAMPLE = ["callbacks.text_sampler.max_new_tokens=16"]
 COMMON = ["model=transformer", *TINY_TRANSFORMER, "optim.warmup_steps=5", "optim.decay_steps=100",
-          "trainer.log_every_n_steps=1", "trainer.val_check_interval=10"]
+          "trainer.log_every_n_steps=1", "trainer.val_check_interval=10", *SAMPLE]
 FSDP2 = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"]
 HALF = ["data.batch_size=4", "data.eval_batch_size=8"]  # per rank: two ranks make the single run's batch of 8
 
@@ -191,7 +196,7 @@ def test_reading_a_sharded_folder_never_runs_code_and_names_a_missing_shard(fsdp
             return (exec, (f"open({str(tmp_path / 'ran')!r}, 'w')",))
 
     (folder / ".metadata").write_bytes(pickle.dumps(Hostile()))
-    result = lmkit_cmd("eval", f"model={folder}", cwd=tmp_path)
+    result = lmkit_main("eval", f"model={folder}")  # in this process: code it ran would run here
     assert result.returncode == 2 and ".metadata is not checkpoint metadata (builtins.exec" in result.stderr
     assert not (tmp_path / "ran").exists()
 
@@ -245,7 +250,7 @@ def test_the_bf16_policy_computes_in_bf16_over_fp32_master_weights():
 def test_an_lstm_sweep_under_fsdp_launches_each_jobs_ranks_once(tmp_path, cache_dir):
     """An LSTM is one FSDP unit; a Hydra multirun of fsdp jobs gives one folder per point, each trained once."""
     sweep = tmp_path / "sweep"
-    result = run_train_py("-m", "model=lstm", *TINY, *FSDP2, "trainer.max_steps=6", "trainer.val_check_interval=3",
+    result = run_train_py("-m", "model=lstm", *TINY, *FSDP2, *SAMPLE, "trainer.max_steps=6", "trainer.val_check_interval=3",
                           "model.n_embd=32,48", f"hydra.sweep.dir={sweep}", run_dir=tmp_path / "unused",
                           cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -271,7 +276,7 @@ def test_sigterm_under_fsdp_saves_a_sharded_folder_and_resume_continues(tmp_path
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == step + 5
 
 
-@pytest.mark.parametrize("overrides,message", [
+CANNOT_SPLIT = [
     (["model=lstm", *TINY, "trainer.strategy.tensor_parallel_size=2"],
      "a recurrent model (model.kind=lstm) has no heads"),
     ([*COMMON, "trainer.devices=4", "trainer.strategy.tensor_parallel_size=4"],
@@ -279,21 +284,38 @@ def test_sigterm_under_fsdp_saves_a_sharded_folder_and_resume_continues(tmp_path
     ([*COMMON, "model.n_head=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 processes"),
     (["model=llama", *TINY_TRANSFORMER, "model.n_kv_head=1", "trainer.strategy.tensor_parallel_size=2"],
      "grouped-query attention (model.n_kv_head=1, model.n_head=2) is not split yet"),
-])
-def test_what_cannot_be_split_is_one_line_before_any_process_starts(overrides, message, tmp_path, cache_dir):
-    result = run_train_py(*FSDP2, *overrides, run_dir=tmp_path / "run", cache_dir=cache_dir, timeout=120)
+]
+CANNOT_RESUME = [  # a sharded folder (the fsdp fixture's last.ckpt) resumed without fsdp, or by another model
+    ([], "is a sharded checkpoint folder: resume it with trainer=fsdp"),
+    ([*FSDP2, "model.n_embd=48"], "is for a different model: model.n_embd: checkpoint 32 vs run 48"),
+]
+
+
+@pytest.fixture(scope="module")
+def refused(fsdp, tmp_path_factory, cache_dir) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """`python train.py` with each command line of CANNOT_SPLIT and CANNOT_RESUME, which it must refuse before any
+    process starts: name -> (what it printed and its exit code, its run folder). All in one interpreter, one after
+    the other, each as train.py's __main__ with its own arguments and output (run_train_py_each)."""
+    base = tmp_path_factory.mktemp("refused")
+    folder = fsdp / "checkpoints" / "last.ckpt"
+    cases = {**{f"split_{i}": [*FSDP2, *overrides] for i, (overrides, _) in enumerate(CANNOT_SPLIT)},
+             **{f"resume_{i}": [*COMMON, *overrides, f"resume={folder}"] for i, (overrides, _) in enumerate(CANNOT_RESUME)}}
+    results = run_train_py_each({name: train_py_args(*overrides, run_dir=base / name / "run", cache_dir=cache_dir)
+                                 for name, overrides in cases.items()}, cwd=base, timeout=300)
+    return {name: (results[name], base / name / "run") for name in cases}
+
+
+@pytest.mark.parametrize("index", range(len(CANNOT_SPLIT)), ids=[message for _, message in CANNOT_SPLIT])
+def test_what_cannot_be_split_is_one_line_before_any_process_starts(index, refused):
+    (result, run_dir), message = refused[f"split_{index}"], CANNOT_SPLIT[index][1]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and not list((tmp_path / "run").rglob("*.ckpt"))
+    assert "Traceback" not in result.stderr and not list(run_dir.rglob("*.ckpt"))
 
 
-def test_resuming_a_sharded_folder_needs_fsdp_and_the_same_model(fsdp, tmp_path, cache_dir):
-    folder = fsdp / "checkpoints" / "last.ckpt"
-    for overrides, message in ([[], "is a sharded checkpoint folder: resume it with trainer=fsdp"],
-                               [[*FSDP2, "model.n_embd=48"],
-                                "is for a different model: model.n_embd: checkpoint 32 vs run 48"]):
-        result = run_train_py(*COMMON, *overrides, f"resume={folder}", run_dir=tmp_path / "run", cache_dir=cache_dir,
-                              timeout=120)
+def test_resuming_a_sharded_folder_needs_fsdp_and_the_same_model(refused):
+    for index, (_, message) in enumerate(CANNOT_RESUME):
+        result, _ = refused[f"resume_{index}"]
         assert result.returncode == 2 and "error: " in result.stderr and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
 

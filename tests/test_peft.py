@@ -15,7 +15,7 @@ from lmkit.hf import export_hf
 from lmkit.peft_format import export_peft
 from lmkit.train import run
 from tests.conftest import CONF
-from tests.test_commands import lmkit_cmd, one_error_line, trained  # noqa: F401 (trained: a fixture)
+from tests.test_commands import lmkit_cmd, one_error_line
 from tests.test_lora import FINETUNE, bases  # noqa: F401 (bases: a fixture)
 
 transformers = pytest.importorskip("transformers")
