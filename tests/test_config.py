@@ -1,7 +1,6 @@
 """Every config option composes with real Hydra, and the trainer group exposes every Trainer argument."""
 
 import inspect
-from pathlib import Path
 
 import lightning as L
 import pytest

@@ -2,13 +2,10 @@
 a decoding loop with no torch at all, onnxruntime's quantizers, the CLI, and the refusals."""
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +13,6 @@ import lmkit
 from lmkit.backbones import LSTMConfig, TransformerConfig, build_backbone
 from lmkit.data.tokenizer import CharTokenizer
 from lmkit.errors import LmkitError
-from lmkit.export import save
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
 from tests.conftest import lmkit_main
@@ -107,7 +103,6 @@ def no_torch(name, *args, **kwargs):
     return real_import(name, *args, **kwargs)
 builtins.__import__ = no_torch
 
-import numpy as np
 import onnxruntime
 from tokenizers import Tokenizer
 
