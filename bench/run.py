@@ -3,6 +3,7 @@
     throughput   train.py vs a hand-written loop and vs a nanoGPT-equivalent loop, same work, alternated
     quality      validation loss of the default run against nanoGPT's CPU recipe, whole process timed
     generate     generation tokens/s at 50 and 500 new tokens, with and without the cache
+    lstm_cpu     nn.LSTM inference on the CPU with oneDNN on and off, by batch size: where the backbone skips it
     scale        tokenizing 10 MB / 100 MB / 1 GB corpora (time, peak RSS); tokens/s as models grow
     compression  size / perplexity / speed of each compression recipe; where int8 kernels pay, by width
     deploy       torch vs onnxruntime (fp32, int8, int4): perplexity and bytes of the default models, tokens/s by width
@@ -21,7 +22,8 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "generate.py", "scale": "scale.py",
+BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "generate.py",
+           "lstm_cpu": "lstm_cpu.py", "scale": "scale.py",
            "compression": "compression.py", "deploy": "deploy.py", "serve": "serve.py",
            "parallel": "parallel.py", "finetune": "finetune.py"}
 

@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
+import lmkit.backbones.lstm as lstm_backbone
 from lmkit.backbones import LSTM, LSTMConfig, Transformer, TransformerConfig, backbone_config
 from lmkit.backbones.transformer import sinusoidal_table
+from lmkit.generate import generate
 
 V = 50
 
@@ -140,6 +142,75 @@ def test_recurrent_state_carries_between_calls(cell, hidden):
     torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-5)
     assert model.head.weight is model.embedding.weight  # tied, through a projection when widths differ
     assert (model.proj is not None) == (hidden is not None)
+
+
+def onednn_seen(model: LSTM) -> list[bool]:
+    """torch.backends.mkldnn.enabled as each call of `model.rnn` found it (what its kernel choice reads)."""
+    seen: list[bool] = []
+    model.rnn.register_forward_pre_hook(lambda *_: seen.append(torch.backends.mkldnn.enabled))
+    return seen
+
+
+def prefill_and_steps(model: LSTM, ids: torch.Tensor, prompt: int = 6) -> torch.Tensor:
+    """Logits of a prefill of `prompt` tokens, then one-token steps over the rest of `ids`."""
+    logits, state = model(ids[:, :prompt])
+    out = [logits]
+    for t in range(prompt, ids.size(1)):
+        logits, state = model(ids[:, t:t + 1], state)
+        out.append(logits)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("batch", [1, 64])
+def test_lstm_inference_skips_onednn_on_small_steps_with_the_same_logits(batch, monkeypatch):
+    """Eval-mode one-token steps up to ONEDNN_OFF_MAX_BATCH rows run torch's own kernel (bench/README.md,
+    lstm_cpu); their logits are oneDNN's to float rounding, at batch 1 and at a batch forced onto that path."""
+    torch.manual_seed(0)
+    model = LSTM(LSTMConfig(vocab_size=V, n_layer=2, n_embd=32)).eval()
+    ids = torch.randint(0, V, (batch, 10))
+    seen = onednn_seen(model)
+    with torch.no_grad():
+        if batch > lstm_backbone.ONEDNN_OFF_MAX_BATCH:
+            assert not model.skips_onednn(model.embedding(ids[:, :1]))  # by default a large batch keeps oneDNN
+            monkeypatch.setattr(lstm_backbone, "ONEDNN_OFF_MAX_BATCH", batch)
+        fast = prefill_and_steps(model, ids)
+        assert seen == [True] + [False] * 4  # the prefill keeps oneDNN, each step skips it
+        assert torch.backends.mkldnn.enabled  # and turns it back on
+        monkeypatch.setattr(lstm_backbone, "ONEDNN_OFF_MAX_BATCH", 0)  # the path before: oneDNN for every call
+        before = prefill_and_steps(model, ids)
+        assert seen[5:] == [True] * 5
+    torch.testing.assert_close(fast, before, atol=1e-5, rtol=0)
+
+
+def test_lstm_training_keeps_onednn_and_a_user_choice_stands():
+    torch.manual_seed(0)
+    model = LSTM(LSTMConfig(vocab_size=V, n_layer=1, n_embd=16)).train()
+    seen = onednn_seen(model)
+    first, state = model(torch.randint(0, V, (1, 1)))
+    second, state = model(torch.randint(0, V, (1, 1)), state)
+    (first.sum() + second.sum()).backward()  # one-token calls at batch 1 in training: oneDNN's path, gradients flow
+    assert seen == [True, True] and model.rnn.weight_hh_l0.grad.abs().sum() > 0
+    model.eval()
+    torch.backends.mkldnn.enabled = False  # a user who turned oneDNN off keeps it off
+    try:
+        with torch.no_grad():
+            model(torch.randint(0, V, (1, 1)), state)
+        assert seen == [True, True, False] and not torch.backends.mkldnn.enabled
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+def test_lstm_greedy_text_is_the_same_on_either_path(monkeypatch):
+    torch.manual_seed(0)
+    model = LSTM(LSTMConfig(vocab_size=V, n_layer=1, n_embd=32)).eval()
+    with torch.no_grad():  # lively weights: at the default init greedy decoding soon repeats one token
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    prompt = torch.randint(0, V, (1, 5))
+    fast = generate(model, prompt, max_new_tokens=24, temperature=0)
+    monkeypatch.setattr(lstm_backbone, "ONEDNN_OFF_MAX_BATCH", 0)
+    assert torch.equal(fast, generate(model, prompt, max_new_tokens=24, temperature=0))
+    assert len(set(fast[0, 5:].tolist())) > 3  # a text, not one token repeated
 
 
 def test_backbone_config_names_unknown_options():

@@ -6,6 +6,8 @@ where the last call stopped, which is how generation stays O(1) per token.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -13,6 +15,33 @@ import torch
 import torch.nn as nn
 
 RecurrentState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+# torch runs a float32 nn.LSTM on the CPU through oneDNN (mkldnn) by default, which on one-token steps of
+# small batches costs 2-6x what torch's own kernel does: batch 1 of the default 1x256 model took 0.4-1.5 ms
+# against 0.07-0.1 ms (2x512: 3.3 against 1.6 ms). Inference steps of at most this many rows take torch's
+# kernel; larger batches and every prefill (from 8 tokens oneDNN was as fast or faster) keep oneDNN.
+# Measured by bench/lstm_cpu.py: bench/README.md, "lstm_cpu", and bench/results/lstm_cpu.json. The two
+# paths' logits differ by float32 rounding only: at most 2e-6 there, over a 64-token prefill and 16 steps.
+ONEDNN_OFF_MAX_BATCH = 16
+ONEDNN_OFF_MAX_TOKENS = 1
+
+
+@contextmanager
+def onednn_off() -> Iterator[None]:
+    """Run the block with oneDNN off, then on again (callers enter only while it is on).
+
+    Not `torch.backends.mkldnn.flags(enabled=False)`: in torch 2.13 that also resets the deterministic,
+    TF32 and fp32-precision settings for the block, warns about TF32 on every CPU build at each use and
+    costs ~11 us against ~0.3 us for the flag alone. The flag is process-wide, not per thread: that is
+    acceptable because each decoding loop (lmkit generate, InferenceModel.generate, the serve engine's
+    decoding thread) is one thread, and training, which must keep oneDNN, does not run beside it. Two
+    inference threads overlapping still leave it on: each restores the value it found, which was on.
+    """
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
 
 
 @dataclass
@@ -83,8 +112,27 @@ class LSTM(nn.Module):
             return tuple(part.index_select(1, index) for part in state)
         return state.index_select(1, index)
 
+    def skips_onednn(self, x: torch.Tensor) -> bool:
+        """Whether this call of the rnn on `x` (B, T, C) should run torch's own kernel (ONEDNN_OFF_MAX_BATCH).
+
+        Inference only: training (train mode with grad) keeps oneDNN's path and its numerics, and so does
+        validation, whose calls are whole windows, not one-token steps. GRUs have no oneDNN kernel; the
+        measurement is of float32 on the CPU (CPU autocast would run the LSTM in bf16); under torch.compile
+        the backbone keeps torch's default.
+        """
+        return (isinstance(self.rnn, nn.LSTM) and not torch.compiler.is_compiling()
+                and not (self.training and torch.is_grad_enabled())
+                and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and x.size(0) <= ONEDNN_OFF_MAX_BATCH and x.size(1) <= ONEDNN_OFF_MAX_TOKENS
+                and torch.backends.mkldnn.enabled)
+
     def forward(self, ids: torch.Tensor, state: RecurrentState | None = None) -> tuple[torch.Tensor, RecurrentState]:
-        out, state = self.rnn(self.drop(self.embedding(ids)), state)
+        x = self.drop(self.embedding(ids))
+        if self.skips_onednn(x):
+            with onednn_off():
+                out, state = self.rnn(x, state)
+        else:
+            out, state = self.rnn(x, state)
         out = self.drop(out)
         if self.proj is not None:
             out = self.proj(out)
