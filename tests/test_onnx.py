@@ -103,6 +103,7 @@ def no_torch(name, *args, **kwargs):
     return real_import(name, *args, **kwargs)
 builtins.__import__ = no_torch
 
+import numpy as np
 import onnxruntime
 from tokenizers import Tokenizer
 

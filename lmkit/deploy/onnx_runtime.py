@@ -22,14 +22,25 @@ from lmkit.record import ModelRecord
 
 
 class OnnxState:
-    """What the graph returned as present.* (the next call's cache inputs), and how many slots it holds."""
+    """What the graph returned as present.* (the next call's cache inputs), and how many slots it holds.
 
-    def __init__(self, arrays: list[np.ndarray], pos: int, batch_axis: int) -> None:
+    `rows`, when set, are the rows of `arrays` this state is (`select_states` defers the copy: a server
+    selects the rows that stay and stacks them with new ones at once, and each copy of a 32-row cache
+    cost as much as a decoding step)."""
+
+    def __init__(self, arrays: list[np.ndarray], pos: int, batch_axis: int, rows: list[int] | None = None) -> None:
         self.arrays, self.pos, self.batch_axis = arrays, pos, batch_axis  # keys/values [batch, ...]; RNN [layers, batch, ...]
+        self.rows = rows
 
     @property
     def batch_size(self) -> int:
-        return self.arrays[0].shape[self.batch_axis]
+        return len(self.rows) if self.rows is not None else self.arrays[0].shape[self.batch_axis]
+
+    def selected(self) -> list[np.ndarray]:
+        """The arrays of this state's rows only."""
+        if self.rows is None:
+            return self.arrays
+        return [a.take(self.rows, axis=self.batch_axis) for a in self.arrays]
 
 
 UNMASKED = ("its ONNX Transformer graph has no past_mask (an export from before lmkit batched ONNX Transformers), so "
@@ -60,7 +71,7 @@ class OnnxBackbone(nn.Module):
         if self.max_seq_len and state.pos + ids.size(1) > self.max_seq_len:
             raise ValueError(f"sequence of {state.pos + ids.size(1)} tokens exceeds max_seq_len={self.max_seq_len}")
         feeds = {"input_ids": ids.detach().cpu().numpy().astype(np.int64)}
-        feeds.update(zip(self.inputs[1:], state.arrays))
+        feeds.update(zip(self.inputs[1:], state.selected()))
         logits, *present = self.session.run(None, feeds)
         return torch.from_numpy(logits), OnnxState(present, state.pos + ids.size(1), self.batch_axis)
 
@@ -69,30 +80,51 @@ class OnnxBackbone(nn.Module):
         are right-aligned at the longest row's length, the slots before a shorter row's text zero in
         keys, values and past_mask (as `Transformer.stack_states` pads its cache)."""
         if self.recurrent:
-            return OnnxState([np.concatenate(parts, axis=1) for parts in zip(*(s.arrays for s in states))],
+            return OnnxState([np.concatenate(parts, axis=1) for parts in zip(*(s.selected() for s in states))],
                              max(s.pos for s in states), self.batch_axis)
         if not self.masked:
             if len({s.pos for s in states}) > 1:
                 raise ValueError(UNMASKED)
-            return OnnxState([np.concatenate(parts) for parts in zip(*(s.arrays for s in states))], states[0].pos, 0)
-        held = [int(s.arrays[-1].sum(axis=1).max()) for s in states]  # each state's longest row
-        pos = max(held)
+            return OnnxState([np.concatenate(parts) for parts in zip(*(s.selected() for s in states))],
+                             states[0].pos, 0)
+        masks = [s.arrays[-1] if s.rows is None else s.arrays[-1][s.rows] for s in states]
+        held = [int(m.sum(axis=1).max()) for m in masks]  # each state's longest row
+        pos, sizes = max(held), [s.batch_size for s in states]
         arrays = []
-        for parts in zip(*(s.arrays for s in states)):
-            shape = list(parts[0].shape)
-            shape[0], shape[-1 if parts[0].ndim == 2 else 2] = sum(p.shape[0] for p in parts), pos
-            out, row = np.zeros(shape, dtype=parts[0].dtype), 0
-            for part, n in zip(parts, held):  # one block per state: its rows are right-aligned already
-                if part.ndim == 2:  # past_mask
-                    out[row:row + part.shape[0], pos - n:] = part[:, part.shape[1] - n:]
-                else:
-                    out[row:row + part.shape[0], :, pos - n:] = part[:, :, part.shape[2] - n:]
-                row += part.shape[0]
+        for layer in range(len(states[0].arrays)):
+            ref = states[0].arrays[layer]
+            shape = [sum(sizes), *ref.shape[1:]]
+            shape[1 if ref.ndim == 2 else 2] = pos
+            out, row = np.zeros(shape, dtype=ref.dtype), 0
+            for state, n, size in zip(states, held, sizes):  # one block per state: its rows are right-aligned already
+                part = state.arrays[layer]
+                src = part[:, part.shape[1] - n:] if part.ndim == 2 else part[:, :, part.shape[2] - n:]
+                dst = out[row:row + size, pos - n:] if part.ndim == 2 else out[row:row + size, :, pos - n:]
+                if state.rows is None:
+                    dst[...] = src
+                else:  # the selected rows, straight into place, a run of consecutive rows per copy
+                    for to, start, stop in runs(state.rows):
+                        dst[to:to + stop - start] = src[start:stop]
+                row += size
             arrays.append(out)
         return OnnxState(arrays, pos, 0)
 
     def select_states(self, state: OnnxState, rows: list[int]) -> OnnxState:
-        return OnnxState([a.take(rows, axis=self.batch_axis) for a in state.arrays], state.pos, self.batch_axis)
+        if state.rows is not None:
+            rows = [state.rows[r] for r in rows]
+        return OnnxState(state.arrays, state.pos, self.batch_axis, rows)
+
+
+def runs(rows: list[int]) -> list[tuple[int, int, int]]:
+    """`rows` as runs of consecutive rows: (index in `rows` of the run's first, first row, row after the last)."""
+    out, i = [], 0
+    while i < len(rows):
+        j = i + 1
+        while j < len(rows) and rows[j] == rows[j - 1] + 1:
+            j += 1
+        out.append((i, rows[i], rows[j - 1] + 1))
+        i = j
+    return out
 
 
 def is_onnx_export(path: Path) -> bool:
