@@ -396,6 +396,32 @@ def test_an_onnx_transformer_serves_32_clients_as_generate_and_frees_the_rows_of
         server.stop()
 
 
+def in_process_api(model: InferenceModel) -> ModelAPI:
+    """The server's model side, started in this process over `model` (as a worker's `setup` starts it)."""
+    settings = Settings(model="", name=NAME, runtime="torch", device=None, host="127.0.0.1", port=8000,
+                        max_batch_size=8, batch_timeout=0.0, workers=1, api_key=None, limits=Limits(16, 16, 1),
+                        stream_interval=0.0, threads=None, log_level="warning")
+    cancels = [queue.Queue()]
+    api = ModelAPI(settings, OpenAIEndpoints(settings, model.tokenizer, model.tokenizer.vocab_size, cancels), cancels)
+    api.start(model, worker=0)
+    return api
+
+
+def test_an_onnx_transformer_exported_before_past_mask_serves_one_request_at_a_time_and_says_so(capsys):
+    pytest.importorskip("onnxruntime")
+    import lmkit
+
+    old = lmkit.load(Path(__file__).parent / "data" / "format1-transformer-onnx")
+    api = in_process_api(old)
+    said = capsys.readouterr().err.splitlines()
+    assert len(said) == 1 and said[0].startswith(f"lmkit serve: {NAME} serves one request at a time: its ONNX")
+    api.add_request("a", Job([old.encode("ROMEO:")], n=1, max_tokens=3, temperature=0))
+    api.add_request("b", Job([old.encode("A")], n=1, max_tokens=3, temperature=0))
+    assert not api.has_capacity()  # b waits for a
+    while api.has_active_requests():
+        api.step(None)
+
+
 def test_a_request_added_while_a_failed_step_resets_is_answered_or_kept():
     """LitServe adds requests on its event loop while a step runs in a thread. A step that fails resets the
     engine and answers every active request with an error; a request added meanwhile must be either answered
@@ -403,12 +429,7 @@ def test_a_request_added_while_a_failed_step_resets_is_answered_or_kept():
     engine's later news for it would fail LitServe's loop and every request in it). The interleaving is
     forced, not hoped for: a profile hook adds the request just as the failing step's `Engine.reset` returns."""
     model = tiny_model()
-    settings = Settings(model="", name=NAME, runtime="torch", device=None, host="127.0.0.1", port=8000,
-                        max_batch_size=8, batch_timeout=0.0, workers=1, api_key=None, limits=Limits(16, 16, 1),
-                        stream_interval=0.0, threads=None, log_level="warning")
-    cancels = [queue.Queue()]
-    api = ModelAPI(settings, OpenAIEndpoints(settings, model.tokenizer, len(CHARS), cancels), cancels)
-    api.start(model, worker=0)
+    api = in_process_api(model)
     api.add_request("bad", Job([[len(CHARS)]], n=1, max_tokens=3, temperature=0))  # no such token: the step raises
     late = threading.Thread(target=api.add_request, args=("late", Job([model.encode("A")], n=1, max_tokens=3,
                                                                          temperature=0)))

@@ -38,8 +38,8 @@ def serve(a: Any) -> None:
     settings = Settings(model=a.model, name=a.name or (path.resolve().name if path.is_dir() else path.stem),
                         runtime=a.runtime, device=a.device, host=a.host, port=a.port, max_batch_size=a.max_batch_size,
                         batch_timeout=a.batch_timeout, workers=a.workers, api_key=a.api_key or None,
-                        limits=Limits(a.max_tokens, a.max_tokens_limit, a.max_n, a.max_prompt_tokens), stream_interval=a.stream_interval,
-                        threads=a.threads, log_level=a.log_level)
+                        limits=Limits(a.max_tokens, a.max_tokens_limit, a.max_n, a.max_prompt_tokens),
+                        stream_interval=a.stream_interval, threads=a.threads, log_level=a.log_level)
     run(settings, tokenizer, chat)
 
 
