@@ -399,7 +399,7 @@ def test_an_onnx_transformer_serves_32_clients_as_generate_and_frees_the_rows_of
 def in_process_api(model: InferenceModel) -> ModelAPI:
     """The server's model side, started in this process over `model` (as a worker's `setup` starts it)."""
     settings = Settings(model="", name=NAME, runtime="torch", device=None, host="127.0.0.1", port=8000,
-                        max_batch_size=8, batch_timeout=0.0, workers=1, api_key=None, limits=Limits(16, 16, 1),
+                        max_batch_size=8, batch_timeout=0.0, workers=1, api_key=None, limits=Limits(16, 16, 1, 64),
                         stream_interval=0.0, threads=None, log_level="warning")
     cancels = [queue.Queue()]
     api = ModelAPI(settings, OpenAIEndpoints(settings, model.tokenizer, model.tokenizer.vocab_size, cancels), cancels)

@@ -172,11 +172,10 @@ def export_graph(model: InferenceModel, path: Path, *, untie_head: bool = False)
             past = tuple(torch.zeros(2, s[1], 4, s[3]) for s in names["cache_shapes"][:-1])
             past_mask = torch.tensor([[0.0, 1, 1, 1], [1, 1, 1, 1]])  # a padded row, so no mask is taken for all ones
             batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+            cache_axes = (*({0: batch, 2: past_len} for _ in past), {0: batch, 1: past_len})
             program = torch.onnx.export(TransformerGraph(backbone), (ids, *past, past_mask), dynamo=True,
                                         opset_version=OPSET, optimize=True, input_names=names["inputs"],
-                                        output_names=names["outputs"],
-                                        dynamic_shapes=({0: batch, 1: seq},
-                                                        (*({0: batch, 2: past_len} for _ in past), {0: batch, 1: past_len})))
+                                        output_names=names["outputs"], dynamic_shapes=({0: batch, 1: seq}, cache_axes))
             program.save(str(path), external_data=False)
             _tidy(path)
         else:

@@ -98,8 +98,8 @@ class Engine:
         self.max_rows = max_rows
         self.limit: int | None = getattr(self.backbone, "max_seq_len", None)
         self.keep = reprime_length(self.limit)
-        self.unbatched: str | None = None  # why rows of different requests cannot decode together, if they cannot
-        self.batched = self._can_batch()
+        self.unbatched = self._why_unbatched()  # None: rows of different requests decode together
+        self.batched = self.unbatched is None
         self.arrivals: deque[Group] = deque()  # appended by the server's thread, drained by step()
         self.requests: dict[str, Request] = {}
         self.groups: list[Group] = []  # in the batch, in state order: group i's rows follow group i-1's
@@ -108,20 +108,19 @@ class Engine:
         self.unseeded = seeded_generator(self.device, None)  # requests without a seed draw from one generator, together
 
     @torch.no_grad()
-    def _can_batch(self) -> bool:
-        """Whether rows of different lengths, prefilled apart, decode together (an old ONNX Transformer export
-        has no padding mask, so its stack_states refuses them): if not, one request is served at a time."""
+    def _why_unbatched(self) -> str | None:
+        """Why rows of different lengths, prefilled apart, cannot decode together (an old ONNX Transformer
+        export has no padding mask, so its stack_states refuses them), or None when they can. If they
+        cannot, one request is served at a time."""
         if not (hasattr(self.backbone, "stack_states") and hasattr(self.backbone, "select_states")):
-            self.unbatched = "its backbone cannot stack the states of rows decoded apart"
-            return False
+            return "its backbone cannot stack the states of rows decoded apart"
         states = [self.backbone(torch.zeros(1, n, dtype=torch.long, device=self.device),
                                 self.backbone.init_state(1))[1] for n in (1, 2)]
         try:
             self.backbone.stack_states(states)
         except ValueError as e:
-            self.unbatched = str(e)
-            return False
-        return True
+            return str(e)
+        return None
 
     # --- called from the server's scheduling thread: append and count only -----------------------------
 

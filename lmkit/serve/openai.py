@@ -110,7 +110,7 @@ class Limits:
     max_tokens: int  # when a request gives none
     max_tokens_limit: int
     max_n: int
-    max_prompt_tokens: int = 16384  # a longer prompt is refused before it reaches a worker
+    max_prompt_tokens: int  # a longer prompt is refused before it reaches a worker
 
 
 @dataclass
