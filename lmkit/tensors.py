@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-# quantization scales (int8's per row, int4's per block) and format flags: not parameters of the model
-BOOKKEEPING = ("SCB", "absmax", "weight_format")
+# quantization scales (int8's per row, int4's and the grids' per block) and format flags: not parameters of the model
+BOOKKEEPING = ("SCB", "absmax", "weight_format", "scales", "mins")
 
 
 def unique_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

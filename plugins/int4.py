@@ -1,4 +1,6 @@
-"""`int4`: 4-bit weights through bitsandbytes' NF4 or FP4 blockwise quantization.
+"""`int4`: 4-bit weights, on a runtime's grid (`quant_type=sym|asym`: llama.cpp's Q4_0/Q4_1, onnxruntime's
+MatMulNBits; plugins/gridquant.py, calibrated with GPTQ and activation-aware scales) or through
+bitsandbytes' NF4 or FP4 blockwise quantization (`quant_type=nf4|fp4`, described below).
 
 Every weight matrix (linear layers, the LSTM's input and recurrent matrices, and with `embeddings`
 the token and position embeddings, which a tied head shares) is split into blocks of `blocksize`
@@ -29,6 +31,7 @@ from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin
 from lmkit.tensors import once_per_tensor, swap_modules
+from lmkit.builtin_plugins import gridquant
 from lmkit.builtin_plugins.int8 import half_where_lossless, round_to_half
 from lmkit.builtin_plugins.prune import VALUES as PRUNED_VALUES
 
@@ -169,44 +172,96 @@ def quantize(backbone: nn.Module, quant_type: str, blocksize: int, embeddings: b
 
 class Int4(Plugin):
     name = "int4"
-    summary = "bitsandbytes NF4/FP4 4-bit weights in blocks (LSTM and embeddings too); ~0.14x bytes"
-    defaults = {"quant_type": "nf4", "blocksize": 64, "embeddings": True}
+    summary = ("4-bit weights in blocks: llama.cpp/ONNX grids (sym, asym; rtn, gptq, awq) or bitsandbytes NF4/FP4; "
+               "~0.15x bytes")
+    defaults = {"quant_type": "nf4", "blocksize": None, "embeddings": True, "method": "rtn", "awq": False,
+                "act_order": False, "damp": 0.01, "calibration_windows": 128, "head_bits": 8}
     quantizes = True
+
+    @property
+    def on_grid(self) -> bool:
+        return self.settings["quant_type"] in gridquant.GRID_TYPES
+
+    @property
+    def plan(self) -> gridquant.Plan:
+        return gridquant.plan(self.name, 4, self.settings)
+
+    @property
+    def blocksize(self) -> int:
+        return self.settings["blocksize"] or (32 if self.on_grid else 64)
 
     def check(self) -> None:
         s = self.settings
-        if s["quant_type"] not in ("nf4", "fp4"):
-            raise LmkitError(f"compression.int4.quant_type={s['quant_type']!r} is not one of nf4, fp4")
-        bs = s["blocksize"]
+        if s["quant_type"] not in ("nf4", "fp4", *gridquant.GRID_TYPES):
+            raise LmkitError(f"compression.int4.quant_type={s['quant_type']!r} is not one of nf4, fp4, sym, asym")
+        if self.on_grid:
+            self.plan  # noqa: B018 (checks the grid's settings)
+            return
+        for key, plain in (("method", "rtn"), ("awq", False), ("act_order", False)):
+            if s[key] != plain:
+                raise LmkitError(f"compression.int4.{key}={s[key]!r} needs a runtime grid: quant_type=sym or asym "
+                                 f"({s['quant_type']} is bitsandbytes' own code)")
+        bs = self.blocksize
         if bs < 32 or bs > 4096 or bs & (bs - 1):
             raise LmkitError(f"compression.int4.blocksize={bs} must be a power of two from 32 to 4096")
 
+    def needs_corpus(self) -> tuple[str, str] | None:
+        if self.on_grid and self.plan.calibrates():
+            return (f"calibrates (method={self.settings['method']}, awq={str(self.settings['awq']).lower()})",
+                    "method=rtn awq=false")
+        return None
+
+    def check_model(self, model: Any) -> None:
+        if self.on_grid:
+            gridquant.check_widths(model.backbone, self.plan, self.name)
+
     def describe(self) -> str:
         s = self.settings
-        return f"{s['quant_type']}, blocks of {s['blocksize']}" + ("" if s["embeddings"] else ", float embeddings")
+        if self.on_grid:
+            return f"int4 {self.plan.describe()}" + ("" if s["embeddings"] else ", float embeddings")
+        return f"{s['quant_type']}, blocks of {self.blocksize}" + ("" if s["embeddings"] else ", float embeddings")
 
     def _quantize(self, backbone: nn.Module) -> nn.Module:
-        s = self.settings
-        return quantize(backbone, s["quant_type"], s["blocksize"], s["embeddings"])
+        if self.on_grid:
+            backbone = gridquant.swap(backbone, self.plan)
+        else:
+            backbone = quantize(backbone, self.settings["quant_type"], self.blocksize, self.settings["embeddings"])
+        round_to_half(backbone)
+        return backbone
 
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
-        model.backbone = self._quantize(model.backbone)
-        return {}
+        if not self.on_grid:
+            model.backbone = self._quantize(model.backbone)
+            return {}
+        gridquant.check_sparsity(self.plan, gridquant.sparsified(model), self.name)
+        details = gridquant.calibrate(model, self.plan, context, self.name, keep_zeros=self.plan.grid.symmetric)
+        round_to_half(model.backbone)
+        return details
 
     def restore(self, backbone: nn.Module, record: dict[str, Any]) -> nn.Module:
         return self._quantize(backbone)  # the stored codes and scales then overwrite these
 
     def pack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Codes two per byte, also where an earlier step's pack moved them (prune: `codes.__values`,
-        the non-zero ones); scales, biases and norms as fp16."""
+        the non-zero ones); scales, biases and norms as fp16. A grid's 8-bit head stays one code per byte."""
         out = {}
         for name, tensor in half_where_lossless(tensors).items():
-            if name.endswith((".quantized.codes", ".quantized.codes" + PRUNED_VALUES)):
-                out[name + NIBBLES] = nibbles(tensor)
+            if name.endswith((".quantized.codes", ".quantized.codes" + PRUNED_VALUES)) and self._four_bit(name, tensors):
+                codes = gridquant.nibbles_of(tensor, self.plan.grid.symmetric) if self.on_grid else tensor
+                out[name + NIBBLES] = nibbles(codes)
                 out[name + SHAPE] = torch.tensor(tensor.shape, dtype=torch.int64)
             else:
                 out[name] = tensor
         return out
+
+    def _four_bit(self, name: str, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether the codes `name` fit in 4 bits: always for NF4/FP4; on a grid, all but (almost always) the
+        8-bit head's. Packing is lossless either way, and the loaded layer knows its own grid."""
+        if not self.on_grid:
+            return True
+        grid = self.plan.grid
+        codes = tensors[name]
+        return codes.numel() == 0 or (int(codes.min()) >= grid.qmin and int(codes.max()) <= grid.qmax)
 
     def unpack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         out = {name: t for name, t in tensors.items() if not name.endswith((NIBBLES, SHAPE))}
@@ -216,5 +271,6 @@ class Int4(Plugin):
                 shape = tuple(tensors[base + SHAPE].tolist())
                 if tensors[name].numel() != math.ceil(math.prod(shape) / 2):  # before allocating what a file claims
                     raise ValueError(f"{tensors[name].numel()} bytes of 4-bit codes do not fit the shape {shape}")
-                out[base] = unnibble(tensors[name], math.prod(shape)).view(shape)
+                codes = unnibble(tensors[name], math.prod(shape)).view(shape)
+                out[base] = gridquant.codes_of(codes, self.plan.grid.symmetric) if self.on_grid else codes
         return out

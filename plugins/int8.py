@@ -1,4 +1,6 @@
-"""`int8`: bitsandbytes LLM.int8 for every weight matrix, embeddings and recurrent weights included.
+"""`int8`: bitsandbytes LLM.int8 for every weight matrix, embeddings and recurrent weights included; or, with
+`quant_type=sym`, llama.cpp's Q8_0 grid (blocks of 32, one fp16 scale each: plugins/gridquant.py), calibrated
+with GPTQ and activation-aware scales and exported as it is (GGUF, ONNX). The rest of this text is LLM.int8's.
 
 Each matrix is stored as int8 with one absmax scale per row (bitsandbytes' `SCB`): about a
 quarter of the fp32 bytes. What stays in float (the scales, biases and norm gains) is rounded to
@@ -26,6 +28,7 @@ from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin
 from lmkit.tensors import once_per_tensor, swap_modules
+from lmkit.builtin_plugins import gridquant
 
 
 # bitsandbytes logs "inputs will be cast from float32 to float16" on every int8 matmul of float32
@@ -101,19 +104,61 @@ def half_where_lossless(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 class Int8(Plugin):
     name = "int8"
-    summary = "bitsandbytes LLM.int8: int8 weights with per-row scales everywhere (embeddings, LSTM too); ~0.26x bytes"
-    defaults = {"threshold": 6.0}  # LLM.int8 outlier threshold: activation columns above it stay in float (0: none)
+    summary = ("int8 weights everywhere (embeddings, LSTM too): bitsandbytes LLM.int8 rows, or llama.cpp's Q8_0 grid "
+               "(rtn, gptq, awq); ~0.27x bytes")
+    # threshold: LLM.int8's outlier threshold (activation columns above it stay in float; 0: none)
+    defaults = {"quant_type": "llm_int8", "threshold": 6.0, "blocksize": 32, "embeddings": True, "method": "rtn",
+                "awq": False, "act_order": False, "damp": 0.01, "calibration_windows": 128, "head_bits": 8}
     quantizes = True
 
+    @property
+    def on_grid(self) -> bool:
+        return self.settings["quant_type"] in gridquant.GRID_TYPES
+
+    @property
+    def plan(self) -> gridquant.Plan:
+        return gridquant.plan(self.name, 8, self.settings)
+
     def check(self) -> None:
-        if self.settings["threshold"] < 0:
-            raise LmkitError(f"compression.int8.threshold={self.settings['threshold']} must be >= 0")
+        s = self.settings
+        if s["quant_type"] not in ("llm_int8", *gridquant.GRID_TYPES):
+            raise LmkitError(f"compression.int8.quant_type={s['quant_type']!r} is not one of llm_int8, sym")
+        if self.on_grid:
+            self.plan  # noqa: B018 (checks the grid's settings)
+            return
+        for key, plain in (("method", "rtn"), ("awq", False), ("act_order", False)):
+            if s[key] != plain:
+                raise LmkitError(f"compression.int8.{key}={s[key]!r} needs a runtime grid: quant_type=sym "
+                                 "(llm_int8 is bitsandbytes' own rows)")
+        if s["threshold"] < 0:
+            raise LmkitError(f"compression.int8.threshold={s['threshold']} must be >= 0")
+
+    def needs_corpus(self) -> tuple[str, str] | None:
+        if self.on_grid and self.plan.calibrates():
+            return (f"calibrates (method={self.settings['method']}, awq={str(self.settings['awq']).lower()})",
+                    "method=rtn awq=false")
+        return None
+
+    def check_model(self, model: Any) -> None:
+        if self.on_grid:
+            gridquant.check_widths(model.backbone, self.plan, self.name)
+
+    def describe(self) -> str:
+        return f"int8 {self.plan.describe()}" if self.on_grid else ""
 
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
-        model.backbone = quantize(model.backbone, self.settings["threshold"])
-        return {}
+        if not self.on_grid:
+            model.backbone = quantize(model.backbone, self.settings["threshold"])
+            return {}
+        details = gridquant.calibrate(model, self.plan, context, self.name, keep_zeros=True)
+        round_to_half(model.backbone)
+        return details
 
     def restore(self, backbone: nn.Module, record: dict[str, Any]) -> nn.Module:
+        if self.on_grid:
+            backbone = gridquant.swap(backbone, self.plan)
+            round_to_half(backbone)
+            return backbone
         return quantize(backbone, self.settings["threshold"])  # the stored int8 tensors then overwrite these
 
     def pack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
