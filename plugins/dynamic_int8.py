@@ -1,17 +1,18 @@
-"""`dynamic_int8`: int8 weights with activations quantized on the fly, for fast CPU inference.
+"""`dynamic_int8`: int8 weights with one scale per row, for fast CPU inference.
 
 Each linear layer (and each input/recurrent projection of an unrolled `nn.LSTM`/`nn.GRU`) runs
-PyTorch's fbgemm int8 kernel (`torch.ops.quantized.linear_dynamic`): the activations are quantized
-per call, multiplied in int8 and rescaled. Weights are stored as int8 with one absmax per row
-(`SCB`, as bitsandbytes names it) and prepacked for the kernel on first use, so the artifact holds
-plain tensors; scales, biases and norms are rounded to fp16 and stored so, as `int8` does. A tied
-embedding gathers from the head's int8 rows.
+torch's weight-only int8 CPU kernel (`torch._weight_int8pack_mm`) on bf16 activations: the int8 rows are
+multiplied as they are and rescaled per row. Weights are stored as int8 with one absmax per row
+(`SCB`, as bitsandbytes names it), so the artifact holds plain tensors; scales, biases and norms are
+rounded to fp16 and stored so, as `int8` does. A tied embedding gathers from the head's int8 rows.
 
-Why these kernels: torchao's int8 path (`quantize_` with `Int8DynamicActivationInt8WeightConfig`)
-has no fast CPU kernel, and torch.ao's quantized LSTM (`quantize_dynamic`) is no faster than fp32,
-so both layer types go through fbgemm linears, the LSTM unrolled over them. int8 pays on wide
-layers only: on narrow ones fp32 generates faster. Per-kernel timings and the width where
-whole-model generation crosses over: bench/README.md (compression: kernels, widths).
+Until lmkit 0.1 (issue 30) these layers ran fbgemm's dynamically quantized linears (activations quantized
+per call too), built from torch's quantized tensors, which torch deprecates (pytorch #184982) and warned
+about on every use; the stored weights are the same, so earlier artifacts load and run on the new kernel,
+now without rounding the activations to int8. Measured (2 threads, this machine's Xeon with AMX, one
+1536x384 layer): batch 1 fbgemm 23.5 us, int8pack 21.6 us, fp32 110 us; batch 32 fbgemm 62 us, int8pack
+287 us, fp32 194 us. The kernel that ships a calibrated int8 model to llama.cpp and ONNX is `int8`'s
+`quant_type=sym` (blocks of 32); this plugin's per-row scales are no runtime's format.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("weight", weight)  # int8 (out, in)
         self.register_buffer("SCB", SCB)  # absmax of each row
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
-        self._packed: Any = None  # fbgemm's prepacked weight, built on first use
 
     @classmethod
     def from_float(cls, linear: nn.Linear) -> DynamicInt8Linear:
@@ -50,22 +50,15 @@ class DynamicInt8Linear(nn.Module):
         bias = linear.bias.detach().float().clone() if linear.bias is not None else None
         return cls(q, absmax, bias)
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._packed = None  # new weights: pack again on the next call
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None:  # packed once: per call, the kernel is all that runs
-            scales = (self.SCB.float() / 127).double()
-            qweight = torch._make_per_channel_quantized_tensor(
-                self.weight, scales, torch.zeros_like(scales, dtype=torch.int64), 0)
-            self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
-        # reduce_range: 7-bit activations, as quantize_dynamic uses on x86 (no int16 overflow in fbgemm)
-        return torch.ops.quantized.linear_dynamic(x, self._packed, True)
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(flat, self.weight, (self.SCB.float() / 127).to(torch.bfloat16))
+        y = y.float().view(*x.shape[:-1], self.out_features)
+        return y + self.bias if self.bias is not None else y
 
 
 def quantize(backbone: nn.Module) -> nn.Module:
-    """Swap every Linear and LSTM/GRU for fbgemm int8 and every Embedding for int8 rows, keeping ties."""
+    """Swap every Linear and LSTM/GRU for int8 rows and every Embedding for int8 rows, keeping ties."""
     int8_rows = once_per_tensor(row_quantize)  # tied layers share one set of int8 rows and scales
 
     def linear(module: nn.Linear) -> DynamicInt8Linear:
@@ -88,12 +81,12 @@ def quantize(backbone: nn.Module) -> nn.Module:
 
 class DynamicInt8(Plugin):
     name = "dynamic_int8"
-    summary = "int8 weights, activations quantized per call (fbgemm): CPU inference, faster from ~256-384 wide; ~0.26x bytes"
+    summary = "int8 weights with per-row scales on torch's int8 CPU kernel (bf16 activations); ~0.26x bytes"
     quantizes = True
 
     def check_model(self, model: Any) -> None:
         if model.device.type != "cpu":
-            raise LmkitError(f"compression=dynamic_int8 runs on CPU (fbgemm); the model is on {model.device}")
+            raise LmkitError(f"compression=dynamic_int8 runs on CPU (torch's int8pack kernel); the model is on {model.device}")
 
     def apply(self, model: Any, context: CompressContext) -> dict[str, Any]:
         model.backbone = quantize(model.backbone)
