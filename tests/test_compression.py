@@ -40,17 +40,28 @@ RECIPES = {
     "int4": {"int4": {}},
     "prune+int4": {"prune": {"criterion": "wanda", "finetune_steps": 0}, "int4": {"quant_type": "fp4", "blocksize": 32}},
     "prune-2:4": {"prune": {"criterion": "magnitude", "pattern": "2:4", "finetune_steps": 20, "recovery": "finetune"}},
+    # the runtimes' grids (blocks of 16: the tiny models are 48 wide; llama.cpp's 32 is tested in test_gguf*.py)
+    "int4-gptq-awq": {"int4": {"quant_type": "sym", "blocksize": 16, "method": "gptq", "awq": True}},
+    "int4-asym": {"int4": {"quant_type": "asym", "blocksize": 16}},
+    "int8-sym-gptq": {"int8": {"quant_type": "sym", "blocksize": 16, "method": "gptq"}},
+    "prune+int4-sym": {"prune": {"criterion": "wanda", "finetune_steps": 0},
+                       "int4": {"quant_type": "sym", "blocksize": 16, "method": "gptq"}},
 }
+GRID_PAIRS = [("transformer", "int4-gptq-awq"), ("llama", "int4-gptq-awq"), ("lstm", "int4-gptq-awq"),
+              ("transformer", "int4-asym"), ("lstm", "int8-sym-gptq"), ("llama", "int8-sym-gptq"),
+              ("transformer", "prune+int4-sym")]
 # (largest bytes ratio, largest perplexity ratio) against the dense model, on 48-wide models trained
 # 300 steps; the bounds are loose for tiny layers (scales and biases weigh more) but far from no-op.
 BOUNDS = {"int8": (0.35, 1.01), "dynamic_int8": (0.35, 1.02), "prune": (0.80, 1.10),
           "prune_structured": (0.85, 1.35), "prune+int8": (0.25, 1.10), "int4": (0.22, 1.06),
-          "prune+int4": (0.17, 1.25), "prune-2:4": (0.80, 1.15)}
+          "prune+int4": (0.17, 1.25), "prune-2:4": (0.80, 1.15), "int4-gptq-awq": (0.24, 1.06),
+          "int4-asym": (0.26, 1.06), "int8-sym-gptq": (0.33, 1.01), "prune+int4-sym": (0.24, 1.25)}
 KINDS = ("lstm", "transformer", "llama")
 # Every recipe on GPT-2's block and the LSTM; each plugin once on the Llama block (its combinations take the same
 # code paths, and 2:4 on it is in the criteria test): the suite has a time budget.
 PAIRS = [(kind, name) for kind in KINDS for name in RECIPES if kind != "llama" or name in
-         ("int8", "dynamic_int8", "int4", "prune", "prune_structured")]
+         ("int8", "dynamic_int8", "int4", "prune", "prune_structured")
+         if not name.startswith(("int4-", "int8-", "prune+int4-"))] + GRID_PAIRS
 # model=llama's block (RMSNorm, SwiGLU, rope, no biases) with grouped-query attention: 4 query heads, 2 kv heads
 TINY_LLAMA = TINY + ["model.n_head=4", "model.n_kv_head=2", "model.mlp_hidden=128"]
 
