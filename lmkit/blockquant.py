@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-RUNTIME_BLOCKS = (32,)  # llama.cpp's Q4_0/Q4_1/Q8_0 blocks; MatMulNBits takes any power of two from 16
+PACKED_BLOCKS = (32, 64, 128, 256)  # the block sizes torch's int4pack CPU kernel takes
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,8 @@ class BlockQuantWeight(nn.Module):
 
 class BlockQuantLinear(nn.Module):
     """A Linear whose weight is on a grid. `kernel`: packed (torch's int4 CPU kernel, bf16 activations) or
-    exact (the dequantized fp32 weight); int8 and non-CPU tensors always run exact."""
+    exact (the dequantized fp32 weight); int8, blocks the kernel does not take (16), training (QLoRA's
+    gradients) and non-CPU tensors run exact."""
 
     kernel = "packed"
 
@@ -169,8 +170,9 @@ class BlockQuantLinear(nn.Module):
         self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
 
     def uses_packed_kernel(self, x: torch.Tensor) -> bool:
-        return (self.kernel == "packed" and self.quantized.grid.bits == 4 and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and x.requires_grad))
+        grid = self.quantized.grid
+        return (self.kernel == "packed" and grid.bits == 4 and grid.blocksize in PACKED_BLOCKS
+                and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_packed_kernel(x):
