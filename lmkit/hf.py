@@ -93,12 +93,18 @@ def _import_hf(src: Path) -> InferenceModel:
     return imported_model(src, model, hf)
 
 
-def hf_model_type(model: InferenceModel) -> str:
+def hf_model_type(model: InferenceModel, quantized: bool = False) -> str:
     """The Hugging Face model_type `format=hf` writes `model` as (gpt2, llama, qwen2); what it cannot write is one
-    LmkitError line. format=peft asks too: its adapters are for that export."""
+    LmkitError line. `quantized`: a compressed model is written too where `lmkit.hf_quantized` can say it (export_hf);
+    format=peft asks without, as its adapters are for a dense base."""
     cfg = getattr(model.backbone, "config", None)
+    on_grid = False
     if model.record.compressed:
-        raise LmkitError("format=hf writes dense weights; this model is compressed (export it as format=lmkit)")
+        if not quantized:
+            raise LmkitError("format=hf writes dense weights; this model is compressed (export it as format=lmkit)")
+        from lmkit.hf_quantized import grid_steps
+
+        on_grid = grid_steps(model.record.compression)
     if not isinstance(cfg, TransformerConfig):
         raise LmkitError(f"format=hf writes GPT-2 models; this model is a {model.record.kind}")
     from lmkit.hf_llama import is_llama_shaped, llama_model_type
@@ -113,14 +119,21 @@ def hf_model_type(model: InferenceModel) -> str:
     if unsupported:
         raise LmkitError(f"format=hf needs a GPT-2- or Llama-shaped Transformer (norm=rmsnorm, mlp=swiglu, "
                          f"position=rope); this one has {', '.join(unsupported)}")
+    if on_grid:  # compressed-tensors quantizes Linear and Embedding; GPT-2's Conv1D holds transposed weights
+        raise LmkitError("format=hf writes quantized Llama and Qwen2 models only: GPT-2's Conv1D layers hold no "
+                         "compressed-tensors groups; export this quantized GPT-2 with format=gguf or format=onnx")
     return "gpt2"
 
 
 def export_hf(model: InferenceModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a GPT-2-shaped lmkit model where `transformers.GPT2LMHeadModel.from_pretrained` loads it."""
-    if hf_model_type(model) != "gpt2":
+    """Write a GPT-2-shaped lmkit model where `transformers.GPT2LMHeadModel.from_pretrained` loads it; a Llama or
+    Qwen2 one, dense or on lmkit's int4/int8 sym grids (compressed-tensors' layout: lmkit.hf_quantized)."""
+    if hf_model_type(model, quantized=True) != "gpt2":
         from lmkit.hf_llama import export_llama
+        from lmkit.hf_quantized import export_quantized, has_grid_layers
 
+        if has_grid_layers(model.backbone):
+            return export_quantized(model, Path(out), overwrite)
         return export_llama(model, Path(out), overwrite)
     backbone = model.backbone
     cfg = backbone.config

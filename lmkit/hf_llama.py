@@ -172,8 +172,15 @@ def llama_model_type(cfg: TransformerConfig) -> str:
 def export_llama(model: InferenceModel, out: Path, overwrite: bool = False) -> Path:
     """Write a Llama-shaped lmkit model as `LlamaForCausalLM` (or `Qwen2ForCausalLM` when only q/k/v have biases)."""
     cfg = model.backbone.config
-    model_type = llama_model_type(cfg)
-    state = model.backbone.state_dict()
+    hf_config = llama_config(cfg)
+    tensors = {k: v.contiguous().float() for k, v in llama_tensors(model.backbone.state_dict(), cfg).items()}
+    return write_hf_folder(Path(out), tensors, hf_config, model, overwrite)
+
+
+def llama_tensors(state: dict[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
+    """lmkit's state under HF's names: q/k/v split out of c_attn, the vocabulary's padding rows dropped. The values
+    only need row slicing and `split`, so a quantized layer's rows (lmkit.hf_quantized) travel the same way."""
+    state = dict(state)
     state["transformer.wte.weight"] = state["transformer.wte.weight"][: cfg.vocab_size]  # drop padding rows
     if not cfg.tie_weights:
         state["lm_head.weight"] = state["lm_head.weight"][: cfg.vocab_size]
@@ -182,8 +189,13 @@ def export_llama(model: InferenceModel, out: Path, overwrite: bool = False) -> P
     for layer in range(cfg.n_layer):
         for parts, ours in qkv_names(cfg, layer):
             tensors.update(zip(parts, state[ours].split([q, kv, kv])))
-    tensors = {k: v.contiguous().float() for k, v in tensors.items()}
-    hf_config: dict[str, Any] = {
+    return tensors
+
+
+def llama_config(cfg: TransformerConfig) -> dict[str, Any]:
+    """config.json of the `LlamaForCausalLM` or `Qwen2ForCausalLM` that computes `cfg`'s model."""
+    model_type = llama_model_type(cfg)
+    return {
         "model_type": model_type, "architectures": [ARCHITECTURES[model_type]], "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn(0), "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_head // cfg.kv_group,
@@ -194,4 +206,3 @@ def export_llama(model: InferenceModel, out: Path, overwrite: bool = False) -> P
         **({"attention_bias": cfg.bias, "mlp_bias": cfg.bias} if model_type == "llama" else
            {"use_sliding_window": False}),
     }
-    return write_hf_folder(Path(out), tensors, hf_config, model, overwrite)
