@@ -6,6 +6,8 @@
     lstm_cpu     nn.LSTM inference on the CPU with oneDNN on and off, by batch size: where the backbone skips it
     scale        tokenizing 10 MB / 100 MB / 1 GB corpora (time, peak RSS); tokens/s as models grow
     compression  size / perplexity / speed of each compression recipe; where int8 kernels pay, by width
+    grids        int4/int8 on llama.cpp's grids: rtn vs GPTQ vs activation-aware scales, lmkit's and llama.cpp's
+                 perplexity of the GGUF exports, tokens/s at batch 1 and 32
     deploy       torch vs onnxruntime (fp32, int8, int4): perplexity and bytes of the default models, tokens/s by width
     serve        lmkit serve at 1, 8 and 32 streaming clients: requests/s, tokens/s, p50/p99 first-token and total latency
     parallel     1 process, DDP x2, FSDP x2 and TP x2 on a 25M-parameter Transformer: memory per rank, tokens/s
@@ -24,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "generate.py",
            "lstm_cpu": "lstm_cpu.py", "scale": "scale.py",
-           "compression": "compression.py", "deploy": "deploy.py", "serve": "serve.py",
+           "compression": "compression.py", "grids": "grids.py", "deploy": "deploy.py", "serve": "serve.py",
            "parallel": "parallel.py", "finetune": "finetune.py"}
 
 
