@@ -112,8 +112,8 @@ def test_a_layer_whose_hessian_is_broken_falls_back_to_rounding_with_one_line(tr
     assert isinstance(model.backbone.lm_head, BlockQuantLinear)
 
 
-def test_packed_int4_kernel_agrees_with_the_exact_grid(transformer_model):
-    model, _ = compress(transformer_model, {"int4": {"quant_type": "sym"}}, CompressContext(cache_dir=""),
+def test_packed_int4_kernel_agrees_with_the_exact_grid(transformer_model, context):
+    model, _ = compress(transformer_model, {"int4": {"quant_type": "sym"}}, context,
                         eval_windows=1, gen_tokens=1)
     ids = torch.randint(0, 60, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_packed_int4_kernel_agrees_with_the_exact_grid(transformer_model):
     assert not torch.equal(packed, exact)
 
 
-def test_bad_grid_settings_are_one_line_each(transformer_model):
+def test_bad_grid_settings_are_one_line_each(transformer_model, context):
     cases = {
         r"compression.int4.blocksize=24: the runtimes' grids take a power of two from 16": {"quant_type": "sym", "blocksize": 24},
         r"compression.int4.method='gptq' needs a runtime grid: quant_type=sym or asym": {"method": "gptq"},
@@ -145,10 +145,10 @@ def test_bad_grid_settings_are_one_line_each(transformer_model):
     no_corpus.record = no_corpus.record.replace(data=None)
     with pytest.raises(LmkitError, match=r"int4 calibrates \(method=gptq, awq=false\) on the model's training corpus.*"
                                          r"compression.int4.method=rtn compression.int4.awq=false"):
-        compress(no_corpus, {"int4": {"quant_type": "sym", "method": "gptq"}}, CompressContext(cache_dir=""))
+        compress(no_corpus, {"int4": {"quant_type": "sym", "method": "gptq"}}, context)
     with pytest.raises(LmkitError, match=r"quant_type=asym has no exact zero for the pruned weights; use quant_type=sym"):
         compress(transformer_model, {"prune": {"criterion": "magnitude", "finetune_steps": 0},
-                                     "int4": {"quant_type": "asym"}}, CompressContext(cache_dir=""))
+                                     "int4": {"quant_type": "asym"}}, context, eval_windows=1, gen_tokens=1)
 
 
 def tiny_transformer(width: int) -> InferenceModel:
