@@ -197,7 +197,8 @@ def _export_peft(model: Any, a: ExportArgs, compression: Any) -> Path:
 
 def _export_onnx(model: Any, spec: dict[str, Any], a: ExportArgs, cache_dir: str) -> str:
     """Steps that do not quantize (prune, prune_structured) run in torch as for lmkit artifacts; a quantizing
-    last step is onnxruntime's quantizer on the exported graph."""
+    last step is onnxruntime's quantizer on the exported graph, or, on a runtime grid (quant_type=sym|asym),
+    lmkit's own in torch, exported as it is."""
     from lmkit.deploy.onnx import export_onnx, split_recipe
     from lmkit.files import check_free
 

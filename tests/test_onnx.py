@@ -1,11 +1,13 @@
 """ONNX exports, checked by onnxruntime itself: the graph interface, cached decoding against the torch model,
 a decoding loop with no torch at all, onnxruntime's quantizers, the CLI, and the refusals."""
 
+import copy
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,6 +197,137 @@ def test_refusals_are_one_line(exports, tmp_path):
     (corrupt / "model.onnx").write_bytes((exports["learned"][1] / "model.onnx").read_bytes()[:5000])
     with pytest.raises(LmkitError, match="model.onnx is corrupt or not an ONNX model"):
         lmkit.load(corrupt)
+
+
+def on_grid(name: str, plugin: str, quant_type: str, **settings) -> InferenceModel:
+    """`model_of(name)` through `compression=<plugin> quant_type=<quant_type>` (round to nearest), run exactly as
+    stored (the `exact` kernel: the dequantized fp32 weights, which is what onnxruntime multiplies by too)."""
+    from lmkit.blockquant import set_kernel
+    from lmkit.plugins import CompressContext, make
+
+    model = model_of(name)
+    blocksize = 16 if name == "lstm" else 32  # the LSTM's recurrent matrices are 48 wide
+    step = make(plugin, {"quant_type": quant_type, "blocksize": blocksize, **settings})
+    record = {"plugin": plugin, "settings": step.settings, **step.apply(model, CompressContext(""))}
+    model.record = model.record.replace(compression=[record])
+    set_kernel(model.backbone, "exact")
+    return model
+
+
+def all_nodes(graph) -> list:
+    """The nodes of `graph` and of the subgraphs inside it (an RNN's Loop body)."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        nodes += [n for a in node.attribute if a.g.node for n in all_nodes(a.g)]
+    return nodes
+
+
+def decode(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int) -> np.ndarray:
+    """What MatMulNBits (and GatherBlockQuantized) compute from their initializers: (u - zero point) * scale per
+    block, u the unsigned codes (4-bit: two per byte, the low nibble first); zero point 2^(bits-1) when none."""
+    rows, blocks = packed.shape[:2]
+    unsigned = np.stack([packed & 15, packed >> 4], axis=-1).reshape(rows, blocks, -1) if bits == 4 else packed
+    zero = zero_points.reshape(rows, blocks, 1) if zero_points is not None else np.float32(2 ** (bits - 1))
+    return ((unsigned.astype(np.float32) - zero) * scales.reshape(rows, blocks, 1)).reshape(rows, -1)
+
+
+GRID_MODELS = [("learned", "int4", "sym", {}), ("learned", "int4", "asym", {}), ("learned", "int8", "sym", {}),
+               ("lstm", "int4", "sym", {}), ("lstm", "int4", "asym", {"head_bits": 4}), ("lstm", "int8", "sym", {}),
+               ("gru", "int8", "sym", {})]
+
+
+@pytest.mark.parametrize("name, plugin, quant_type, settings", GRID_MODELS)
+def test_a_grid_model_exports_its_own_integers_and_onnxruntime_computes_its_logits(name, plugin, quant_type,
+                                                                                  settings, tmp_path):
+    """A model on a runtime grid exports as it is: every matrix a MatMulNBits whose initializers decode to lmkit's
+    dequantized weights (bit for bit on the symmetric grids), and onnxruntime's logits are lmkit's."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = on_grid(name, plugin, quant_type, **settings)
+    path = export_onnx(model, tmp_path / "grid")
+    graph = onnx.load(str(path / "model.onnx")).graph
+    arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    weights = dict(model.backbone.named_modules())
+    nodes = all_nodes(graph)
+    matmuls = [n for n in nodes if n.op_type == "MatMulNBits"]
+    cfg = model.record.backbone
+    # the Transformer's 4 per block and the head; an RNN's ih and hh per layer (hh in the Loop), proj and head
+    recurrent = 2 * cfg.n_layer + 1 + (model.backbone.proj is not None) if cfg.kind != "transformer" else None
+    assert len(matmuls) == (4 * cfg.n_layer + 1 if cfg.kind == "transformer" else recurrent)
+    assert not [n for n in nodes if n.op_type in ("MatMul", "Gemm", "LSTM") and n.input[1] in arrays]  # no float weight
+    gathers = [n for n in nodes if n.op_type == "GatherBlockQuantized"]
+    for node in matmuls + gathers:
+        data = node.input[0] if node.op_type == "GatherBlockQuantized" else node.input[1]
+        weight = weights[data.removesuffix(".packed")]
+        attrs = {a.name: a.i for a in node.attribute}
+        zero_points = arrays.get(node.input[3]) if node.op_type == "MatMulNBits" and len(node.input) > 3 else None
+        assert (zero_points is None) == weight.grid.symmetric and attrs["bits"] == weight.grid.bits
+        assert attrs["block_size"] == weight.grid.blocksize
+        got, want = decode(arrays[data], arrays[node.input[2]], zero_points, attrs["bits"]), weight.dequantize().numpy()
+        if weight.grid.symmetric:
+            assert np.array_equal(got, want)  # lmkit's integers and fp16 scales, exactly
+        else:  # (q + m/d) * d: m/d rounded to float32 once
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    if settings.get("head_bits") == 4:  # an asymmetric tied embedding: GatherBlockQuantized has no float zero points
+        assert not gathers
+        [rows] = [arrays[n.input[0]] for n in nodes if n.op_type == "Gather" and n.input[0] in arrays
+                  and arrays[n.input[0]].shape[0] == cfg.vocab_size]
+        assert np.array_equal(rows, model.backbone.embedding.quantized.dequantize().numpy())
+    else:  # the tied embedding gathers the head's own codes
+        assert len(gathers) == 1 and gathers[0].input[0] in {n.input[1] for n in matmuls}
+
+    ids = torch.tensor([TOKENIZER.encode(TEXT)] * 2)
+    with torch.no_grad():
+        quantized, dense = model(ids), model_of(name)(ids)
+    from_onnx = lmkit.load(path)(ids)
+    # both multiply float32 activations by the same float32 weights; measured at most 4e-7 of the largest logit
+    bound = 1e-5 * float(quantized.abs().max())
+    assert float((from_onnx - quantized).abs().max()) <= bound
+    assert float((dense - quantized).abs().max()) > 100 * bound  # the float model's logits: far outside it
+    runtime = json.loads((path / "config.json").read_text())["runtime"]
+    assert runtime["quantization"]["method"] == plugin and runtime["quantization"]["ops"]["MatMulNBits"] == len(matmuls)
+
+
+def test_an_asymmetric_block_of_one_value_decodes_exactly():
+    """A block whose values are all m has d = 0: no zero point gives (q - z) * 0 = m, so it is written as codes 0,
+    zero point -1 and scale m."""
+    from lmkit.blockquant import BlockQuantWeight, Grid
+    from lmkit.deploy.onnx_grid import onnx_layout
+
+    codes = torch.randint(0, 16, (2, 32), dtype=torch.int8)
+    scales, mins = torch.tensor([[0.5, 0.0], [0.25, 0.0]]), torch.tensor([[-1.0, 0.75], [0.5, 0.0]])
+    weight = BlockQuantWeight(codes, scales, mins, Grid(4, False, 16))
+    packed, onnx_scales, zero_points = onnx_layout(weight)
+    np.testing.assert_array_equal(decode(packed, onnx_scales, zero_points, 4), weight.dequantize().numpy())
+
+
+def test_quantized_models_off_the_grids_are_refused_naming_the_setting_that_exports(tmp_path):
+    """NF4/FP4, LLM.int8 and dynamic_int8 models have no ONNX form: one line naming quant_type=sym. A grid step
+    in an export's recipe runs in torch and exports as it is; onnxruntime's quantizers keep the float model's."""
+    from lmkit.deploy.onnx import split_recipe
+
+    model = model_of("learned")
+    for step, named in [({"plugin": "int4", "settings": {"quant_type": "nf4"}}, "compression.int4.quant_type=nf4"),
+                        ({"plugin": "int4", "settings": {"quant_type": "fp4"}}, "compression.int4.quant_type=fp4"),
+                        ({"plugin": "int8", "settings": {}}, "compression.int8.quant_type=llm_int8"),
+                        ({"plugin": "dynamic_int8", "settings": {}}, "dynamic_int8")]:
+        quantized = copy.copy(model)
+        quantized.record = model.record.replace(compression=[step])
+        with pytest.raises(LmkitError, match=f"^{named}.* has no ONNX form: quantize with "
+                                             f"compression.{'int8' if 'int8' in named else 'int4'}.quant_type=sym"):
+            export_onnx(quantized, tmp_path / "refused")
+    grid = copy.copy(model)
+    grid.record = model.record.replace(compression=[{"plugin": "int8", "settings": {"quant_type": "sym"}}])
+    with pytest.raises(LmkitError, match="already quantized .* exports as it is: drop compression=int8"):
+        export_onnx(grid, tmp_path / "refused", quantization=("int8", {}))
+    assert not any(tmp_path.iterdir())
+
+    assert split_recipe(model, {"int4": {"quant_type": "sym"}}) == ({"int4": {"quant_type": "sym"}}, None)
+    assert split_recipe(model, {"int4": {"quant_type": "nf4", "blocksize": 32}}) == ({}, ("int4", {"quant_type": "nf4",
+                                                                                                   "blocksize": 32}))
+    assert split_recipe(model, {"int8": None}) == ({}, ("int8", {}))
 
 
 def test_cli_exports_a_pruned_int8_model_that_generate_and_eval_run(trained, tmp_path):

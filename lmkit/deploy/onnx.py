@@ -1,5 +1,7 @@
 """ONNX export: one graph interface for every lmkit model, written by torch's exporter and quantized by
-onnxruntime's own tools (so the integer weights are ones onnxruntime's kernels run).
+onnxruntime's own tools (so the integer weights are ones onnxruntime's kernels run); a model lmkit already put
+on a runtime grid (int4/int8 quant_type=sym|asym) keeps its own integers, in onnxruntime's MatMulNBits
+(lmkit.deploy.onnx_grid: how, and what was measured).
 
 The graph interface (config.json's `runtime` block names the inputs and outputs):
 
@@ -35,6 +37,7 @@ import torch
 import torch.nn as nn
 
 from lmkit.deploy import require
+from lmkit.deploy.onnx_grid import float_standin, grid_weights, write_grid
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
@@ -42,6 +45,7 @@ from lmkit.plugins import make, plugin_class
 
 OPSET = 18
 QUANTIZERS = ("int8", "dynamic_int8", "int4")  # recipe names whose step onnxruntime's quantizer does
+GRID_PLUGINS, GRID_TYPES = ("int4", "int8"), ("sym", "asym")  # quant_type on a runtime grid: exported as it is
 INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # what MatMulNBits takes
 
 
@@ -119,38 +123,64 @@ def interface(model: InferenceModel) -> dict[str, Any]:
 
 def split_recipe(model: InferenceModel, spec: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, dict] | None]:
     """A compression recipe for format=onnx: the steps that run in torch before export, and the quantizing
-    last step (name, settings) that onnxruntime's quantizer does on the exported graph."""
+    last step (name, settings) that onnxruntime's quantizer does on the exported graph. A last step on a runtime
+    grid (int4/int8 quant_type=sym|asym) runs in torch, calibrated as lmkit does it, and exports as it is."""
     from lmkit.plugins import check_chain
 
     names = list(spec)
     check_chain(names, already=[r["plugin"] for r in model.record.compression])
-    quantization = (names[-1], spec[names[-1]] or {}) if names and names[-1] in QUANTIZERS else None
+    last = {"plugin": names[-1], "settings": spec[names[-1]] or {}} if names else None
+    on_onnx_quantizer = last is not None and last["plugin"] in QUANTIZERS and not on_grid(last)
+    quantization = (last["plugin"], last["settings"]) if on_onnx_quantizer else None
     in_torch = {name: spec[name] for name in names if quantization is None or name != quantization[0]}
     for name in in_torch:
-        if plugin_class(name).quantizes:
+        if plugin_class(name).quantizes and not on_grid({"plugin": name, "settings": in_torch[name] or {}}):
             raise LmkitError(f"compression={name} has no ONNX form: onnxruntime quantizes ONNX exports "
-                             f"(compression=int8 or int4 as the last step)")
+                             f"(compression=int8 or int4 as the last step; quant_type=sym exports lmkit's grid)")
     check_exportable(model, quantization[0] if quantization else None)
     return in_torch, quantization
+
+
+def on_grid(step: dict[str, Any]) -> bool:
+    """Whether a compression step (as config.json records it) put the weights on a runtime grid (lmkit.blockquant)."""
+    settings = {**plugin_class(step["plugin"]).defaults, **(step.get("settings") or {})}
+    return step["plugin"] in GRID_PLUGINS and settings.get("quant_type") in GRID_TYPES
+
+
+def no_onnx_form(step: dict[str, Any]) -> str:
+    """Why a quantizing step other than a grid has no ONNX form, and the setting that has one."""
+    name = step["plugin"]
+    settings = {**plugin_class(name).defaults, **(step.get("settings") or {})}
+    if name in GRID_PLUGINS:
+        what = {"nf4": "bitsandbytes' NF4 codes", "fp4": "bitsandbytes' FP4 codes",
+                "llm_int8": "bitsandbytes' LLM.int8 rows"}.get(settings.get("quant_type"), "its codes")
+        return (f"compression.{name}.quant_type={settings.get('quant_type')} ({what}) has no ONNX form: quantize with "
+                f"compression.{name}.quant_type=sym, which exports as it is (onnxruntime's MatMulNBits)")
+    return (f"{name} has no ONNX form: quantize with compression.int8.quant_type=sym (or int4), which exports as it "
+            f"is, or export the model before it was quantized with format=onnx compression=int8 (or int4): "
+            f"onnxruntime's quantizer does it")
 
 
 def check_exportable(model: InferenceModel, quantization: str | None = None) -> None:
     """Refuse, in one line, what the graph or onnxruntime's quantizers cannot express."""
     for step in model.record.compression:
-        if plugin_class(step["plugin"]).quantizes:
-            raise LmkitError(f"{step['plugin']} has no ONNX form: export the model before it was quantized, with "
-                             f"format=onnx compression=int8 (or int4): onnxruntime's quantizer does it")
-    if model.record.backbone.num_parameters() * 4 >= 2**31:
+        if plugin_class(step["plugin"]).quantizes and not on_grid(step):
+            raise LmkitError(no_onnx_form(step))
+        if on_grid(step) and quantization is not None:
+            raise LmkitError(f"the model is already quantized ({step['plugin']} on a runtime grid) and exports as it "
+                             f"is: drop compression={quantization}")
+    if model.record.backbone.num_parameters() * 4 >= 2**31:  # the float stand-in of a grid model is written first
         raise LmkitError(f"{model.record.backbone.num_parameters():,} parameters make a float32 graph over ONNX's "
                          "2 GB protobuf limit, and lmkit does not write ONNX external data yet")
     if model.record.kind != "transformer" and quantization is not None:
         cell = model.record.backbone.cell
         if quantization == "int4":
             raise LmkitError(f"compression=int4 format=onnx: onnxruntime's 4-bit MatMulNBits does not cover the "
-                             f"{cell.upper()} op, whose weights are most of this model: use compression=int8")
+                             f"{cell.upper()} op, whose weights are most of this model: use compression=int8, or "
+                             f"compression.int4.quant_type=sym (lmkit's grid, its recurrence exported as a Loop)")
         if cell == "gru":
             raise LmkitError(f"compression={quantization} format=onnx: onnxruntime has no int8 GRU op (it has one "
-                             "for LSTMs): export the GRU in float32")
+                             "for LSTMs): export the GRU in float32, or with compression.int8.quant_type=sym")
 
 
 def export_graph(model: InferenceModel, path: Path, *, untie_head: bool = False) -> dict[str, Any]:
@@ -160,7 +190,9 @@ def export_graph(model: InferenceModel, path: Path, *, untie_head: bool = False)
     embedding's transpose, which no quantizer sees as a weight, so it would stay float32 (or be dequantized
     on every call); untied, both the embedding lookup and the head are quantized."""
     names = interface(model)
-    backbone = copy.deepcopy(model.backbone).float().eval().cpu()  # the caller's model stays where and as it was
+    # a copy (the caller's model stays where and as it was); a grid model's layers as float layers of their
+    # dequantized weights, which onnx_grid.write_grid then rewrites into onnxruntime's block-quantized ops
+    backbone = float_standin(copy.deepcopy(model.backbone)).float().eval().cpu()
     if untie_head and model.record.backbone.tie_weights:
         head = backbone.lm_head if model.record.kind == "transformer" else backbone.head
         head.weight = nn.Parameter(head.weight.detach().clone())
@@ -219,7 +251,7 @@ def quantize(src: Path, dst: Path, method: str, settings: dict[str, Any]) -> dic
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    block_size = make("int4", settings).settings["blocksize"]  # the int4 recipe's setting, its default included
+    block_size = make("int4", settings).blocksize  # the int4 recipe's setting, its default (null: 64) resolved
     if block_size not in INT4_BLOCK_SIZES:
         raise LmkitError(f"compression.int4.blocksize={block_size}: onnxruntime's MatMulNBits takes "
                          f"{', '.join(map(str, INT4_BLOCK_SIZES))}")
@@ -235,7 +267,8 @@ def quantize(src: Path, dst: Path, method: str, settings: dict[str, Any]) -> dic
 
 def export_onnx(model: InferenceModel, out: str | Path, *, quantization: tuple[str, dict[str, Any]] | None = None,
                 overwrite: bool = False, files: dict[str, bytes] | None = None) -> Path:
-    """Write `model` to `out` as model.onnx (quantized by onnxruntime when `quantization` names int8 or int4),
+    """Write `model` to `out` as model.onnx (quantized by onnxruntime when `quantization` names int8 or int4; a
+    model on a runtime grid with its own integers, lmkit.deploy.onnx_grid),
     tokenizer.json (the `tokenizers` library's format), config.json and README.md, in one atomic step;
     `files` (report.json of the steps run in torch) go beside them."""
     check_exportable(model, quantization[0] if quantization else None)
@@ -247,6 +280,9 @@ def export_onnx(model: InferenceModel, out: str | Path, *, quantization: tuple[s
                    **{k: names[k] for k in ("inputs", "outputs", "cache_shapes")}, "quantization": None}
         if quantization is not None:
             runtime["quantization"] = quantize(float_graph, tmp / "model.onnx", *quantization)
+            float_graph.unlink()
+        elif grid_weights(model.backbone):
+            runtime["quantization"] = write_grid(float_graph, tmp / "model.onnx", model.backbone)
             float_graph.unlink()
         else:
             float_graph.replace(tmp / "model.onnx")
