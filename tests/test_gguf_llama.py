@@ -231,7 +231,7 @@ def test_llama_cpp_generates_lmkit_greedy_tokens(case, bpe, tmp_path):
     family, options = CASES[case]
     model = imported(tmp_path / "hf", bpe, family, **options)
     export_gguf(model, tmp_path / "gguf")
-    llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=64, verbose=False)
+    llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=64, logits_all=True, verbose=False)
     prompt = bpe.encode("ROMEO:\nBut, soft!")
     ours, theirs = greedy_tokens(model, llm, prompt)
     assert theirs == ours

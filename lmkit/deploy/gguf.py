@@ -25,8 +25,30 @@ start token, the end token (the first of `eos_token_ids`; later ones llama.cpp w
 eom) and the chat template; add_bos/add_eos say what the tokenizer's post-processor adds. A tokenizer lmkit trained
 states none of these: `<|endoftext|>`, where the vocabulary has one, is both start and end, as in GPT-2.
 
+A model quantized on llama.cpp's own grids (lmkit.blockquant: `compression=int4 compression.int4.quant_type=sym`
+or `asym`, `compression=int8 compression.int8.quant_type=sym`, blocks of 32) is written as it is: every grid matrix
+as Q4_0, Q4_1 or Q8_0 blocks holding lmkit's codes and fp16 scales byte for byte (`block_bytes`; llama q/k rows
+permuted whole, as blocks run along the input dimension), the float tensors (norms, biases, positions) as F32, and
+the file type the blocks' main type. Nothing is quantized again, so the integers GPTQ or activation-aware scales chose
+are the integers llama.cpp multiplies: gguf-py's dequantization of the file equals lmkit's dequantized weights bit for
+bit (tests/test_gguf.py). `gguf.type` is then refused, not ignored: it names what the file's matrices are, and
+the model's own grid already says that; q4_0 or q8_0 would round a second time, and f16 or another grid would say
+a type the file does not have. From the command line: `lmkit export model=CKPT out=Q compression=int4
+compression.int4.quant_type=sym`, then `lmkit export model=Q out=G format=gguf`.
+
+llama.cpp's logits then differ from lmkit's (its `exact` kernel, the fp32 dequantized weight) only by how it
+multiplies: its CPU kernels round the activations onto a q8 grid (Q8_0, Q8_1 beside Q4_1) before each quantized
+matmul. Measured (llama-cpp-python 0.3.16 on 2 threads), the largest |llama.cpp logit - lmkit logit|: 0.016-0.030
+on 64 tokens (0.17-0.25% of the logits' norm, logits up to 7.5) for GPT-2- and Llama-block (GQA) models of 2 x 64
+trained 100 steps (the GPT-2 one's exact GELU included), GPTQ onto Q4_0, Q4_1 and Q8_0, where llama.cpp's own
+q4_0 of the float model is 0.10-0.14 away; 0.041-0.060 (1.0-1.8%) for tests/test_gguf.py's random-weight models
+(bound 0.15), where the export against the model rounded to nearest, or the float model's q4_0, is 0.38-0.85 away.
+On an Intel Xeon with AMX, llama.cpp's AMX buffer (its default there) computes Q4_0 and Q4_1 wrongly (`AMX_NOTE`):
+the figures above are with the model loaded without extra buffer types, as the tests load it.
+
 What cannot be said exactly is refused with one line: per-layer head counts or MLP widths (structured
-pruning), quantized weights (int8 plugins: the GGUF types quantize instead), a character vocabulary
+pruning), quantized weights off llama.cpp's grids (NF4/FP4, LLM.int8, dynamic_int8, a block size other than 32:
+each refusal names the setting that writes a grid llama.cpp has), a character vocabulary
 (llama.cpp's byte-level BPE needs merges: use tokenizer=bpe), a model without a tokenizer, any other
 pre-tokenizer or a normalizer (Qwen2's NFC aside, with a warning: llama.cpp does not normalize), BPE options llama.cpp
 lacks, a post-processor adding tokens other than the start and end tokens, a block mixing
@@ -48,6 +70,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +82,7 @@ import torch.nn as nn
 
 from lmkit.backbones import TransformerConfig
 from lmkit.backbones.transformer import rope_frequencies
+from lmkit.blockquant import BlockQuantEmbedding, BlockQuantLinear, BlockQuantWeight
 from lmkit.deploy import require
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory, check_free
@@ -68,6 +93,12 @@ QUANT_BLOCK = 32  # q8_0 and q4_0 pack each row (a matrix's input dimension) in 
 SAMPLE_TOKENS = 64  # tokens of the fixed sample on which the GELU approximation is measured
 # llama.cpp's tokenizer.ggml.token_type values
 NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+# Measured with llama-cpp-python 0.3.16 on an Intel Xeon with AMX, which repacks Q4_0/Q4_1/Q8_0 matrices into its AMX
+# buffer by default: Q8_0 right, Q4_0 and Q4_1 logits off by 40-100% of their norm (any file, lmkit's or gguf-py's
+# quantization of the float model); right once the model loads without extra buffer types.
+AMX_NOTE = ("llama.cpp's AMX kernels (Intel Xeon with AMX) have computed Q4_0 and Q4_1 wrongly "
+            "(ggml-org/llama.cpp#16315; measured with llama-cpp-python 0.3.16): there, load the model with "
+            "use_extra_bufts=false (llama_model_params)")
 
 # The Hugging Face pre-tokenizers llama.cpp reimplements, as the steps `pre_tokenizer_steps` spells, named as its
 # converter writes them (tokenizer.ggml.pre). The converter recognises a tokenizer by hashing how it splits a fixed
@@ -173,11 +204,24 @@ def export_gguf(model: InferenceModel, out: str | Path, *, type: str = "f32", ov
                      f"sample of {SAMPLE_TOKENS} tokens; train with model.gelu=tanh for an exact export")
         warnings.append(gelu_note)
     tensors = gguf_tensors(model.backbone, cfg, arch)
+    grid = main_grid(tensors)
+    type = grid.lower() if grid else type  # a grid model's own type (_check_model refused any other)
     with atomic_directory(Path(out), overwrite) as tmp:
         _write(gguf, tmp / "model.gguf", arch, model, cfg, vocab, tensors, type)
         size = (tmp / "model.gguf").stat().st_size
-        (tmp / "README.md").write_text(model_card(model, arch.name, type, size, vocab, gelu_note), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(model, arch.name, type, size, vocab, gelu_note, _grid_note(tensors)),
+                                       encoding="utf-8")
     return GGUFExport(Path(out), arch.name, type, warnings)
+
+
+def _grid_note(tensors: dict[str, np.ndarray | GridTensor]) -> str:
+    """The model card's line on a grid model's weights: which types hold lmkit's own codes."""
+    types = Counter(t.type for t in tensors.values() if isinstance(t, GridTensor))
+    if not types:
+        return ""
+    spelled = ", ".join(f"{n} {t}" for t, n in types.most_common())
+    return (f"weights: lmkit's own quantized codes and scales, copied into llama.cpp's blocks without rounding again "
+            f"({spelled} matrices)")
 
 
 def architecture(cfg: TransformerConfig) -> Architecture:
@@ -228,12 +272,10 @@ def _check_model(model: InferenceModel, type: str) -> tuple[TransformerConfig, A
         raise LmkitError(f"format=gguf writes Transformers (llama.cpp runs no LSTM/GRU); this model is a "
                          f"{model.record.kind} (use format=onnx or format=lmkit)")
     arch = architecture(cfg)
-    quantized = [r["plugin"] for r in model.record.compression if _quantizes(r["plugin"])]
-    if quantized:
-        # Pruned weights are plain dense tensors and export as they are; int8 weights would be dequantized
-        # and quantized a second time. The GGUF types are llama.cpp's own quantizers: start from the float model.
-        raise LmkitError(f"format=gguf: this model is quantized ({'+'.join(quantized)}); export the checkpoint "
-                         f"it came from with gguf.type=q8_0 or q4_0 instead")
+    grid = grid_quantization(model.record.compression)
+    if grid and type != "f32":
+        raise LmkitError(f"format=gguf: this model is on llama.cpp's grid already ({grid}), which is written as it "
+                         f"is; gguf.type={type} would quantize it a second time (leave gguf.type at f32)")
     if cfg.layer_heads and set(cfg.layer_heads) != {cfg.n_head}:
         raise LmkitError(f"format=gguf: llama.cpp's graphs need n_head heads in every layer; this model has "
                          f"layer_heads={cfg.layer_heads} (structured pruning removed heads)")
@@ -254,6 +296,35 @@ def _quantizes(plugin: str) -> bool:
     from lmkit.plugins import plugin_class
 
     return plugin_class(plugin).quantizes
+
+
+# What writes a grid llama.cpp has, for each quantizer whose own weights it has no type for
+GRID_SETTING = {"int4": "compression.int4.quant_type=sym (Q4_0) or asym (Q4_1)",
+                "int8": "compression.int8.quant_type=sym (Q8_0)",
+                "dynamic_int8": "compression=int8 compression.int8.quant_type=sym (Q8_0)"}
+
+
+def grid_quantization(steps: list[dict[str, Any]]) -> str:
+    """The quantizing step of a compression record if it put the weights on llama.cpp's grids (written as they
+    are), '' if none quantized (pruned weights are plain dense tensors), else one line naming the setting that
+    would: llama.cpp has no type for NF4/FP4 codes, LLM.int8 rows, torch's dynamic int8 or blocks other than 32."""
+    for step in steps:
+        plugin, settings = step["plugin"], step.get("settings") or {}
+        if not _quantizes(plugin):
+            continue
+        quant_type = settings.get("quant_type")
+        if plugin in ("int4", "int8") and quant_type in ("sym", "asym"):
+            blocksize = settings.get("blocksize") or QUANT_BLOCK
+            if blocksize != QUANT_BLOCK:
+                raise LmkitError(f"format=gguf: compression.{plugin}.blocksize={blocksize} has no llama.cpp type "
+                                 f"(its Q4_0, Q4_1 and Q8_0 blocks hold {QUANT_BLOCK} values); use "
+                                 f"compression.{plugin}.blocksize={QUANT_BLOCK}")
+            return f"{plugin} {quant_type}"
+        what = f"compression.{plugin}.quant_type={quant_type}" if quant_type else f"compression={plugin}"
+        alternative = GRID_SETTING.get(plugin, "compression=int4 or int8 with quant_type=sym")
+        raise LmkitError(f"format=gguf: {what} stores weights in a form llama.cpp has no type for; use "
+                         f"{alternative}, or export the float checkpoint with gguf.type=q8_0 or q4_0")
+    return ""
 
 
 def vocabulary(model: InferenceModel) -> Vocabulary:
@@ -392,20 +463,83 @@ def gelu_gap(model: InferenceModel) -> tuple[float, float]:
     return (exact - tanh).abs().max().item(), ((exact - tanh).norm() / exact.norm()).item()
 
 
-def gguf_tensors(backbone: nn.Module, cfg: TransformerConfig, arch: Architecture) -> dict[str, np.ndarray]:
-    """llama.cpp's tensors (float32, its names) from the backbone's, through the architecture's map."""
-    state = {k: v.detach().float().cpu() for k, v in backbone.state_dict().items()}
+@dataclass(frozen=True)
+class GridTensor:
+    """A matrix on one of llama.cpp's grids (lmkit.blockquant), as lmkit holds it: int8 codes (rows, cols), fp16
+    scales (and minimums) (rows, cols / 32). Blocks run along a row, so row operations keep them whole."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor | None
+    type: str  # Q4_0, Q4_1 or Q8_0
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def rows(self, pick: Callable[[torch.Tensor], torch.Tensor]) -> GridTensor:
+        """The same row selection or permutation applied to the codes, scales and minimums."""
+        return GridTensor(pick(self.codes), pick(self.scales), None if self.mins is None else pick(self.mins),
+                          self.type)
+
+
+Tensor = torch.Tensor | GridTensor
+
+
+def grid_tensor(weight: BlockQuantWeight) -> GridTensor:
+    """`weight` as llama.cpp's type holds it, or one line why it cannot (a grid gguf lacks, scales off fp16)."""
+    grid = weight.grid
+    if grid.gguf_type is None:
+        raise LmkitError(f"format=gguf: a weight on the {grid.describe()} grid has no llama.cpp type (Q4_0, Q4_1 and "
+                         f"Q8_0 hold blocks of {QUANT_BLOCK}); quantize with blocksize={QUANT_BLOCK}")
+    scales = [weight.scales] + ([weight.mins] if weight.mins is not None else [])
+    if any(not torch.equal(t.half().float(), t) for t in scales):  # the file holds fp16: anything else would round
+        raise LmkitError("format=gguf: a grid weight's scales are not fp16 values, which llama.cpp's blocks hold")
+    cpu = [None if t is None else t.detach().cpu() for t in (weight.codes, weight.scales, weight.mins)]
+    return GridTensor(*cpu, grid.gguf_type)
+
+
+def _state(backbone: nn.Module) -> dict[str, Tensor]:
+    """The backbone's weights by lmkit name: float tensors as float32, grid layers (`X.quantized.*` buffers) as one
+    GridTensor under `X.weight`, a tied head's under its own name too; any other tensor as it is (gguf_tensors
+    refuses an integer one)."""
+    state: dict[str, Tensor] = {k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+                                for k, v in backbone.state_dict().items() if ".quantized." not in k}
+    for name, module in backbone.named_modules(remove_duplicate=False):
+        if isinstance(module, (BlockQuantLinear, BlockQuantEmbedding)):
+            state[f"{name}.weight"] = grid_tensor(module.quantized)
+    return state
+
+
+def _rows(tensor: Tensor, pick: Callable[[torch.Tensor], torch.Tensor]) -> Tensor:
+    return tensor.rows(pick) if isinstance(tensor, GridTensor) else pick(tensor)
+
+
+def _split_rows(tensor: Tensor, sizes: list[int]) -> list[Tensor]:
+    if not isinstance(tensor, GridTensor):
+        return list(tensor.split(sizes))
+    starts = np.cumsum([0, *sizes]).tolist()
+    return [tensor.rows(lambda t, a=a, b=b: t[a:b]) for a, b in zip(starts, starts[1:])]
+
+
+def gguf_tensors(backbone: nn.Module, cfg: TransformerConfig, arch: Architecture) -> dict[str, np.ndarray | GridTensor]:
+    """llama.cpp's tensors (its names) from the backbone's, through the architecture's map: float ones as float32
+    arrays, grid ones as GridTensors (their codes and scales, permuted and split as the float ones are)."""
+    state = _state(backbone)
     if cfg.position == "sinusoidal":
         state["transformer.wpe.weight"] = backbone.pe.float().cpu()  # adding the fixed table is all gpt2's does
-    tensors = {}
+    tensors: dict[str, Tensor] = {}
     for ours, theirs in _expand(arch.tensors, cfg.n_layer):
         if ours == "lm_head.weight" and cfg.tie_weights:
             continue  # llama.cpp reads the tied head from token_embd when output is absent
         tensor = state.get(ours)
-        if tensor is None:  # a bias the model leaves out (the map names no other optional tensor)
+        if tensor is None and ours.endswith(".bias"):  # a bias the model leaves out (the map names no other)
             tensor = torch.zeros(state[ours.removesuffix(".bias") + ".weight"].shape[0])
+        if tensor is None or not (isinstance(tensor, GridTensor) or tensor.is_floating_point()):
+            # a quantizer grid_quantization does not know left its own layers (the names above are Linear's)
+            raise LmkitError(f"format=gguf: {ours} is neither a float tensor nor on one of llama.cpp's grids")
         if ours in ("transformer.wte.weight", "lm_head.weight"):
-            tensor = tensor[: cfg.vocab_size]  # rows past the vocabulary are padding (model.pad_vocab_to)
+            tensor = _rows(tensor, lambda t: t[: cfg.vocab_size])  # rows past the vocabulary are padding
         tensors[theirs] = tensor
     if arch.split_qkv:
         q_rows, kv_rows = cfg.n_head * cfg.head_size, cfg.n_head // cfg.kv_group * cfg.head_size
@@ -413,9 +547,10 @@ def gguf_tensors(backbone: nn.Module, cfg: TransformerConfig, arch: Architecture
             for kind in ("weight", "bias"):
                 if f"blk.{i}.attn_qkv.{kind}" not in tensors:
                     continue
-                q, k, v = tensors.pop(f"blk.{i}.attn_qkv.{kind}").split([q_rows, kv_rows, kv_rows])
-                if arch.permute_qk:
-                    q, k = interleave_rope_rows(q, cfg.n_head), interleave_rope_rows(k, cfg.n_head // cfg.kv_group)
+                q, k, v = _split_rows(tensors.pop(f"blk.{i}.attn_qkv.{kind}"), [q_rows, kv_rows, kv_rows])
+                if arch.permute_qk:  # whole rows move: a grid row's blocks go with it
+                    q = _rows(q, lambda t: interleave_rope_rows(t, cfg.n_head))
+                    k = _rows(k, lambda t: interleave_rope_rows(t, cfg.n_head // cfg.kv_group))
                 tensors.update({f"blk.{i}.attn_q.{kind}": q, f"blk.{i}.attn_k.{kind}": k,
                                 f"blk.{i}.attn_v.{kind}": v})
     if (cfg.rope_scaling or {}).get("rope_type") == "llama3":
@@ -424,7 +559,34 @@ def gguf_tensors(backbone: nn.Module, cfg: TransformerConfig, arch: Architecture
         # from the top of config.json, where Llama 3 keeps it inside rope_scaling)
         plain = rope_frequencies(cfg.head_size, cfg.rope_base)
         tensors["rope_freqs.weight"] = plain / rope_frequencies(cfg.head_size, cfg.rope_base, cfg.rope_scaling)
-    return {name: t.contiguous().numpy() for name, t in tensors.items()}
+    return {name: t if isinstance(t, GridTensor) else t.contiguous().numpy() for name, t in tensors.items()}
+
+
+def block_bytes(tensor: GridTensor) -> np.ndarray:
+    """llama.cpp's blocks of `tensor`, (rows, bytes per row) uint8, as ggml-common.h lays them out: Q4_0 an fp16 d,
+    then 16 bytes whose low nibble is value j and high nibble value j + 16, each q + 8; Q4_1 fp16 d and m, then the
+    same nibbles of q (0..15); Q8_0 fp16 d, then 32 int8 q."""
+    rows, cols = tensor.shape
+    blocks = cols // QUANT_BLOCK
+    codes = tensor.codes.numpy().reshape(rows, blocks, QUANT_BLOCK)
+
+    def half(t: torch.Tensor) -> np.ndarray:  # exact: the scales are fp16 values (grid_tensor checks)
+        return t.numpy().astype(np.float16).reshape(rows, blocks, 1).view(np.uint8)
+
+    parts = [half(tensor.scales)] + ([half(tensor.mins)] if tensor.mins is not None else [])
+    if tensor.type == "Q8_0":
+        parts.append(codes.view(np.uint8))
+    else:
+        unsigned = (codes + (8 if tensor.type == "Q4_0" else 0)).astype(np.uint8)
+        half_block = QUANT_BLOCK // 2
+        parts.append(unsigned[..., :half_block] | (unsigned[..., half_block:] << 4))
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def main_grid(tensors: dict[str, np.ndarray | GridTensor]) -> str | None:
+    """The grid type of most of the blocks' matrices (the file type says it), None for a float model."""
+    found = Counter(t.type for name, t in tensors.items() if isinstance(t, GridTensor) and name.startswith("blk."))
+    return found.most_common(1)[0][0] if found else None
 
 
 def _expand(names: dict[str, str], n_layer: int) -> list[tuple[str, str]]:
@@ -444,9 +606,12 @@ def interleave_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _encode(gguf: Any, name: str, array: np.ndarray, type: str, head: str) -> tuple[np.ndarray, Any]:
-    """A tensor in the file's type: vectors and the position table stay float32 (as llama.cpp's converter
-    keeps them); under q4_0 the output head stays at 8 bits, as llama-quantize keeps it above the rest."""
+def _encode(gguf: Any, name: str, array: np.ndarray | GridTensor, type: str, head: str) -> tuple[np.ndarray, Any]:
+    """A tensor in the file's type: a grid tensor as its own blocks; vectors and the position table stay float32
+    (as llama.cpp's converter keeps them); under q4_0 the output head stays at 8 bits, as llama-quantize keeps it
+    above the rest."""
+    if isinstance(array, GridTensor):
+        return block_bytes(array), getattr(gguf.GGMLQuantizationType, array.type)
     if array.ndim == 1 or type == "f32" or name == "position_embd.weight":
         return array.astype(np.float32), None
     if type == "f16":
@@ -456,7 +621,7 @@ def _encode(gguf: Any, name: str, array: np.ndarray, type: str, head: str) -> tu
 
 
 def _write(gguf: Any, path: Path, arch: Architecture, model: InferenceModel, cfg: TransformerConfig,
-           vocab: Vocabulary, tensors: dict[str, np.ndarray], type: str) -> None:
+           vocab: Vocabulary, tensors: dict[str, np.ndarray | GridTensor], type: str) -> None:
     writer = gguf.GGUFWriter(str(path), arch.name)
     writer.add_name(f"lmkit {cfg.kind}")
     writer.add_context_length(cfg.max_seq_len)
@@ -479,9 +644,10 @@ def _write(gguf: Any, path: Path, arch: Architecture, model: InferenceModel, cfg
     if (cfg.rope_scaling or {}).get("rope_type") == "linear":  # llama3's factors travel as the rope_freqs tensor
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(cfg.rope_scaling["factor"])
-    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+    file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
+                  "q4_1": "MOSTLY_Q4_1"}
     writer.add_file_type(getattr(gguf.LlamaFileType, file_types[type]))
-    if type in ("q8_0", "q4_0"):
+    if type in ("q8_0", "q4_0", "q4_1"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string("lmkit.record", json.dumps(model.record.to_dict()))  # provenance travels inside the file
     _write_vocabulary(writer, vocab)
@@ -514,10 +680,12 @@ def _write_vocabulary(writer: Any, vocab: Vocabulary) -> None:
 
 
 def model_card(model: InferenceModel, architecture: str, type: str, size: int, vocab: Vocabulary,
-               gelu_note: str) -> str:
+               gelu_note: str, grid_note: str = "") -> str:
     record = model.record
     shape = ", ".join(f"{k}={v}" for k, v in record.model_settings.items() if k != "kind")
-    notes = "".join(f"\n- {note}" for note in [*vocab.notes, gelu_note] if note)
+    notes = "".join(f"\n- {note}" for note in [grid_note, *vocab.notes, gelu_note] if note)
+    if type in ("q4_0", "q4_1"):
+        notes += f"\n- {AMX_NOTE}"
     cfg = record.backbone
     # transformers' GGUF reader maps gpt2's context_length and feed_forward_length to keys GPT2Config
     # does not read, so those two must be given (its defaults are 1024 and 4 * n_embd).
