@@ -12,7 +12,8 @@ bytes of model.safetensors, perplexity on the test split, generation tokens/s at
 
 For the Transformers (BPE-tokenized: GGUF carries a byte-level BPE), the GGUF perplexity as llama.cpp itself
 computes it on the same test windows (llama-cpp-python, each model in its own process): the f32 export, lmkit's
-calibrated Q4_0 exports, and llama.cpp's own q4_0 of the float model (its quantizer, `llama_model_quantize`).
+calibrated Q4_0 exports, and llama.cpp's own q4_0 of the float model (its quantizer, `llama_model_quantize`),
+each loaded without llama.cpp's extra (AMX) buffers, which compute Q4_0 wrongly on this machine's Xeon.
 """
 
 from __future__ import annotations
@@ -100,10 +101,20 @@ def lmkit_perplexity(model: InferenceModel, windows: np.ndarray) -> float:
     return round(math.exp(loss.item()), 4)
 
 
+# llama.cpp's AMX buffers compute Q4_0/Q4_1 wrongly on an Intel Xeon with AMX (lmkit.deploy.gguf.AMX_NOTE): every
+# file loads without them, as the tests load theirs
 LLAMA_CPP_PERPLEXITY = """
 import json, math, sys
 import numpy as np
 import llama_cpp
+from llama_cpp import llama_cpp as api
+default = api.llama_model_default_params
+def without_extra_buffers():
+    params = default()
+    if "use_extra_bufts" in dict(type(params)._fields_):
+        params.use_extra_bufts = False
+    return params
+api.llama_model_default_params = without_extra_buffers
 path, windows = sys.argv[1], np.load(sys.argv[2])
 llm = llama_cpp.Llama(path, n_ctx=windows.shape[1], logits_all=True, verbose=False, n_threads={threads})
 total, count = 0.0, 0
