@@ -156,6 +156,7 @@ def gguf_rows(dense: InferenceModel, quantized: dict[str, InferenceModel], windo
     """llama.cpp's perplexity of the f32 export, llama.cpp's own q4_0 of it and lmkit's int4 exports."""
     from lmkit.deploy.gguf import export_gguf
 
+    work.mkdir(parents=True, exist_ok=True)
     windows_file = work / "windows.npy"
     np.save(windows_file, windows)
     export_gguf(dense, work / "f32")
@@ -178,7 +179,7 @@ def bench_model(name: str, ckpt: Path, cache_dir: str, windows: int, work: Path)
     baseline, int4_models = None, {}
     for label, spec in RECIPES.items():
         started = time.perf_counter()
-        model, report = compress(dense, spec, context, gen_tokens=8, baseline=baseline)
+        model, report = compress(dense, spec, context, eval_windows=windows, gen_tokens=8, baseline=baseline)
         baseline = report["before"]
         rows["fp32"]["bytes"] = baseline["bytes"]
         row = {"summary": report["steps"][-1]["summary"], "bytes": report["after"]["bytes"],
