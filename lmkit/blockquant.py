@@ -13,10 +13,10 @@ export copies the codes and scales rather than quantizing again. How the codes a
 to nearest, GPTQ, activation-aware scales) is the plugins' business; this module holds the grid, the
 layers that run it, and nothing of training. Exports (lmkit.deploy) read these layers' buffers.
 
-Speed (bench/README.md, compression): int4 layers run torch's packed int4 CPU kernel
-(`_weight_int4pack_mm_for_cpu`), which takes bf16 activations and bf16 scales; that kernel is the
-`packed` path, chosen by measurement. The `exact` path multiplies by the dequantized fp32 weight,
-bit for bit the stored grid: what export checks compare with.
+Speed (bench/README.md, grids): int4 layers run torch's packed int4 CPU kernel
+(`_weight_int4pack_mm_for_cpu`), which takes bf16 activations and bf16 scales; int8 layers keep a
+dequantized fp32 copy (BlockQuantLinear says why). The `exact` path multiplies by the dequantized fp32
+weight on each call, bit for bit the stored grid: what export checks compare with.
 """
 
 from __future__ import annotations
@@ -58,9 +58,6 @@ class Grid:
 
     def describe(self) -> str:
         return f"int{self.bits} g{self.blocksize} {'sym' if self.symmetric else 'asym'}"
-
-    def to_record(self) -> dict[str, Any]:
-        return {"bits": self.bits, "symmetric": self.symmetric, "blocksize": self.blocksize}
 
 
 def _blocks(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -125,13 +122,14 @@ class BlockQuantWeight(nn.Module):
         self.register_buffer("scales", scales.float().contiguous())
         self.register_buffer("mins", mins.float().contiguous() if mins is not None else None)
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._dense: torch.Tensor | None = None
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._packed = None  # new codes: pack again on the next call
+        self._packed = self._dense = None  # new codes: pack again on the next call
 
     def _apply(self, fn: Any, recurse: bool = True) -> BlockQuantWeight:
-        self._packed = None  # moved or cast: pack again where the codes now live
+        self._packed = self._dense = None  # moved or cast: pack again where the codes now live
         return super()._apply(fn, recurse)
 
     def dequantize(self) -> torch.Tensor:
@@ -143,6 +141,12 @@ class BlockQuantWeight(nn.Module):
         mins = self.mins[flat] if self.mins is not None else None
         rows = dequantize(self.codes[flat], self.scales[flat], mins, self.grid.blocksize)
         return rows.view(*index.shape, self.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        """The dequantized fp32 weight, built once: what an 8-bit layer multiplies at inference (see BlockQuantLinear)."""
+        if self._dense is None:
+            self._dense = self.dequantize()
+        return self._dense
 
     def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """torch's int4pack layout: unsigned codes (value (u - 8) * scale + zero) and (blocks, rows, 2) bf16
@@ -157,8 +161,16 @@ class BlockQuantWeight(nn.Module):
 
 
 class BlockQuantLinear(nn.Module):
-    """A Linear whose weight is on a grid. `kernel`: packed (torch's int4 CPU kernel, bf16 activations) or
-    exact (the dequantized fp32 weight); int8, blocks the kernel does not take (16), training (QLoRA's
+    """A Linear whose weight is on a grid. `kernel`:
+
+    packed  int4: torch's int4 CPU kernel on bf16 activations (scales rounded to bf16 too); int8: the dequantized
+            fp32 weight, built on first use and kept. torch has no CPU kernel for int8 blocks (its
+            `_weight_int8pack_mm` takes one scale per row, which Q8_0's 32-value blocks are not), and dequantizing
+            on each call ran at 0.41x fp32 (bench/README.md, grids): an int8 model is small on disk and in every
+            export, and as fast as fp32, not smaller, in lmkit's own runtime.
+    exact   the dequantized fp32 weight on each call, bit for bit the stored grid: what export checks compare with.
+
+    int4 blocks the kernel does not take (16) or output widths that are not a multiple of 16, training (QLoRA's
     gradients) and non-CPU tensors run exact."""
 
     kernel = "packed"
@@ -171,12 +183,16 @@ class BlockQuantLinear(nn.Module):
 
     def uses_packed_kernel(self, x: torch.Tensor) -> bool:
         grid = self.quantized.grid
-        return (self.kernel == "packed" and grid.bits == 4 and grid.blocksize in PACKED_BLOCKS
-                and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad))
+        # the int4 kernel packs rows 16 at a time (a 65-token head is not) and takes blocks of 32 to 256
+        takes = grid.bits == 8 or (grid.blocksize in PACKED_BLOCKS and self.out_features % 16 == 0)
+        return (self.kernel == "packed" and takes and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and x.requires_grad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_packed_kernel(x):
             return F.linear(x.float(), self.quantized.dequantize(), self.bias)
+        if self.quantized.grid.bits == 8:
+            return F.linear(x.float(), self.quantized.dense(), self.bias)
         weight, scale_zeros = self.quantized.packed()
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, self.quantized.grid.blocksize, scale_zeros)

@@ -97,8 +97,9 @@ def compress(model: InferenceModel, spec: dict[str, dict[str, Any] | None], cont
         name, (why, fix) = needs[0]
         raise LmkitError(f"compression: {name} {why} on the model's training corpus, and this model records none "
                          f"(or no tokenizer): set " + " ".join(f"compression.{name}.{kv}" for kv in fix.split()))
-    for plugin in plugins:  # before minutes of measuring and fine-tuning
+    for i, plugin in enumerate(plugins):  # before minutes of measuring and fine-tuning
         plugin.check_model(model)
+        plugin.check_after([*done, *(p.name for p in plugins[:i])])
     # float32 in, so that what is measured is what the artifact (float32 plus its plugins' dtypes) holds
     model = copy.deepcopy(model).float().eval()
     dense_shape = model.record.to_dict()["model"]

@@ -11,7 +11,7 @@ A plugin is a small class with up to four hooks, each optional:
     pack(tensors, record) /    how its tensors are written to and read back from model.safetensors
     unpack(tensors, record)    (a pruned weight as a bitmask and its non-zero values, ...)
 
-plus `check()` for its settings and `check_model(model)` before any work starts, and three flags
+plus `check()` for its settings, `check_model(model)` and `check_after(earlier)` before any work starts, and three flags
 that order a recipe: nothing follows a plugin that `quantizes`, and nothing that `finetunes`
 follows one that `sparsifies` (the fine-tune would fill the zeros back in).
 
@@ -124,6 +124,10 @@ class Plugin:
 
     def check_model(self, model: InferenceModel) -> None:
         """Raise LmkitError if this plugin cannot compress `model` (called before any work starts)."""
+
+    def check_after(self, earlier: list[str]) -> None:
+        """Raise LmkitError if this plugin's settings cannot follow the steps `earlier` (plugin names, those the
+        model was compressed with before included), e.g. a grid without an exact zero after pruning."""
 
     def needs_corpus(self) -> tuple[str, str] | None:
         """(why, the settings that avoid it) if these settings need the model's training corpus, e.g.

@@ -66,3 +66,20 @@ def once_per_tensor(make: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tens
         return made[id(tensor)][1]
 
     return get
+
+
+@torch.no_grad()
+def round_to_half(backbone: nn.Module) -> None:
+    """Round every float32 tensor (scales, biases, norms) to the nearest fp16 value, in place."""
+    for tensor in backbone.state_dict().values():  # detached views: copy_ writes the module's storage
+        if tensor.dtype == torch.float32 and tensor.numel() and tensor.abs().max() < torch.finfo(torch.float16).max:
+            tensor.copy_(tensor.half().float())
+
+
+def half_where_lossless(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float32 tensors whose values fp16 holds exactly, as fp16 (loading copies them back into float32)."""
+    out = {}
+    for name, t in tensors.items():
+        half = t.half() if t.dtype == torch.float32 else None
+        out[name] = half if half is not None and torch.equal(half.float(), t) else t
+    return out

@@ -25,8 +25,8 @@ import torch.nn as nn
 from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin
-from lmkit.tensors import once_per_tensor, swap_modules
-from lmkit.builtin_plugins.int8 import Int8Embedding, half_where_lossless, round_to_half
+from lmkit.tensors import half_where_lossless, once_per_tensor, round_to_half, swap_modules
+from lmkit.builtin_plugins.int8 import Int8Embedding
 
 
 def row_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

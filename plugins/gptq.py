@@ -42,9 +42,9 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, grid: Grid, *, damp: float = 
         scales, mins = block_params(W if keep is None else W * keep, grid)
         perm = torch.argsort(H.diagonal(), descending=True)
     else:
-        scales = torch.zeros(rows, cols // bs)
-        mins = torch.zeros(rows, cols // bs) if not grid.symmetric else None
-        perm = torch.arange(cols)
+        scales = W.new_zeros(rows, cols // bs)
+        mins = W.new_zeros(rows, cols // bs) if not grid.symmetric else None
+        perm = torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     mask = keep[:, perm] if keep is not None else None
     H.diagonal().add_(damp * H.diagonal().mean())
@@ -52,7 +52,7 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, grid: Grid, *, damp: float = 
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except RuntimeError as e:  # torch.linalg.LinAlgError
         raise Unfactorizable(f"its damped Hessian is not positive definite ({str(e).splitlines()[0]})") from None
-    codes = torch.zeros(rows, cols, dtype=torch.int8)
+    codes = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
     step = max(LAZY_BATCH, bs)
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)

@@ -7,7 +7,8 @@ layer-sequential recipe); `method=rtn` rounds to nearest (what llama.cpp's and o
 quantizers do: the baseline), `gptq` (plugins/gptq.py) calibrates. `awq` folds activation-aware scales
 in first (plugins/awq.py). The output head goes on an 8-bit grid by default (llama.cpp's quantizer keeps
 it above the rest); with `embeddings`, the token embedding is rounded onto the grid too (a tied one is
-the head's tensor, on the head's grid). Pruned zeros (a `prune` step before) stay exactly zero.
+the head's tensor, on the head's grid, and rounded even under GPTQ, whose objective would see only the head's
+outputs and move the rows the embedding looks up). Pruned zeros (a `prune` step before) stay exactly zero.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.blockquant import BlockQuantEmbedding, BlockQuantLinear, BlockQuantWeight, Grid, dequantize, round_to_nearest
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext
-from lmkit.tensors import once_per_tensor, swap_modules
+from lmkit.tensors import once_per_tensor, round_to_half, swap_modules
 from lmkit.builtin_plugins.awq import apply_awq
 from lmkit.builtin_plugins.calibrate import collect
 from lmkit.builtin_plugins.gptq import Unfactorizable, gptq
@@ -31,7 +32,6 @@ from lmkit.builtin_plugins.gptq import Unfactorizable, gptq
 Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 GRID_TYPES = ("sym", "asym")
 METHODS = ("rtn", "gptq")
-GRID_SETTINGS = ("method", "awq", "damp", "act_order", "calibration_windows", "head_bits")
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,11 @@ class Plan:
         text = f"{self.method} g{self.grid.blocksize} {'sym' if self.grid.symmetric else 'asym'}"
         if self.head_grid != self.grid:
             text += f", head int{self.head_grid.bits}"
-        return text + (", awq scales" if self.awq else "") + (", act order" if self.act_order else "")
+        return text + (", awq scales" if self.awq else "") + (", act order" if self.act_order and self.gptq else "")
+
+    @property
+    def gptq(self) -> bool:
+        return self.method == "gptq"
 
     def calibrates(self) -> bool:
         return self.method == "gptq" or self.awq
@@ -66,8 +70,10 @@ def plan(plugin: str, bits: int, settings: dict[str, Any]) -> Plan:
     if blocksize < 16 or blocksize & (blocksize - 1):
         raise LmkitError(f"{key}.blocksize={blocksize}: the runtimes' grids take a power of two from 16 "
                          f"(llama.cpp and ONNX: 32)")
-    if settings["head_bits"] not in (4, 8):
-        raise LmkitError(f"{key}.head_bits={settings['head_bits']} must be 4 or 8")
+    if settings["head_bits"] not in (4, 8) or settings["head_bits"] < bits:
+        raise LmkitError(f"{key}.head_bits={settings['head_bits']} must be " + ("4 or 8" if bits == 4 else "8"))
+    if settings["act_order"] and settings["method"] != "gptq":
+        raise LmkitError(f"{key}.act_order=true orders GPTQ's columns: set {key}.method=gptq (or act_order=false)")
     if not 0 < settings["damp"] < 1:
         raise LmkitError(f"{key}.damp={settings['damp']} must be in (0, 1) (a fraction of the Hessian's mean diagonal)")
     if settings["calibration_windows"] < 1:
@@ -76,10 +82,58 @@ def plan(plugin: str, bits: int, settings: dict[str, Any]) -> Plan:
     if bits == 8 and not symmetric:
         raise LmkitError(f"{key}.quant_type=asym: llama.cpp has no asymmetric 8-bit weight type; use quant_type=sym")
     grid = Grid(bits, symmetric, blocksize)
-    head_bits = max(bits, settings["head_bits"])
-    head_grid = grid if head_bits == bits else Grid(8, True, blocksize)
+    head_grid = grid if settings["head_bits"] == bits else Grid(8, True, blocksize)
     return Plan(grid, head_grid, settings["method"], settings["awq"], settings["damp"], settings["act_order"],
                 settings["calibration_windows"], settings.get("embeddings", True))
+
+
+class OnGrid:
+    """What `int4` and `int8` share for their grid quant types (a mixin of lmkit.plugins.Plugin: `name`, `settings`)."""
+
+    bits: int
+    name: str
+    settings: dict[str, Any]
+
+    @property
+    def on_grid(self) -> bool:
+        return self.settings["quant_type"] in GRID_TYPES
+
+    @property
+    def plan(self) -> Plan:
+        return plan(self.name, self.bits, self.settings)
+
+    def check_off_grid(self, own: str) -> None:
+        """The grid-only settings keep their plain values for `own` codes (bitsandbytes')."""
+        for key, plain in (("method", "rtn"), ("awq", False), ("act_order", False)):
+            if self.settings[key] != plain:
+                raise LmkitError(f"compression.{self.name}.{key}={self.settings[key]!r} needs a runtime grid: "
+                                 f"quant_type={' or '.join(t for t in GRID_TYPES if self.bits == 4 or t == 'sym')} "
+                                 f"({own})")
+
+    def needs_corpus(self) -> tuple[str, str] | None:
+        if self.on_grid and self.plan.calibrates():
+            return (f"calibrates (method={self.settings['method']}, awq={str(self.settings['awq']).lower()})",
+                    "method=rtn awq=false")
+        return None
+
+    def check_model(self, model: Any) -> None:
+        if self.on_grid:
+            check_widths(model.backbone, self.plan, self.name)
+
+    def check_after(self, earlier: list[str]) -> None:
+        if self.on_grid:
+            check_sparsity(self.plan, earlier, self.name)
+
+    def put_on_grid(self, model: Any, context: CompressContext) -> dict[str, Any]:
+        details = calibrate(model, self.plan, context, self.name, keep_zeros=self.plan.grid.symmetric)
+        round_to_half(model.backbone)
+        return details
+
+    def grid_structure(self, backbone: nn.Module) -> nn.Module:
+        """On load: the grid layers, filled next by the stored codes and scales."""
+        backbone = swap(backbone, self.plan)
+        round_to_half(backbone)
+        return backbone
 
 
 def heads(backbone: nn.Module) -> set[int]:
@@ -102,20 +156,20 @@ def matrices(backbone: nn.Module) -> dict[str, nn.Parameter]:
 def check_widths(backbone: nn.Module, plan_: Plan, plugin: str) -> None:
     for name, p in matrices(backbone).items():
         if p.shape[1] % plan_.grid.blocksize:
+            widths = {q.shape[1] for q in matrices(backbone).values()}
+            fits = [b for b in (256, 128, 64, 32, 16) if all(w % b == 0 for w in widths)]
+            works = f"blocksize={fits[0]} divides them all" if fits else "no block size from 16 divides them all"
             raise LmkitError(f"compression.{plugin}: {name} is {p.shape[1]} wide, not a multiple of blocksize="
-                             f"{plan_.grid.blocksize}; choose a block size that divides every layer's input width")
+                             f"{plan_.grid.blocksize} ({works})")
 
 
-def sparsified(model: Any) -> bool:
-    """Whether an earlier step of `model`'s recipe left zeros that must stay zero (prune)."""
+def check_sparsity(plan_: Plan, earlier: list[str], plugin: str) -> None:
+    """Pruned zeros must stay zero: only the symmetric grids have an exact zero."""
     from lmkit.plugins import plugin_class
 
-    return any(plugin_class(step["plugin"]).sparsifies for step in model.record.compression)
-
-
-def check_sparsity(plan_: Plan, sparsified: bool, plugin: str) -> None:
-    if sparsified and not plan_.grid.symmetric:
-        raise LmkitError(f"compression.{plugin}.quant_type=asym has no exact zero for the pruned weights; "
+    pruning = [name for name in earlier if plugin_class(name).sparsifies]
+    if pruning and not plan_.grid.symmetric:
+        raise LmkitError(f"compression.{plugin}.quant_type=asym has no exact zero for {pruning[0]}'s pruned weights; "
                          "use quant_type=sym after prune")
 
 
@@ -123,19 +177,22 @@ def check_sparsity(plan_: Plan, sparsified: bool, plugin: str) -> None:
 def calibrate(model: Any, plan_: Plan, context: CompressContext, plugin: str, keep_zeros: bool) -> dict[str, Any]:
     """Put `model.backbone` on the plan's grid; returns the record's details (layers that fell back, awq)."""
     backbone = model.backbone
+    check_widths(backbone, plan_, plugin)  # again: an earlier step of the recipe (prune_structured) may cut widths
     ids = context.calibration(model, plan_.windows).to(model.device) if plan_.calibrates() else None
     details: dict[str, Any] = {}
     if plan_.awq:
         details.update(apply_awq(backbone, ids, plan_.grid, context.log))
     head_ids, results, fallbacks = heads(backbone), {}, []
-    float_tied = token_embedding_ids(backbone) if not plan_.embeddings else set()
+    tied = token_embedding_ids(backbone)
+    float_tied = tied if not plan_.embeddings else set()
     for name, p in matrices(backbone).items():
         if id(p) in float_tied:
             continue  # a head tied to an embedding kept in float
         grid = plan_.head_grid if id(p) in head_ids else plan_.grid
         keep = p != 0 if keep_zeros else None
         quantized = None
-        if plan_.method == "gptq":
+        # a head tied to the token embedding is rounded: GPTQ would trade the embedding's rows for the head's outputs
+        if plan_.method == "gptq" and id(p) not in tied:
             try:
                 quantized = gptq(p, collect(backbone, name, ids, "gram"), grid, damp=plan_.damp,
                                  act_order=plan_.act_order, keep=keep)

@@ -30,9 +30,8 @@ import torch.nn.functional as F
 from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin
-from lmkit.tensors import once_per_tensor, swap_modules
+from lmkit.tensors import half_where_lossless, once_per_tensor, round_to_half, swap_modules
 from lmkit.builtin_plugins import gridquant
-from lmkit.builtin_plugins.int8 import half_where_lossless, round_to_half
 from lmkit.builtin_plugins.prune import VALUES as PRUNED_VALUES
 
 NIBBLES, SHAPE = ".__nibbles", ".__nibble_shape"
@@ -170,21 +169,14 @@ def quantize(backbone: nn.Module, quant_type: str, blocksize: int, embeddings: b
     return backbone
 
 
-class Int4(Plugin):
+class Int4(gridquant.OnGrid, Plugin):
     name = "int4"
     summary = ("4-bit weights in blocks: llama.cpp/ONNX grids (sym, asym; rtn, gptq, awq) or bitsandbytes NF4/FP4; "
                "~0.15x bytes")
     defaults = {"quant_type": "nf4", "blocksize": None, "embeddings": True, "method": "rtn", "awq": False,
                 "act_order": False, "damp": 0.01, "calibration_windows": 128, "head_bits": 8}
     quantizes = True
-
-    @property
-    def on_grid(self) -> bool:
-        return self.settings["quant_type"] in gridquant.GRID_TYPES
-
-    @property
-    def plan(self) -> gridquant.Plan:
-        return gridquant.plan(self.name, 4, self.settings)
+    bits = 4
 
     @property
     def blocksize(self) -> int:
@@ -197,23 +189,10 @@ class Int4(Plugin):
         if self.on_grid:
             self.plan  # noqa: B018 (checks the grid's settings)
             return
-        for key, plain in (("method", "rtn"), ("awq", False), ("act_order", False)):
-            if s[key] != plain:
-                raise LmkitError(f"compression.int4.{key}={s[key]!r} needs a runtime grid: quant_type=sym or asym "
-                                 f"({s['quant_type']} is bitsandbytes' own code)")
+        self.check_off_grid(f"{s['quant_type']} is bitsandbytes' own code")
         bs = self.blocksize
         if bs < 32 or bs > 4096 or bs & (bs - 1):
             raise LmkitError(f"compression.int4.blocksize={bs} must be a power of two from 32 to 4096")
-
-    def needs_corpus(self) -> tuple[str, str] | None:
-        if self.on_grid and self.plan.calibrates():
-            return (f"calibrates (method={self.settings['method']}, awq={str(self.settings['awq']).lower()})",
-                    "method=rtn awq=false")
-        return None
-
-    def check_model(self, model: Any) -> None:
-        if self.on_grid:
-            gridquant.check_widths(model.backbone, self.plan, self.name)
 
     def describe(self) -> str:
         s = self.settings
@@ -223,9 +202,8 @@ class Int4(Plugin):
 
     def _quantize(self, backbone: nn.Module) -> nn.Module:
         if self.on_grid:
-            backbone = gridquant.swap(backbone, self.plan)
-        else:
-            backbone = quantize(backbone, self.settings["quant_type"], self.blocksize, self.settings["embeddings"])
+            return self.grid_structure(backbone)
+        backbone = quantize(backbone, self.settings["quant_type"], self.blocksize, self.settings["embeddings"])
         round_to_half(backbone)
         return backbone
 
@@ -233,10 +211,7 @@ class Int4(Plugin):
         if not self.on_grid:
             model.backbone = self._quantize(model.backbone)
             return {}
-        gridquant.check_sparsity(self.plan, gridquant.sparsified(model), self.name)
-        details = gridquant.calibrate(model, self.plan, context, self.name, keep_zeros=self.plan.grid.symmetric)
-        round_to_half(model.backbone)
-        return details
+        return self.put_on_grid(model, context)
 
     def restore(self, backbone: nn.Module, record: dict[str, Any]) -> nn.Module:
         return self._quantize(backbone)  # the stored codes and scales then overwrite these

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from lmkit.backbones.unrolled import UnrolledRNN
 from lmkit.errors import LmkitError
 from lmkit.plugins import CompressContext, Plugin
-from lmkit.tensors import once_per_tensor, swap_modules
+from lmkit.tensors import half_where_lossless, once_per_tensor, round_to_half, swap_modules
 from lmkit.builtin_plugins import gridquant
 
 
@@ -85,24 +85,7 @@ def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
     return backbone
 
 
-@torch.no_grad()
-def round_to_half(backbone: nn.Module) -> None:
-    """Round every float32 tensor (scales, biases, norms) to the nearest fp16 value, in place."""
-    for tensor in backbone.state_dict().values():  # detached views: copy_ writes the module's storage
-        if tensor.dtype == torch.float32 and tensor.numel() and tensor.abs().max() < torch.finfo(torch.float16).max:
-            tensor.copy_(tensor.half().float())
-
-
-def half_where_lossless(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """float32 tensors whose values fp16 holds exactly, as fp16 (loading copies them back into float32)."""
-    out = {}
-    for name, t in tensors.items():
-        half = t.half() if t.dtype == torch.float32 else None
-        out[name] = half if half is not None and torch.equal(half.float(), t) else t
-    return out
-
-
-class Int8(Plugin):
+class Int8(gridquant.OnGrid, Plugin):
     name = "int8"
     summary = ("int8 weights everywhere (embeddings, LSTM too): bitsandbytes LLM.int8 rows, or llama.cpp's Q8_0 grid "
                "(rtn, gptq, awq); ~0.27x bytes")
@@ -110,14 +93,7 @@ class Int8(Plugin):
     defaults = {"quant_type": "llm_int8", "threshold": 6.0, "blocksize": 32, "embeddings": True, "method": "rtn",
                 "awq": False, "act_order": False, "damp": 0.01, "calibration_windows": 128, "head_bits": 8}
     quantizes = True
-
-    @property
-    def on_grid(self) -> bool:
-        return self.settings["quant_type"] in gridquant.GRID_TYPES
-
-    @property
-    def plan(self) -> gridquant.Plan:
-        return gridquant.plan(self.name, 8, self.settings)
+    bits = 8
 
     def check(self) -> None:
         s = self.settings
@@ -126,22 +102,9 @@ class Int8(Plugin):
         if self.on_grid:
             self.plan  # noqa: B018 (checks the grid's settings)
             return
-        for key, plain in (("method", "rtn"), ("awq", False), ("act_order", False)):
-            if s[key] != plain:
-                raise LmkitError(f"compression.int8.{key}={s[key]!r} needs a runtime grid: quant_type=sym "
-                                 "(llm_int8 is bitsandbytes' own rows)")
+        self.check_off_grid("llm_int8 is bitsandbytes' own rows")
         if s["threshold"] < 0:
             raise LmkitError(f"compression.int8.threshold={s['threshold']} must be >= 0")
-
-    def needs_corpus(self) -> tuple[str, str] | None:
-        if self.on_grid and self.plan.calibrates():
-            return (f"calibrates (method={self.settings['method']}, awq={str(self.settings['awq']).lower()})",
-                    "method=rtn awq=false")
-        return None
-
-    def check_model(self, model: Any) -> None:
-        if self.on_grid:
-            gridquant.check_widths(model.backbone, self.plan, self.name)
 
     def describe(self) -> str:
         return f"int8 {self.plan.describe()}" if self.on_grid else ""
@@ -150,15 +113,11 @@ class Int8(Plugin):
         if not self.on_grid:
             model.backbone = quantize(model.backbone, self.settings["threshold"])
             return {}
-        details = gridquant.calibrate(model, self.plan, context, self.name, keep_zeros=True)
-        round_to_half(model.backbone)
-        return details
+        return self.put_on_grid(model, context)
 
     def restore(self, backbone: nn.Module, record: dict[str, Any]) -> nn.Module:
         if self.on_grid:
-            backbone = gridquant.swap(backbone, self.plan)
-            round_to_half(backbone)
-            return backbone
+            return self.grid_structure(backbone)
         return quantize(backbone, self.settings["threshold"])  # the stored int8 tensors then overwrite these
 
     def pack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:

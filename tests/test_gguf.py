@@ -407,3 +407,16 @@ def test_cli_writes_a_saved_grid_model_as_it_is_and_refuses_in_one_line(bpe, gri
         assert ("gguf.type=q4_0 would quantize it a second time" if name == "model"
                 else "use compression.int4.quant_type=sym") in refused.stderr
         assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.parametrize("block", GRID_BLOCKS)
+def test_a_grid_models_float_embedding_is_written_as_lmkit_holds_it(bpe, block, tmp_path):
+    """embeddings=false keeps the token embedding (and a tied head) in float in lmkit: the file must too, not
+    rounded onto the file's own type."""
+    model = _with_compression(tiny_lm(bpe, **GRID_BLOCKS[block]), "int4", quant_type="sym", embeddings=False)
+    export_gguf(model, tmp_path / "gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf")).tensors}
+    assert types["token_embd.weight"] == "F32" and types["blk.0.ffn_down.weight"] == "Q4_0"
+    stored = next(t for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf")).tensors
+                  if t.name == "token_embd.weight").data
+    np.testing.assert_array_equal(stored, model.backbone.transformer.wte.weight.detach().numpy()[: stored.shape[0]])

@@ -652,8 +652,11 @@ def _write(gguf: Any, path: Path, arch: Architecture, model: InferenceModel, cfg
     writer.add_string("lmkit.record", json.dumps(model.record.to_dict()))  # provenance travels inside the file
     _write_vocabulary(writer, vocab)
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    # a grid model's float tensors (an embedding kept float by embeddings=false, ...) are written as lmkit holds
+    # them: rounding them onto the file's type here would ship a model lmkit never evaluated
+    grid_model = any(isinstance(array, GridTensor) for array in tensors.values())
     for name, array in tensors.items():
-        data, raw_dtype = _encode(gguf, name, array, type, head)
+        data, raw_dtype = _encode(gguf, name, array, "f32" if grid_model else type, head)
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
