@@ -29,6 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PACKED_BLOCKS = (32, 64, 128, 256)  # the block sizes torch's int4pack CPU kernel takes
+# Narrower int4 layers multiply a kept fp32 copy: there the packed kernel generated slower than fp32 (whole models,
+# batch 1: 0.72x at 4x128, 0.85x for the 128-wide Llama block, 1.23x at 6x384; bench/README.md, grids)
+PACKED_MIN_INPUTS = 384
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,8 @@ class BlockQuantWeight(nn.Module):
 class BlockQuantLinear(nn.Module):
     """A Linear whose weight is on a grid. `kernel`:
 
-    packed  int4: torch's int4 CPU kernel on bf16 activations (scales rounded to bf16 too); int8: the dequantized
-            fp32 weight, built on first use and kept. torch has no CPU kernel for int8 blocks (its
+    packed  int4 from 384 inputs wide: torch's int4 CPU kernel on bf16 activations (scales rounded to bf16 too);
+            int8, and narrower int4 layers: the dequantized fp32 weight, built on first use and kept. torch has no CPU kernel for int8 blocks (its
             `_weight_int8pack_mm` takes one scale per row, which Q8_0's 32-value blocks are not), and dequantizing
             on each call ran at 0.41x fp32 (bench/README.md, grids): an int8 model is small on disk and in every
             export, and as fast as fp32, not smaller, in lmkit's own runtime.
@@ -181,18 +184,21 @@ class BlockQuantLinear(nn.Module):
         self.out_features, self.in_features = quantized.shape
         self.bias = nn.Parameter(bias.detach().float().clone(), requires_grad=False) if bias is not None else None
 
-    def uses_packed_kernel(self, x: torch.Tensor) -> bool:
+    def path(self, x: torch.Tensor) -> str:
+        """How this call multiplies: int4pack (torch's int4 kernel), dense (the kept fp32 copy) or exact."""
         grid = self.quantized.grid
+        if self.kernel != "packed" or x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad):
+            return "exact"
+        if grid.bits == 8 or self.in_features < PACKED_MIN_INPUTS:
+            return "dense"
         # the int4 kernel packs rows 16 at a time (a 65-token head is not) and takes blocks of 32 to 256
-        takes = grid.bits == 8 or (grid.blocksize in PACKED_BLOCKS and self.out_features % 16 == 0)
-        return (self.kernel == "packed" and takes and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and x.requires_grad))
+        return "int4pack" if grid.blocksize in PACKED_BLOCKS and self.out_features % 16 == 0 else "exact"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_packed_kernel(x):
-            return F.linear(x.float(), self.quantized.dequantize(), self.bias)
-        if self.quantized.grid.bits == 8:
-            return F.linear(x.float(), self.quantized.dense(), self.bias)
+        path = self.path(x)
+        if path != "int4pack":
+            weight = self.quantized.dense() if path == "dense" else self.quantized.dequantize()
+            return F.linear(x.float(), weight, self.bias)
         weight, scale_zeros = self.quantized.packed()
         flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, weight, self.quantized.grid.blocksize, scale_zeros)

@@ -136,14 +136,18 @@ def test_a_layer_whose_hessian_is_broken_falls_back_to_rounding_with_one_line(tr
 
 
 @pytest.mark.parametrize("quant_type", ["sym", "asym"])
-def test_packed_int4_kernel_agrees_with_the_exact_grid(transformer_model, context, quant_type):
-    """head_bits=4: the 76-token head is no multiple of 16 rows, which the packed kernel cannot take (it runs exact)."""
-    model, _ = compress(transformer_model, {"int4": {"quant_type": quant_type, "head_bits": 4}}, context,
-                        eval_windows=1, gen_tokens=1)
-    ids = torch.randint(0, 60, (3, 20), generator=torch.Generator().manual_seed(0))
-    backbone = model.backbone
-    x = torch.randn(2, 32)
-    assert backbone.transformer.h[0].mlp.c_fc.uses_packed_kernel(x) and not backbone.lm_head.uses_packed_kernel(x)
+def test_packed_int4_kernel_agrees_with_the_exact_grid(quant_type):
+    """A 384-wide model (where the packed kernel runs), head_bits=4: its 76-token head is no multiple of 16 rows, which
+    the kernel cannot take (it runs exact); the 256-wide attention output keeps an fp32 copy."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=76, n_layer=1, n_embd=384, n_head=2, n_kv_head=1, norm="rmsnorm", mlp="swiglu",
+                            mlp_hidden=512, position="rope", bias=False, head_dim=128)
+    model = InferenceModel(Transformer(cfg), None, ModelRecord(backbone=cfg)).eval()
+    make("int4", {"quant_type": quant_type, "head_bits": 4}).apply(model, CompressContext(cache_dir=""))
+    backbone, x = model.backbone, torch.randn(2, 384)
+    assert backbone.transformer.h[0].mlp.gate.path(x) == "int4pack" and backbone.lm_head.path(x) == "exact"
+    assert backbone.transformer.h[0].attn.c_proj.path(torch.randn(2, 256)) == "dense"
+    ids = torch.randint(0, 76, (3, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         packed = model(ids)
         set_kernel(backbone, "exact")
