@@ -18,12 +18,19 @@ DATA = ROOT / "tests" / "data"  # artifacts written by lmkit before ModelRecord 
 
 
 @pytest.mark.parametrize("name,kind", [("format1-transformer", "transformer"), ("format1-lstm-prune-int8", "lstm")])
-def test_artifacts_written_by_the_previous_format_load_bit_exact(name, kind):
-    expected = load_file(DATA / "format1-logits.safetensors")
+def test_artifacts_written_by_the_previous_format_load_their_weights_bit_exact(name, kind):
+    # Weights are bytes and must load unchanged; logits come from whichever kernels this CPU has (AVX2, AVX-512,
+    # AMX reduce in different orders), so they are held to a float32 tolerance, not to the bits of the machine
+    # that stored them.
+    expected = load_file(DATA / name / "model.safetensors")
     model = lmkit.load(DATA / name)
     assert model.record.kind == kind and model.record.tokenizer == "char"
+    loaded = model.backbone.state_dict()
+    stored_plainly = [key for key in expected if "__" not in key]  # a sparse tensor is stored as values + mask
+    assert stored_plainly and all(torch.equal(loaded[key], expected[key]) for key in stored_plainly)
+    logits = load_file(DATA / "format1-logits.safetensors")
     with torch.no_grad():
-        assert torch.equal(model(expected["ids"]), expected[kind])
+        torch.testing.assert_close(model(logits["ids"]), logits[kind], rtol=1e-5, atol=1e-5)
 
 
 def test_record_round_trips_through_config_json(tmp_path):
