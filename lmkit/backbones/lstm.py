@@ -11,8 +11,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+import math
+
 import torch
 import torch.nn as nn
+
+from lmkit.backbones.init import init_weights, rng_untouched
 
 RecurrentState = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
@@ -81,19 +85,36 @@ class LSTM(nn.Module):
         self.config = cfg
         hidden = cfg.hidden_size or cfg.n_embd
         rnn = nn.LSTM if cfg.cell == "lstm" else nn.GRU
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.rnn = rnn(cfg.n_embd, hidden, cfg.n_layer, batch_first=True,
-                       dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
-        # Tying needs the head's input width to equal the embedding width.
-        self.proj = nn.Linear(hidden, cfg.n_embd, bias=False) if cfg.tie_weights and hidden != cfg.n_embd else None
-        self.head = nn.Linear(cfg.n_embd if self.proj is not None else hidden, cfg.vocab_size)
+        with rng_untouched():
+            self.embedding = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+            self.drop = nn.Dropout(cfg.dropout)
+            self.rnn = rnn(cfg.n_embd, hidden, cfg.n_layer, batch_first=True,
+                           dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
+            # Tying needs the head's input width to equal the embedding width.
+            self.proj = nn.Linear(hidden, cfg.n_embd, bias=False) if cfg.tie_weights and hidden != cfg.n_embd else None
+            self.head = nn.Linear(cfg.n_embd if self.proj is not None else hidden, cfg.vocab_size)
         if cfg.tie_weights:
             self.head.weight = self.embedding.weight
-        # A wide embedding init: with GPT's 0.02 the tied head starts nearly silent and a char LSTM
-        # spends its first few hundred steps near unigram loss (bench/README.md, LSTM embedding init).
-        nn.init.normal_(self.embedding.weight, std=0.5)
-        nn.init.zeros_(self.head.bias)
+        if not self.head.weight.is_meta:  # (on the meta device, whoever materialises it initialises it)
+            init_weights(self)
+
+    def init_parameter(self, name: str, value: torch.Tensor) -> None:
+        """The initial value of parameter `name` into `value` (its whole tensor): torch's own for the recurrent
+        matrices and the untied head, a wide embedding, a zero head bias."""
+        if name == "embedding.weight":
+            # A wide embedding init: with GPT's 0.02 the tied head starts nearly silent and a char LSTM
+            # spends its first few hundred steps near unigram loss (bench/README.md, LSTM embedding init).
+            nn.init.normal_(value, std=0.5)
+        elif name == "head.bias":
+            nn.init.zeros_(value)
+        elif name.startswith("rnn."):  # as nn.LSTM/nn.GRU's reset_parameters
+            bound = 1 / math.sqrt(self.rnn.hidden_size)
+            nn.init.uniform_(value, -bound, bound)
+        else:  # proj.weight, an untied head.weight: as nn.Linear's reset_parameters
+            nn.init.kaiming_uniform_(value, a=math.sqrt(5))
+
+    def reset_buffers(self) -> None:
+        """(nothing is computed: the recurrent model has no buffers)"""
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> None:

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lmkit.backbones.init import init_weights, rng_untouched
+
 
 @dataclass
 class TransformerConfig:
@@ -331,36 +333,50 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.max_seq_len: int | None = cfg.max_seq_len
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer)),
-            ln_f=norm(cfg),
-        ))
-        if cfg.position == "learned":
-            self.transformer["wpe"] = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
-        elif cfg.position == "sinusoidal":
-            self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, cfg.n_embd), persistent=False)
-        else:
-            cos, sin = rope_tables(cfg.max_seq_len, cfg.head_size, cfg.rope_base, cfg.rope_scaling)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
+        with rng_untouched():
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(cfg.padded_vocab_size, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer)),
+                ln_f=norm(cfg),
+            ))
+            if cfg.position == "learned":
+                self.transformer["wpe"] = nn.Embedding(cfg.max_seq_len, cfg.n_embd)
+            elif cfg.position == "sinusoidal":
+                self.register_buffer("pe", sinusoidal_table(cfg.max_seq_len, cfg.n_embd), persistent=False)
+            else:
+                cos, sin = rope_tables(cfg.max_seq_len, cfg.head_size, cfg.rope_base, cfg.rope_scaling)
+                self.register_buffer("rope_cos", cos, persistent=False)
+                self.register_buffer("rope_sin", sin, persistent=False)
+            self.lm_head = nn.Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         if cfg.tie_weights:
             self.lm_head.weight = self.transformer.wte.weight
-        self.apply(self._init_weights)
-        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
-        # variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if not self.lm_head.weight.is_meta:  # (on the meta device, whoever materialises it initialises it)
+            init_weights(self)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    def init_parameter(self, name: str, value: torch.Tensor) -> None:
+        """GPT-2's initialisation of parameter `name` into `value` (its whole tensor): N(0, 0.02) for every matrix
+        and embedding, the residual projections (c_proj) scaled by 1/sqrt(2 n_layer) so the residual stream's
+        variance does not grow with depth, zero biases, unit norm gains."""
+        owner = self.get_submodule(name.rpartition(".")[0])
+        if name.endswith("bias"):
+            nn.init.zeros_(value)
+        elif isinstance(owner, (nn.LayerNorm, RMSNorm)):
+            nn.init.ones_(value)
+        elif name.endswith("c_proj.weight"):
+            nn.init.normal_(value, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        else:
+            nn.init.normal_(value, mean=0.0, std=0.02)
+
+    def reset_buffers(self) -> None:
+        """The position tables, computed again (after `to_empty`, a meta-built model's buffers hold garbage)."""
+        cfg = self.config
+        if cfg.position == "sinusoidal":
+            self.pe.copy_(sinusoidal_table(cfg.max_seq_len, cfg.n_embd))
+        elif cfg.position == "rope":
+            cos, sin = rope_tables(cfg.max_seq_len, cfg.head_size, cfg.rope_base, cfg.rope_scaling)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> KVCache:

@@ -1,0 +1,198 @@
+"""A model built on the meta device, made real shard by shard: no rank ever holds the whole model.
+
+torchtitan's shape: build on the meta device, parallelise (tensor parallel, compile, FSDP2), then materialise. Here
+each parameter's whole value is made on the CPU one parameter at a time — the backbone's own initialisation, drawn
+from the seed in the order one process draws it (lmkit.backbones.init), or a pretrained model's tensor read from its
+file (`PretrainedTensors`) — and each rank keeps the slice its placement gives it. Beyond its shards a rank holds one
+whole tensor at a time (the embedding, at most).
+
+Reading every tensor on every rank (rather than rank zero reading and broadcasting, torch's
+`set_model_state_dict(..., broadcast_from_rank0=True)`) was chosen because it needs no rank to hold the whole
+state dict and no collective per tensor: the files are memory-mapped, so each rank's reads are page-cache hits after
+the first (measured: bench/README.md, "parallel").
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from lmkit.errors import LmkitError, first_line
+from lmkit.parallel.checkpoint import MODEL_PREFIX, checked_reader, is_sharded_checkpoint, read_sharded_checkpoint
+from lmkit.record import ModelRecord
+
+Fill = Callable[[str, torch.Tensor], None]  # (parameter name, its whole tensor to fill in place)
+
+
+def is_on_meta(module: nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+def shared_parameters(module: nn.Module) -> dict[str, str]:
+    """Each alias of a shared parameter (a tied head) -> the name `named_parameters` lists it under."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def materialize(model: nn.Module, device: torch.device | str, fill: Fill) -> None:
+    """Allocate `model`'s parameters (its shards, when parallelised) on `device` and fill them from `fill`, then
+    rebuild its computed buffers (`model.reset_buffers()`)."""
+    aliases = shared_parameters(model)
+    model.to_empty(device=device)
+    for alias, name in aliases.items():  # plain `to_empty` gives each alias its own tensor (FSDP2's keeps them)
+        owner, _, leaf = alias.rpartition(".")
+        if model.get_parameter(alias) is not model.get_parameter(name):
+            setattr(model.get_submodule(owner), leaf, model.get_parameter(name))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            whole = torch.empty(parameter.shape, dtype=parameter.dtype)  # on the CPU: the draws one process makes
+            fill(name, whole)
+            if isinstance(parameter, DTensor):  # this rank's slice, cut from its own copy (no communication)
+                piece = distribute_tensor(whole.to(parameter.device), parameter.device_mesh, parameter.placements,
+                                          src_data_rank=None)
+                parameter.to_local().copy_(piece.to_local())
+            else:
+                parameter.copy_(whole)
+            del whole
+    model.reset_buffers()
+
+
+def initial_values(model: nn.Module, pretrained: PretrainedTensors | None = None) -> Fill:
+    """What each parameter of `model` starts as: the pretrained model's tensor of that name (a LoRA-wrapped layer's
+    `base.` left out of the name), or else what the nearest module that knows (`init_parameter`) draws for it: the
+    backbone's init, a LoRA adapter's."""
+
+    def fill(name: str, value: torch.Tensor) -> None:
+        stored = name.replace(".base.", ".")
+        if pretrained is not None and stored in pretrained:
+            value.copy_(pretrained[stored])
+            return
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, -1, -1):
+            owner = model.get_submodule(".".join(parts[:cut]))
+            if hasattr(owner, "init_parameter"):
+                owner.init_parameter(".".join(parts[cut:]), value)
+                return
+        raise LookupError(f"no initial value for {name}")
+
+    return fill
+
+
+@dataclass
+class Pretrained:
+    """An `init_from` model described without building it (its tensors: `read_pretrained`)."""
+
+    record: ModelRecord
+    tokenizer: Any
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self.tokenizer is not None
+
+
+class PretrainedTensors:
+    """The backbone tensors of an lmkit model folder, a checkpoint file or a sharded checkpoint folder, by parameter
+    name, each read when asked for: safetensors and checkpoint files are memory-mapped, a sharded folder is read one
+    tensor at a time. A tied alias (a head stored once, as the embedding) reads as the tensor it shares."""
+
+    def __init__(self, path: Path, aliases: dict[str, str]) -> None:
+        self.path, self.aliases = path, aliases
+        if (path / "config.json").is_file():
+            from safetensors import safe_open
+
+            self._file = safe_open(str(path / "model.safetensors"), framework="pt")
+            self._names = set(self._file.keys())
+            self._read = self._file.get_tensor
+            self._shape = lambda name: tuple(self._file.get_slice(name).get_shape())
+        elif is_sharded_checkpoint(path):
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+            self._reader = checked_reader(path)
+            meta = self._reader.read_metadata().state_dict_metadata
+            prefix = MODEL_PREFIX + "backbone."
+            self._shapes = {k.removeprefix(prefix): item for k, item in meta.items()
+                            if k.startswith(prefix) and isinstance(item, TensorStorageMetadata)}
+            self._names = set(self._shapes)
+            self._read = self._read_from_folder
+            self._shape = lambda name: tuple(self._shapes[name].size)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+            self._state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+            self._names = set(self._state)
+            self._read = self._state.__getitem__
+            self._shape = lambda name: tuple(self._state[name].shape)
+
+    def _read_from_folder(self, name: str) -> torch.Tensor:
+        from torch.distributed.checkpoint import load
+
+        item = self._shapes[name]
+        value = torch.empty(item.size, dtype=item.properties.dtype)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            load({"state_dict": {f"backbone.{name}": value}}, storage_reader=self._reader, no_dist=True)
+        return value
+
+    def __contains__(self, name: str) -> bool:
+        return self.aliases.get(name, name) in self._names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        try:
+            return self._read(self.aliases.get(name, name))
+        except Exception as e:
+            raise LmkitError(f"init_from={self.path}: cannot read {name} ({first_line(e)})") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shape(self.aliases.get(name, name))
+
+    def items(self, names: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        return ((name, self[name]) for name in names)
+
+
+def describe_pretrained(path: str | Path) -> tuple[ModelRecord, Any, bool]:
+    """(record, tokenizer or None, whether it holds LoRA adapters alone) of an `init_from` model, read without its
+    weights."""
+    from lmkit.checkpoint import read_checkpoint
+    from lmkit.data.tokenizer import tokenizer_from_json
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        record = ModelRecord.from_file(path / "config.json")
+        if not (path / "model.safetensors").is_file():
+            raise LmkitError(f"init_from={path} has no model.safetensors")
+        tok = path / "tokenizer.json"
+        return record, tokenizer_from_json(tok.read_text(encoding="utf-8")) if tok.is_file() else None, False
+    checkpoint = read_sharded_checkpoint(path, weights=False) if is_sharded_checkpoint(path) else \
+        read_checkpoint(path, weights=False)
+    record = ModelRecord.from_checkpoint(checkpoint, path)
+    tok_json = checkpoint.get("lmkit", {}).get("tokenizer")
+    return record, tokenizer_from_json(tok_json) if tok_json else None, bool(checkpoint.get("lmkit", {}).get("lora_base"))
+
+
+def read_pretrained(path: str | Path, backbone: nn.Module) -> PretrainedTensors:
+    """The tensors of `path` for `backbone` (a meta-device model of the same settings), checked name by name and
+    shape by shape before any rank allocates anything."""
+    tensors = PretrainedTensors(Path(path), shared_parameters(backbone))
+    for name, parameter in backbone.named_parameters():
+        if name not in tensors:
+            raise LmkitError(f"init_from={path} has no tensor {name} for this model")
+        if tensors.shape(name) != tuple(parameter.shape):
+            raise LmkitError(f"init_from={path}: {name} is {list(tensors.shape(name))}, this model's is "
+                             f"{list(parameter.shape)}")
+    return tensors
+
+
+__all__ = ["Pretrained", "PretrainedTensors", "describe_pretrained", "initial_values", "is_on_meta", "materialize",
+           "read_pretrained", "shared_parameters"]
