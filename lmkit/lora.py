@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -77,10 +79,26 @@ class LoRALinear(nn.Module):
         self.parts = dict(parts)
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout)
-        self.lora_a = nn.ParameterDict({p: nn.Parameter(torch.empty(r, self.in_features)) for p in adapted})
-        self.lora_b = nn.ParameterDict({p: nn.Parameter(torch.zeros(parts[p], r)) for p in adapted})
-        for a in self.lora_a.values():  # as nn.Linear initialises its weight (and peft its A)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        ref = next(itertools.chain(base.parameters(), base.buffers()), None)
+        device = ref.device if ref is not None else None  # (the meta device, for a base built there)
+        self.lora_a = nn.ParameterDict({p: nn.Parameter(torch.empty(r, self.in_features, device=device))
+                                        for p in adapted})
+        self.lora_b = nn.ParameterDict({p: nn.Parameter(torch.empty(parts[p], r, device=device)) for p in adapted})
+        with torch.no_grad():
+            for name, parameter in self.named_parameters():
+                if ".lora_" not in f".{name}" or parameter.is_meta:
+                    continue
+                self.init_parameter(name, parameter)
+
+    def init_parameter(self, name: str, value: torch.Tensor) -> None:
+        """An adapter's initial value: A as nn.Linear initialises its weight (and peft its A), B zero, so training
+        starts from the base exactly. (A base's parameters are its model's to initialise.)"""
+        if name.startswith("lora_a."):
+            nn.init.kaiming_uniform_(value, a=math.sqrt(5))
+        elif name.startswith("lora_b."):
+            nn.init.zeros_(value)
+        else:
+            raise LookupError(f"{name} is the base's, not the adapter's")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.dropout(x)
@@ -142,8 +160,13 @@ def parameter_counts(backbone: nn.Module) -> tuple[int, int]:
 
 def fingerprint(backbone: nn.Module) -> str:
     """A short hash of a model's weights: a LoRA checkpoint names its base by path, and checks it by this."""
+    return fingerprint_of(sorted(backbone.state_dict().items()))
+
+
+def fingerprint_of(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """`fingerprint` of (name, tensor) pairs in name order, read one at a time (a base that no rank holds whole)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(backbone.state_dict().items()):
+    for name, tensor in tensors:
         digest.update(name.encode())
         digest.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -233,12 +256,14 @@ def lora_settings(finetune: dict[str, Any], init_from: str | None) -> LoRASettin
     return settings
 
 
-def attach(module: Any, lora: LoRASettings, *, base: str) -> None:
+def attach(module: Any, lora: LoRASettings, *, base: str, base_fingerprint: str | None = None) -> None:
     """Freeze the base loaded into `module` (a LitLanguageModel; quantized first for QLoRA), wrap its projections in
-    trainable adapters, and record the base's path and fingerprint for its checkpoints."""
+    trainable adapters, and record the base's path and fingerprint for its checkpoints (`base_fingerprint`: that
+    of a base still on the meta device, to be read into shards)."""
     from lmkit.inference import InferenceModel
 
-    module.lora_base = {"path": str(Path(base).resolve()), "fingerprint": fingerprint(module.backbone)}
+    module.lora_base = {"path": str(Path(base).resolve()),
+                        "fingerprint": base_fingerprint or fingerprint(module.backbone)}
     if lora.base is not None:
         model = InferenceModel(module.backbone, module.tokenizer, module.record)
         quantize_base(model, lora.base)

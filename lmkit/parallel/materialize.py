@@ -6,14 +6,15 @@ from the seed in the order one process draws it (lmkit.backbones.init), or a pre
 file (`PretrainedTensors`) — and each rank keeps the slice its placement gives it. Beyond its shards a rank holds one
 whole tensor at a time (the embedding, at most).
 
-Reading every tensor on every rank (rather than rank zero reading and broadcasting, torch's
-`set_model_state_dict(..., broadcast_from_rank0=True)`) was chosen because it needs no rank to hold the whole
-state dict and no collective per tensor: the files are memory-mapped, so each rank's reads are page-cache hits after
-the first (measured: bench/README.md, "parallel").
+Every rank reads every tensor itself, rather than rank zero reading and broadcasting (torch's
+`set_model_state_dict(..., broadcast_from_rank0=True)`, which takes the whole state dict on rank zero): no rank holds
+the whole model and no collective runs per tensor; after the first rank, the reads are page-cache hits. Measured:
+bench/README.md, "sharded_init".
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -103,20 +104,54 @@ class Pretrained:
         return self.tokenizer is not None
 
 
+class SafetensorsFile:
+    """A safetensors file read one tensor at a time with plain reads, into memory this process frees once the tensor
+    is copied into its shard. (safetensors' own `safe_open` memory-maps the file, and every page a read touches stays
+    in the process's resident set until the file is closed: by the last tensor, the whole model on every rank. The
+    format is an 8-byte header length, a JSON header of dtypes, shapes and offsets, then the bytes.)"""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                self.header = json.loads(fh.read(size))
+        except (OSError, ValueError) as e:
+            raise LmkitError(f"{path} is not a readable safetensors file ({first_line(e)})") from None
+        self.header.pop("__metadata__", None)
+        self.data_start = 8 + size
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        begin, end = entry["data_offsets"]
+        value = torch.empty(entry["shape"], dtype=self.DTYPES[entry["dtype"]])
+        raw = value.reshape(-1).view(torch.uint8).numpy()
+        if raw.nbytes != end - begin:
+            raise ValueError(f"{name}: {end - begin} bytes stored for {raw.nbytes}")
+        with open(self.path, "rb") as fh:
+            fh.seek(self.data_start + begin)
+            if fh.readinto(memoryview(raw)) != raw.nbytes:
+                raise ValueError(f"{name} is truncated")
+        return value
+
+
 class PretrainedTensors:
     """The backbone tensors of an lmkit model folder, a checkpoint file or a sharded checkpoint folder, by parameter
-    name, each read when asked for: safetensors and checkpoint files are memory-mapped, a sharded folder is read one
-    tensor at a time. A tied alias (a head stored once, as the embedding) reads as the tensor it shares."""
+    name, each read when asked for (a checkpoint file is memory-mapped: its pages stay resident in each rank as it
+    reads them; the other two are read into memory freed tensor by tensor). A tied alias (a head stored once, as
+    the embedding) reads as the tensor it shares."""
 
     def __init__(self, path: Path, aliases: dict[str, str]) -> None:
         self.path, self.aliases = path, aliases
         if (path / "config.json").is_file():
-            from safetensors import safe_open
-
-            self._file = safe_open(str(path / "model.safetensors"), framework="pt")
-            self._names = set(self._file.keys())
-            self._read = self._file.get_tensor
-            self._shape = lambda name: tuple(self._file.get_slice(name).get_shape())
+            self._file = SafetensorsFile(path / "model.safetensors")
+            self._names = set(self._file.header)
+            self._read = self._file.read
+            self._shape = lambda name: tuple(self._file.header[name]["shape"])
         elif is_sharded_checkpoint(path):
             from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
