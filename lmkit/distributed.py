@@ -4,7 +4,7 @@ Lightning starts ranks > 0 by re-running `sys.argv` with `hydra.run.dir=<run dir
 a Hydra multirun (`-m`) that command is the whole sweep again, so every rank-1 child re-runs
 every job into a second `multirun/` folder (Lightning issue 11300). lmkit points the children at
 the one job this process is running instead, and undoes the launcher's environment afterwards so
-the next job of the sweep launches its own ranks.
+the next job of the sweep launches its own ranks. And the ranks it starts die with it, however it dies.
 """
 
 from __future__ import annotations
@@ -21,6 +21,32 @@ from lmkit.errors import LmkitError
 
 # Environment variables that mean "a launcher already started this process as one of several ranks".
 CLUSTER_ENV = ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "LSB_JOBID")
+# The pid of the process whose Lightning launcher started this rank (set by ddp_children_run_this_job); absent
+# under torchrun, SLURM and the like, which start and reap their ranks themselves.
+LAUNCHER_PID = "LMKIT_LAUNCHER_PID"
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_launcher() -> None:
+    """Make a rank that Lightning's launcher started die with that launcher, whatever kills it.
+
+    A launcher killed by SIGKILL (`kill -9`, the OOM killer) tells its ranks nothing: they were re-parented and
+    lived on, once for minutes, blocked in a gloo collective or waiting for a rendezvous that never comes, where no
+    Python signal handler runs. The kernel's parent-death signal does not need one: SIGKILL. Linux only (elsewhere
+    this does nothing): a watchdog thread for macOS, which trains on one device, is not worth its upkeep.
+    """
+    launcher = os.environ.get(LAUNCHER_PID)
+    if launcher is None or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+        return  # (a sandbox that forbids it: the rank runs as it did before)
+    # The signal comes when the *thread* that started this process ends: Lightning starts ranks from rank 0's
+    # main thread, which ends only with rank 0 (fit, validate and test run in it).
+    if os.getppid() != int(launcher):  # it died before prctl, so no signal will come
+        raise SystemExit(f"lmkit: the process that launched this rank (pid {launcher}) has exited")
 
 
 def local_rank() -> int:
@@ -77,6 +103,9 @@ def ddp_children_run_this_job() -> Iterator[None]:
     hydra_cfg = HydraConfig.get()
     saved_argv, saved_env = list(sys.argv), dict(os.environ)
     saved_run_dir = hydra_cfg.run.dir
+    # What the ranks Lightning starts inherit (see die_with_launcher); a rank keeps its launcher's. Removed with the
+    # launcher's other variables below, and set afresh by each job of a sweep.
+    os.environ.setdefault(LAUNCHER_PID, str(os.getpid()))
     with read_write(hydra_cfg.run):
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # what Lightning appends as hydra.run.dir
     # This job's overrides (a sweep's point, not the sweep), and console-only logging for the children

@@ -74,12 +74,17 @@ def test_init_from_under_fsdp_starts_and_ends_where_one_process_does(base, train
 
 
 def test_lora_under_fsdp_trains_sharded_adapters_equal_to_one_process(trained, tmp_path):
-    lora = ["finetune=lora", "finetune.dropout=0", f"init_from={trained['ckpt']}"]
+    lora = ["finetune=lora", "finetune.dropout=0", f"init_from={trained['ckpt']}", "trainer.val_check_interval=2"]
     one = tmp_path / "one"
-    a = train(*lora, run_dir=one, cache_dir=trained["cache"])
+    a = train(*lora, "trainer.max_steps=6", run_dir=one, cache_dir=trained["cache"])
     two = tmp_path / "fsdp"
-    b = train(*FSDP2, *HALF, *lora, run_dir=two, cache_dir=trained["cache"])
-    assert logged(two) == pytest.approx(logged(one), rel=1e-5)
+    train(*FSDP2, *HALF, *lora, run_dir=two, cache_dir=trained["cache"])  # 4 steps, then resumed to 6
+    first = logged(two)
+    (two / "metrics.csv").unlink()  # the resumed run's own steps only
+    b = train(*FSDP2, *HALF, *lora, "trainer.max_steps=6", "resume=true", run_dir=two, cache_dir=trained["cache"])
+    assert first + logged(two) == pytest.approx(logged(one), rel=1e-5)
+    assert len(logged(one)) == 6 and a["last_ckpt"].endswith("last.ckpt")
+    assert read_checkpoint(a["last_ckpt"])["global_step"] == read_checkpoint(b["last_ckpt"])["global_step"] == 6
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
     folder = Path(b["last_ckpt"])
     saved = read_checkpoint(folder)

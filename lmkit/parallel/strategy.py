@@ -123,7 +123,13 @@ class ShardedStrategy(ModelParallelStrategy):
         if not is_sharded_checkpoint(path):
             return self._load_full_file(path)
         reader = checked_reader(path)
-        like = {"state_dict": get_model_state_dict(self.model)}
+        model_state = get_model_state_dict(self.model)
+        adapters_only = getattr(self.lightning_module, "lora_base", None) is not None
+        if adapters_only:  # finetune=lora: the folder holds the adapters; the frozen base stays as init_from loaded it
+            from lmkit.lora import adapter_state
+
+            model_state = adapter_state(model_state)
+        like = {"state_dict": model_state}
         like.update({f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)
                      for i, optimizer in enumerate(self.optimizers)})
         state = storable(like)
@@ -132,7 +138,7 @@ class ShardedStrategy(ModelParallelStrategy):
         except Exception as e:  # a truncated shard, or one for another model shape
             raise LmkitError(f"cannot resume from {path}: {first_line(e)}") from None
         state = restore_layout(state, like)
-        set_model_state_dict(self.model, state["state_dict"])
+        set_model_state_dict(self.model, state["state_dict"], options=StateDictOptions(strict=not adapters_only))
         for i, optimizer in enumerate(self.optimizers):
             set_optimizer_state_dict(self.model, optimizer, optim_state_dict=state[f"optimizer_{i}"],
                                      options=StateDictOptions(cpu_offload=True))
