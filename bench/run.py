@@ -12,6 +12,10 @@
     serve        lmkit serve at 1, 8 and 32 streaming clients: requests/s, tokens/s, p50/p99 first-token and total latency
     parallel     1 process, DDP x2, FSDP x2 and TP x2 on a 25M-parameter Transformer: memory per rank, tokens/s
     finetune     full fine-tuning vs LoRA vs QLoRA: memory, tokens/s, checkpoint bytes, val loss on Python source
+    sharded_init FSDP x2/x4 on a 150M-parameter Transformer, from its own init and from init_from: each rank's
+                 peak RSS while the model is built, meta-device build against the whole-model build before it
+    activation_checkpointing   every block / every second block / no block checkpointed: activation memory, step time
+    orphans      SIGKILL a two-rank run's launcher at random moments (DDP, FSDP): ranks alive 15 s later (target 0)
 
 Each prints its table and writes bench/results/<name>.json. Run on an otherwise idle machine:
 on 2 cores a second busy process halves every number.
@@ -27,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "generate.py",
            "lstm_cpu": "lstm_cpu.py", "scale": "scale.py",
            "compression": "compression.py", "grids": "grids.py", "deploy": "deploy.py", "serve": "serve.py",
-           "parallel": "parallel.py", "finetune": "finetune.py"}
+           "parallel": "parallel.py", "sharded_init": "sharded_init.py", "finetune": "finetune.py",
+           "activation_checkpointing": "activation_checkpointing.py", "orphans": "orphans.py"}
 
 
 def main() -> int:

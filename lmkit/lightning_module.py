@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 
+from lmkit.activation_checkpointing import apply_activation_checkpointing, check_activation_checkpointing
 from lmkit.backbones import build_backbone
 from lmkit.data.tokenizer import Tokenizer, tokenizer_from_json
 from lmkit.record import ModelRecord
+
+if TYPE_CHECKING:
+    from lmkit.parallel.materialize import PretrainedTensors
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int | None, min_lr_ratio: float):
@@ -48,16 +53,25 @@ class LitLanguageModel(L.LightningModule):
 
     def __init__(self, model: dict[str, Any], optim: dict[str, Any], vocab_size: int,
                  data: dict[str, Any] | None = None, compile: bool = False,
-                 tokens: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None) -> None:
+                 tokens: dict[str, Any] | None = None, finetune: dict[str, Any] | None = None,
+                 meta_init: bool = False, activation_checkpointing: int = 0) -> None:
         """`data` records the corpus settings, so `lmkit eval` can find the model's own test split; `tokens`, an
         imported tokenizer's conventions (`lmkit.record.TOKENS`), travel on to the checkpoint and its exports;
         `compile` runs the backbone through torch.compile for training and evaluation (compiled in place when the
-        trainer configures the model: under sharding, block by block)."""
+        trainer configures the model: under sharding, block by block); `meta_init` builds the backbone on the meta
+        device, to be made real shard by shard when the trainer configures it (trainer=fsdp: no rank ever holds the
+        whole model), from its own initialisation or from `self.pretrained`; `activation_checkpointing` K
+        recomputes every K-th block's activations in the backward pass (0: off; lmkit.activation_checkpointing), a
+        training setting like `compile`, kept in the hyper-parameters and never in the model's record."""
         super().__init__()
         if optim.get("name") not in ("adamw", "adamw8bit"):
             raise ValueError(f"optim.name={optim.get('name')!r} is not one of adamw, adamw8bit")
-        self.save_hyperparameters()  # plain values: a checkpoint loads with weights_only=True
-        self.backbone = build_backbone(ModelRecord.from_settings(model, vocab_size).backbone)
+        self.save_hyperparameters(ignore=["meta_init"])  # plain values: a checkpoint loads with weights_only=True
+        with torch.device("meta") if meta_init else nullcontext():
+            self.backbone = build_backbone(ModelRecord.from_settings(model, vocab_size).backbone)
+        check_activation_checkpointing(activation_checkpointing, self.backbone.config)  # (one line if it cannot)
+        # init_from under meta_init (lmkit.parallel.materialize): the tensors the backbone's shards are filled from
+        self.pretrained: PretrainedTensors | None = None
         self.tokenizer: Tokenizer | None = None  # attached by train.run, restored from checkpoints
         # finetune=lora (lmkit.lora): the base the adapters train on, {path, fingerprint}, set by train.run.
         # Checkpoints then hold the adapters alone, and restoring one leaves the base as loaded.
@@ -80,9 +94,27 @@ class LitLanguageModel(L.LightningModule):
 
             if not is_parallelized(self.backbone):
                 param_dtype = getattr(self.trainer.strategy, "param_dtype", None)
-                parallelize(self.backbone, self.device_mesh, param_dtype=param_dtype, compile=self.hparams.compile)
-        elif self.hparams.compile and not getattr(self.backbone, "_compiled_call_impl", None):
-            self.backbone.compile()  # in place: parameter names (and so checkpoints) stay as they are
+                parallelize(self.backbone, self.device_mesh, param_dtype=param_dtype, compile=self.hparams.compile,
+                            activation_checkpointing=self.hparams.get("activation_checkpointing", 0))
+            self._materialize()
+        else:  # one process or DDP: checkpointing, then compile (torchtitan's order)
+            every = self.hparams.get("activation_checkpointing", 0)
+            apply_activation_checkpointing(self.backbone, every)  # (again at the next fit: leaves it as it is)
+            # Compiled in place: parameter names (and so checkpoints) stay as they are. With checkpointing, block by
+            # block: the whole model compiled traces through the blocks' checkpoint hooks, and its backward fails
+            # (torch 2.13: CheckpointError, "recomputed tensors have different metadata")
+            parts = list(self.backbone.transformer.h) if every else [self.backbone]
+            if self.hparams.compile and not getattr(parts[0], "_compiled_call_impl", None):
+                for part in parts:
+                    part.compile()
+
+    def _materialize(self) -> None:
+        """A meta-built backbone's shards, allocated and filled (once: the next fit, validate or test finds them)."""
+        from lmkit.parallel.materialize import initial_values, is_on_meta, materialize
+
+        if is_on_meta(self.backbone):
+            materialize(self.backbone, self.trainer.strategy.root_device, initial_values(self.backbone, self.pretrained))
+            self.pretrained = None  # (its files are closed with it)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone(ids)[0]

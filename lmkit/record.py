@@ -25,7 +25,7 @@ from lmkit.errors import LmkitError
 FORMAT_VERSION = 1  # bump when config.json changes in a way an older lmkit cannot read
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-TRAINING_ONLY = ("compile",)  # model-group keys that say how to train, not what the model is
+TRAINING_ONLY = ("compile", "activation_checkpointing")  # model-group keys that say how to train, not what the model is
 
 
 # What an imported tokenizer brings beyond its vocabulary (Hugging Face keeps these in generation_config.json and

@@ -26,9 +26,10 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from lmkit.backbones.init import rng_untouched
 from lmkit.callbacks import CheckpointOnInterrupt, TextSampler, Throughput, use_atomic_checkpoints
 from lmkit.checkpoint import check_compatible, check_same_base, read_checkpoint
-from lmkit.distributed import check_launch, ddp_children_run_this_job
+from lmkit.distributed import check_launch, ddp_children_run_this_job, die_with_launcher
 from lmkit.conf import CONF_DIR, check_config_dirs, check_sweeper
 from lmkit.data.tokenizer import Tokenizer
 from lmkit.errors import LmkitError, exit_on_user_error
@@ -36,11 +37,13 @@ from lmkit.console import known_warnings, quiet_console
 from lmkit.files import atomic_write_text, check_writable
 from lmkit.inference import InferenceModel
 from lmkit.lightning_module import LitLanguageModel
-from lmkit.lora import attach, lora_settings, merged
+from lmkit.lora import attach, fingerprint_of, lora_settings, merged
+from lmkit.memory_check import check_memory
 from lmkit.parallel.checkpoint import is_sharded_checkpoint
 from lmkit.parallel.parallelize import gather
 from lmkit.parallel.strategy import ShardedStrategy
 from lmkit.plugins import recipe
+from lmkit.record import ModelRecord
 
 log = logging.getLogger("lmkit")
 
@@ -84,13 +87,24 @@ def resume_checkpoint(resume: bool | str | None, output_dir: Path) -> Path | Non
     return Path(str(resume)).expanduser()
 
 
-def _init_from(path: str | None):
-    """The pretrained model named by `init_from` (an lmkit model directory or a checkpoint), or None."""
+def _init_from(path: str | None, *, whole: bool = True):
+    """The pretrained model named by `init_from` (an lmkit model directory or a checkpoint), or None: loaded whole, or
+    (`whole=False`, trainer=fsdp) described, its tensors to be read one at a time into the shards."""
     if not path:
         return None
-    from lmkit.export import load
+    if whole:
+        from lmkit.export import load
 
-    model = load(path)
+        with rng_untouched():  # (building it draws initial weights its file replaces: as if it had not, as under fsdp)
+            model = load(path)
+    else:
+        from lmkit.parallel.materialize import Pretrained, describe_pretrained
+
+        record, tokenizer, adapters_only = describe_pretrained(path)
+        if adapters_only:
+            raise LmkitError(f"init_from={path} holds LoRA adapters alone, which trainer=fsdp does not read into "
+                             "shards: export their merge first (lmkit export model=... out=DIR) and start from DIR")
+        model = Pretrained(record, tokenizer)
     if model.record.compressed:
         raise LmkitError(f"init_from={path} is a compressed model; fine-tune from the checkpoint it was exported from")
     if not model.has_tokenizer:
@@ -104,6 +118,19 @@ def _end_of_text_tokens(tokenizer: Tokenizer) -> dict[str, Any] | None:
     tokenizer has it (lmkit.data.tokenizer), so generation and `lmkit serve` stop there."""
     eot = tokenizer.end_of_text_id
     return None if eot is None else {"eos_token_ids": [eot]}
+
+
+def _is_sharded(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer config names lmkit's sharded strategy (trainer=fsdp), read before anything is built: its
+    model is built on the meta device."""
+    from hydra.utils import get_class
+
+    strategy = trainer_cfg.get("strategy")
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
+    try:
+        return bool(target) and issubclass(get_class(target), ShardedStrategy)
+    except Exception:  # (a target that does not import fails with its own line when the trainer is built)
+        return False
 
 
 def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -121,7 +148,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     model_cfg, tokenizer_spec = _container(cfg.model), _container(cfg.tokenizer)
     compile_model = bool(model_cfg.pop("compile", False))
-    init = _init_from(cfg.get("init_from"))
+    checkpoint_every = model_cfg.pop("activation_checkpointing", 0)  # (like compile: how to train, not the model)
+    sharded = _is_sharded(cfg.trainer)  # then no rank builds the whole model: it is built on the meta device
+    init = _init_from(cfg.get("init_from"), whole=not sharded)
     finetune = _container(cfg.get("finetune")) or {"kind": "full"}
     lora = lora_settings(finetune, init_from=cfg.get("init_from"))
     if init is not None:  # fine-tuning: the pretrained model brings its shape and its tokenizer
@@ -131,22 +160,40 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = build(data_cfg, tokenizer=tokenizer_spec, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
                        _convert_="all")
     tokenizer = datamodule.tokenizer
+    rng = torch.get_rng_state()
     try:
+        parameters = ModelRecord.from_settings(model_cfg, tokenizer.vocab_size).backbone.num_parameters()
+        check_memory(parameters, cfg.trainer, sharded=sharded, frozen=lora is not None)  # before anything is built
         module = LitLanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
-                                  data=data_cfg, compile=compile_model,
+                                  data=data_cfg, compile=compile_model, activation_checkpointing=checkpoint_every,
                                   tokens=init.record.tokens if init else _end_of_text_tokens(tokenizer),
-                                  finetune=finetune)
+                                  finetune=finetune, meta_init=sharded)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise LmkitError(f"model: {e}") from None
     module.tokenizer = tokenizer
     for plugin in plugins:  # a recipe this model cannot take fails now, not after training
         plugin.check_model(InferenceModel(module.backbone, tokenizer, module.record))
-    if init is not None:
+    base_fingerprint = None
+    if init is not None and sharded:  # read into the shards when the trainer configures the model
+        from lmkit.parallel.materialize import read_pretrained
+
+        module.pretrained = read_pretrained(cfg.init_from, module.backbone)
+        if lora is not None:
+            base_fingerprint = fingerprint_of(module.pretrained.items(sorted(module.backbone.state_dict())))
+        log.info("Initialising from %s, shard by shard", cfg.init_from)
+    elif init is not None:
         module.backbone.load_state_dict(init.backbone.state_dict())  # same config, so the same shapes
+        # The random weights just drawn are replaced: the run's random stream goes on as if they had never been
+        # drawn, as under trainer=fsdp, which never draws them (the same LoRA adapters and dropout either way).
+        torch.set_rng_state(rng)
         log.info("Initialised from %s", cfg.init_from)
-        del init  # its weights are copied: a second model held for the whole run is memory a fine-tune needs
+    del init  # its weights are copied: a second model held for the whole run is memory a fine-tune needs
     if lora is not None:
-        attach(module, lora, base=cfg.init_from)
+        if sharded and lora.base is not None:
+            raise LmkitError(f"finetune.base={lora.base} (QLoRA) under trainer=fsdp: a quantized base's packed weights "
+                             "are not tensors FSDP2 can shard; use finetune.base=null (LoRA on the float base, "
+                             "sharded) or trainer=ddp")
+        attach(module, lora, base=cfg.init_from, base_fingerprint=base_fingerprint)
     context = module.backbone.max_seq_len
     if context is not None and datamodule.seq_len > context:
         raise LmkitError(f"data.seq_len={datamodule.seq_len} exceeds the model's context model.max_seq_len={context}")
@@ -166,16 +213,26 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if isinstance(trainer.strategy, FSDPStrategy):
         raise LmkitError("trainer.strategy=fsdp is Lightning's FSDP1, which lmkit does not run: use trainer=fsdp "
                          "(FSDP2 through ModelParallelStrategy)")
-    sharded = isinstance(trainer.strategy, ShardedStrategy)
+    if sharded != isinstance(trainer.strategy, ShardedStrategy):  # (a strategy given otherwise than by _target_)
+        raise LmkitError(f"trainer.strategy={type(trainer.strategy).__name__}: name lmkit's sharded strategy as "
+                         "trainer=fsdp does (_target_: lmkit.parallel.strategy.ShardedStrategy)")
     if sharded:  # what cannot be split is refused here, once, before any process starts
         trainer.strategy.check(module.record.backbone, trainer.num_devices * trainer.num_nodes)
-        if lora is not None:
-            raise LmkitError("finetune=lora under trainer=fsdp is not supported yet: use trainer=ddp (the frozen base "
-                             "is replicated, and only the adapters' gradients are reduced)")
+        if lora is not None and trainer.strategy.tensor_parallel_size > 1:
+            raise LmkitError(f"finetune=lora with trainer.strategy.tensor_parallel_size="
+                             f"{trainer.strategy.tensor_parallel_size}: adapters are not split over tensor-parallel "
+                             "ranks yet; use tensor_parallel_size=1 (FSDP alone shards base and adapters)")
         if during_training:  # (their masks are computed over whole tensors, which no rank holds)
             name = next(iter(during_training))
             raise LmkitError(f"compression.{name} works during training, which trainer=fsdp does not support: "
                              f"set compression.{name}.during_training=false (after training), or use trainer=ddp")
+
+    replicas = trainer.num_devices * trainer.num_nodes // (trainer.strategy.tensor_parallel_size if sharded else 1)
+    for split in ("val", "test"):  # (an evaluation shards its windows over the data-parallel ranks)
+        windows = getattr(datamodule, f"{split}_windows", None)
+        if windows and windows < replicas:
+            raise LmkitError(f"data.{split}_windows={windows} is fewer than the {replicas} data-parallel ranks, each of "
+                             f"which evaluates its own windows: set data.{split}_windows={replicas} or more")
 
     ckpt_path = resume_checkpoint(cfg.get("resume"), output_dir)
     if ckpt_path is not None:
@@ -201,7 +258,7 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         to_sample = sampler is not None and module.tokenizer is not None and sampler.step != trainer.global_step
         backbone = module.backbone
         if sharded and (plugins or to_sample):  # (while the ranks are still connected)
-            backbone = gather(module.backbone)  # every rank sends its shards; rank zero gets the whole model
+            backbone = gather(module.backbone, lora=lora)  # every rank sends its shards; rank zero gets the whole model
 
     throughput = next((c for c in callbacks if isinstance(c, Throughput)), None)
     checkpoint = trainer.checkpoint_callback
@@ -251,6 +308,7 @@ def _compress(module: LitLanguageModel, backbone: torch.nn.Module, compression: 
 
 def main() -> None:
     """The entry point of `python train.py` and `lmkit train`."""
+    die_with_launcher()  # first: armed before Hydra's seconds of start-up, which a rank of a dead launcher skips
     with exit_on_user_error():
         check_sweeper(sys.argv[1:])
         check_config_dirs(sys.argv[1:])

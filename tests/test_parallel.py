@@ -284,6 +284,9 @@ CANNOT_SPLIT = [
     ([*COMMON, "model.n_head=4", "trainer.strategy.tensor_parallel_size=4"], "does not divide the 2 processes"),
     (["model=llama", *TINY_TRANSFORMER, "model.n_kv_head=1", "trainer.strategy.tensor_parallel_size=2"],
      "grouped-query attention (model.n_kv_head=1, model.n_head=2) is not split yet"),
+    ([*COMMON, "data.val_windows=1"], "data.val_windows=1 is fewer than the 2 data-parallel ranks"),
+    ([*COMMON, "model.n_layer=64", "model.n_embd=4096", "model.n_head=32"],  # 12.9B parameters: 206 GB of state
+     "GiB for its weights, gradients and AdamW state (12,"),
 ]
 CANNOT_RESUME = [  # a sharded folder (the fsdp fixture's last.ckpt) resumed without fsdp, or by another model
     ([], "is a sharded checkpoint folder: resume it with trainer=fsdp"),

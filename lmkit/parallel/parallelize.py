@@ -1,7 +1,9 @@
-"""Apply tensor parallelism, compilation and FSDP2 to a plain lmkit backbone, in torchtitan's order.
+"""Apply tensor parallelism, activation checkpointing, compilation and FSDP2 to a plain lmkit backbone, in
+torchtitan's order.
 
 One function per backbone: the Transformer splits attention and MLP column-/row-wise over the
-"tensor_parallel" mesh dimension (each rank holds whole heads), compiles each block in place, then shards
+"tensor_parallel" mesh dimension (each rank holds whole heads), checkpoints every K-th block
+(`model.activation_checkpointing`), compiles each block in place, then shards
 each block and the root over "data_parallel"; a recurrent backbone is one FSDP unit. The model code is not
 touched: parallelism is this file.
 """
@@ -16,7 +18,9 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.placement_types import _StridedShard
 
+from lmkit.activation_checkpointing import apply_activation_checkpointing
 from lmkit.backbones import LSTM, BackboneConfig, Transformer, build_backbone
+from lmkit.lora import LoRASettings, adapt
 
 DATA, TENSOR = "data_parallel", "tensor_parallel"  # Lightning's mesh dimension names
 
@@ -70,16 +74,18 @@ def check_tensor_parallel(backbone_config: BackboneConfig, tensor_parallel_size:
 
 
 def parallelize(backbone: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None,
-                compile: bool = False) -> None:
+                compile: bool = False, activation_checkpointing: int = 0) -> None:
     """Make `backbone` a sharded (and, with a tensor-parallel size above one, tensor-parallel) model, in place.
 
     `param_dtype` bf16 is FSDP2's mixed precision: bf16 compute and all-gathers, fp32 master weights and fp32
     gradient reduction. `compile` compiles each block (or the recurrent model) in place, so parameter names,
-    and so checkpoints, stay as they are."""
+    and so checkpoints, stay as they are. `activation_checkpointing` K checkpoints every K-th block (0: none;
+    lmkit.activation_checkpointing), before compile and sharding, and leaves names as they are too."""
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     if isinstance(backbone, Transformer):
-        parallelize_transformer(backbone, mesh, policy, compile)
+        parallelize_transformer(backbone, mesh, policy, compile, activation_checkpointing)
     elif isinstance(backbone, LSTM):
+        apply_activation_checkpointing(backbone, activation_checkpointing)  # (above 0: refused, it has no blocks)
         parallelize_recurrent(backbone, mesh, policy, compile)
     else:
         raise TypeError(f"no parallelize function for {type(backbone).__name__}")
@@ -87,9 +93,9 @@ def parallelize(backbone: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dty
 
 
 def parallelize_transformer(model: Transformer, mesh: DeviceMesh, policy: MixedPrecisionPolicy,
-                            compile: bool) -> None:
-    """Tensor parallel inside each block (over "tensor_parallel"), compile each block, then FSDP2 per block and
-    the root (over "data_parallel")."""
+                            compile: bool, activation_checkpointing: int = 0) -> None:
+    """Tensor parallel inside each block (over "tensor_parallel"), checkpoint every `activation_checkpointing`-th
+    block, compile each block, then FSDP2 per block and the root (over "data_parallel")."""
     tp = mesh[TENSOR]
     for block in model.transformer.h:
         if tp.size() > 1:
@@ -101,14 +107,19 @@ def parallelize_transformer(model: Transformer, mesh: DeviceMesh, policy: MixedP
             parallelize_module(block, tp, {"attn.c_attn": FusedQKVParallel(), "attn.c_proj": RowwiseParallel(),
                                            **up, "mlp.c_proj": RowwiseParallel()})
             block.attn.n_head //= tp.size()  # the heads this rank computes
-        if compile:
+    # A hook on the block: its recomputation runs the block's tensor-parallel layers and, once compiled, its
+    # compiled code again; FSDP2 gathers its weights again for it.
+    apply_activation_checkpointing(model, activation_checkpointing)
+    if compile:
+        for block in model.transformer.h:
             block.compile()
     dp = mesh[DATA]
     for block in model.transformer.h:
         # FSDP shards the fused q/k/v matrix by columns: its rows already carry the strided tensor-parallel split
-        qkv = block.attn.c_attn.weight
+        # (a LoRA-wrapped projection is never split by tensor parallel: train.run refuses that)
+        qkv = block.attn.c_attn.weight if tp.size() > 1 else None
         fully_shard(block, mesh=dp, mp_policy=policy,
-                    shard_placement_fn=lambda p, qkv=qkv: Shard(1) if p is qkv and tp.size() > 1 else None)
+                    shard_placement_fn=lambda p, qkv=qkv: Shard(1) if p is qkv else None)
     fully_shard(model, mesh=dp, mp_policy=policy)
 
 
@@ -119,14 +130,17 @@ def parallelize_recurrent(model: LSTM, mesh: DeviceMesh, policy: MixedPrecisionP
     fully_shard(model, mesh=mesh[DATA], mp_policy=policy)
 
 
-def gather(backbone: nn.Module) -> nn.Module | None:
+def gather(backbone: nn.Module, lora: LoRASettings | None = None) -> nn.Module | None:
     """The whole of a parallelized `backbone` as a plain one on rank zero's CPU (None on the other ranks), in
-    today's layout: what compression and the final sample run on. Every rank must call it."""
+    today's layout (with `lora`'s adapters, when it has them): what compression and the final sample run on. Every
+    rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(backbone, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if torch.distributed.get_rank() != 0:
         return None
     plain = build_backbone(backbone.config)
+    if lora is not None:
+        adapt(plain, lora)
     plain.load_state_dict(state)
     return plain.train(backbone.training)
