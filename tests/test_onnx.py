@@ -163,13 +163,20 @@ def test_onnxruntime_quantizers_write_integer_kernels_that_decode_alike(exports,
     dense, quantized = lmkit.load(dense_path)(ids), lmkit.load(path)(ids)
     # rounding moves the logits, mostly not the model's choices; 4 bits of a random 32-wide model move more
     # (the trained default models' perplexity through each runtime is in bench/deploy.py)
-    # (SwiGLU multiplies two quantized matmuls, so the Llama block rounds more: 7% at int8, 50-57% agreement at int4
-    # over two draws of its random weights, whose logits are nearly flat: the error bound is the firmer check)
     swiglu = getattr(cfg, "mlp", None) == "swiglu"
-    agree, error = ((0.9, 0.1 if swiglu else 0.05) if method == "int8" else
-                    (0.4 if swiglu else 0.6, 0.5))  # unrelated logits: error about 1.4, agreement about 1/vocab
-    assert (dense.argmax(-1) == quantized.argmax(-1)).float().mean() > agree
-    assert 0 < (dense - quantized).norm() < error * dense.norm()
+    error = (dense - quantized).norm() / dense.norm()
+    if method == "int8":
+        assert (dense.argmax(-1) == quantized.argmax(-1)).float().mean() > 0.9
+        assert 0 < error < (0.1 if swiglu else 0.05)  # (SwiGLU multiplies two quantized matmuls: 7% measured)
+        return
+    # 4 bits: onnxruntime's rounding costs what round-to-nearest on the same grid costs lmkit (every matrix, the head
+    # included, at 4 bits; blocks of 16, as the 48-wide MLP output needs). Measured: rope 0.400 and 0.400, llama
+    # 0.556 and 0.528; unrelated logits would be about 1.4. The argmax agreement of these near-flat random logits is
+    # a coin flip for the Llama block (50-57% over draws): the error is the firmer check.
+    with torch.no_grad():
+        nearest = on_grid(name, "int4", "sym", head_bits=4, blocksize=16)(ids)
+    assert 0 < error < 1.25 * (dense - nearest).norm() / dense.norm()
+    assert (dense.argmax(-1) == quantized.argmax(-1)).float().mean() > (0.4 if swiglu else 0.6)
 
 
 def test_refusals_are_one_line(exports, tmp_path):
