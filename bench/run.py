@@ -15,7 +15,13 @@
     sharded_init FSDP x2/x4 on a 150M-parameter Transformer, from its own init and from init_from: each rank's
                  peak RSS while the model is built, meta-device build against the whole-model build before it
     activation_checkpointing   every block / every second block / no block checkpointed: activation memory, step time
+    chat         data=chat: packed rows (no attention across conversations) vs padded batches: tokens/s, padding
+    instruct     exact-answer tasks (successor numbers, repeat a word): base, SFT full/LoRA/QLoRA, SFT + DPO on held-out
+                 prompts (greedy exact match, preference accuracy)
+    dpo          finetune.objective=dpo: the reference's log-probabilities precomputed once against computed live
     orphans      SIGKILL a two-rank run's launcher at random moments (DDP, FSDP): ranks alive 15 s later (target 0)
+    gpu          only when named (it needs a GPU): bench/gpu.py, every CUDA path's tests and the GPU speed table in at
+                 most 8 minutes; logs in outputs/gpu/, the figures in bench/results/gpu.json (bench/README.md, gpu)
 
 Each prints its table and writes bench/results/<name>.json. Run on an otherwise idle machine:
 on 2 cores a second busy process halves every number.
@@ -32,11 +38,13 @@ BENCHES = {"throughput": "throughput.py", "quality": "quality.py", "generate": "
            "lstm_cpu": "lstm_cpu.py", "scale": "scale.py",
            "compression": "compression.py", "grids": "grids.py", "deploy": "deploy.py", "serve": "serve.py",
            "parallel": "parallel.py", "sharded_init": "sharded_init.py", "finetune": "finetune.py",
-           "activation_checkpointing": "activation_checkpointing.py", "orphans": "orphans.py"}
+           "activation_checkpointing": "activation_checkpointing.py", "orphans": "orphans.py", "gpu": "gpu.py",
+           "chat": "chat.py", "instruct": "instruct.py", "dpo": "dpo.py"}
+ONLY_WHEN_NAMED = ("gpu",)
 
 
 def main() -> int:
-    names = sys.argv[1:] or list(BENCHES)
+    names = sys.argv[1:] or [n for n in BENCHES if n not in ONLY_WHEN_NAMED]
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         print(f"error: unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHES)}", file=sys.stderr)
@@ -44,6 +52,8 @@ def main() -> int:
     for name in names:
         print(f"== {name}", flush=True)
         out = HERE / "results" / f"{name}.json"
+        if name == "gpu":  # --out is its folder of logs; it writes bench/results/gpu.json itself
+            out = HERE.parent / "outputs" / "gpu"
         subprocess.run([sys.executable, str(HERE / BENCHES[name]), "--out", str(out)], check=True)
     return 0
 

@@ -54,8 +54,11 @@ def nanogpt_tokens_per_s(overrides: list[str], steps: int, bias: str) -> float:
     return json.loads(out.strip().splitlines()[-1])["tokens_per_s"]
 
 
-def raw_loop(overrides: list[str], steps: int, device: str) -> None:
-    """The hand-written loop: what a person writes without a framework."""
+def raw_loop(overrides: list[str], steps: int, device: str, timed_from: int = 0, compile: bool = False,
+             out: Path | None = None) -> None:
+    """The hand-written loop: what a person writes without a framework. Timed from step `timed_from` (bench/gpu.py: a
+    steady-state window, the device synchronised at both ends) to the last; `compile` compiles the backbone in place,
+    as `model.compile=true` does; `out` also gets the printed JSON line."""
     import torch
     import torch.nn.functional as F
     from hydra import compose, initialize_config_dir
@@ -69,6 +72,8 @@ def raw_loop(overrides: list[str], steps: int, device: str) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "paths.output_dir=unused"])
     torch.manual_seed(cfg.seed)
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")  # as lmkit.train.run does on a GPU
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data.pop("_target_")
     datamodule = LMDataModule(**data, tokenizer=OmegaConf.to_container(cfg.tokenizer), cache_dir=cfg.paths.cache_dir,
@@ -76,18 +81,23 @@ def raw_loop(overrides: list[str], steps: int, device: str) -> None:
     datamodule.prepare_data()
     record = ModelRecord.from_settings(OmegaConf.to_container(cfg.model, resolve=True), datamodule.tokenizer.vocab_size)
     model = build_backbone(record.backbone).to(device)
+    if compile:
+        model.compile()  # in place, as LitLanguageModel.configure_model does
     o = cfg.optim
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": o.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)  # as lmkit
-    batches = iter(TrainBatches(datamodule.cache.split("train"), datamodule.seq_len, datamodule.batch_size, cfg.seed))
+    batches = iter(TrainBatches(datamodule.cache.split("train"), datamodule.seq_len, datamodule.batch_size, cfg.seed,
+                                pin_memory=device == "cuda"))  # as LMDataModule pins them for a GPU
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     tokens, started = 0, None
     for step in range(steps):
         inputs, targets = (t.to(device, non_blocking=True) for t in next(batches))
-        if started is None:
-            started = time.perf_counter()
+        if step == timed_from:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started, tokens = time.perf_counter(), 0
         warm = min(1.0, (step + 1) / o.warmup_steps)
         cos = o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
@@ -102,7 +112,17 @@ def raw_loop(overrides: list[str], steps: int, device: str) -> None:
         tokens += inputs.numel()
     if device == "cuda":
         torch.cuda.synchronize()
-    print(json.dumps({"tokens_per_s": tokens / (time.perf_counter() - started), "loss": loss.item()}))
+    seconds = time.perf_counter() - started
+    result = {"tokens_per_s": tokens / seconds, "loss": loss.item()}
+    if out is not None:  # (bench/gpu.py's figures)
+        from bench.gpu_probe import device_name, flops_per_token, peak_memory_gib, write_json
+
+        write_json(out, {**result, "side": "raw", "device": device_name(), "steps": steps - timed_from,
+                         "from_step": timed_from, "seconds": round(seconds, 4), "tokens": tokens,
+                         "peak_gib": peak_memory_gib(),
+                         "flops_per_token": flops_per_token(model, datamodule.seq_len),
+                         "precision": "bf16-mixed" if device == "cuda" else "32-true", "compiled": compile})
+    print(json.dumps(result))
 
 
 def main() -> None:
@@ -112,9 +132,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--raw", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--warm", type=int, default=0, help=argparse.SUPPRESS)  # (--raw: bench/gpu.py's window)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args, overrides = parser.parse_known_args()
     if args.raw:
-        return raw_loop(overrides, args.steps, args.device)
+        return raw_loop(overrides, args.steps, args.device, timed_from=args.warm, compile=args.compile, out=args.json)
     import torch
 
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

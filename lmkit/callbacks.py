@@ -104,7 +104,8 @@ class Throughput(L.Callback):
             self._since = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        self.tokens += batch[0].numel() * data_parallel(trainer)[1]
+        # (a chat batch counts the tokens that are not padding: lmkit.data.chat_datamodule.ChatBatch.tokens)
+        self.tokens += getattr(batch, "tokens", batch[0].numel()) * data_parallel(trainer)[1]
         if logging_step(trainer):
             module.log("tokens_per_s", self.tokens_per_s, prog_bar=True)
 

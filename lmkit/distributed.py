@@ -68,6 +68,9 @@ def data_parallel(trainer: Any) -> tuple[int, int]:
 def check_launch(trainer_cfg: Any) -> None:
     """Refuse launch settings that would otherwise fail deep inside Lightning or wait forever."""
     accelerator, devices = str(trainer_cfg.get("accelerator")), trainer_cfg.get("devices")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise LmkitError(f"trainer.accelerator={accelerator} (trainer=gpu): this machine has no CUDA GPU (torch "
+                         f"{torch.__version__}); use trainer=cpu, or trainer=ddp trainer.accelerator=cpu")
     if accelerator == "gpu" and isinstance(devices, int) and devices > torch.cuda.device_count():
         raise LmkitError(f"trainer.devices={devices} but this machine has {torch.cuda.device_count()} GPU(s)")
     nodes = int(trainer_cfg.get("num_nodes") or 1)

@@ -31,15 +31,24 @@ def own_datamodule(model: InferenceModel, cache_dir: str, data: dict[str, Any] |
     if not data:
         raise LmkitError("the model records no training corpus: name one, e.g. data=text data.path=FILE")
     source = data.get("source")
-    if source not in ("shakespeare", "text"):
-        raise LmkitError(f"data.source={source!r} is not one of shakespeare, text")
+    if source not in ("shakespeare", "text", "chat", "preference"):
+        raise LmkitError(f"data.source={source!r} is not one of shakespeare, text, chat, preference")
+    extra: dict[str, Any] = {}
+    if source == "chat":  # conversations rendered with the model's chat template (the one it learned)
+        from lmkit.data.chat_datamodule import ChatDataModule as LMDataModule
+
+        extra["model_tokens"] = model.record.tokens
+    elif source == "preference":  # preference pairs, whose splits read as their prompt + chosen conversations
+        from lmkit.data.preference import PreferenceDataModule as LMDataModule
+
+        extra["model_tokens"] = model.record.tokens
     parameters = inspect.signature(LMDataModule).parameters
-    known = set(parameters) - {"tokenizer", "cache_dir", "seed"}
+    known = set(parameters) - {"tokenizer", "cache_dir", "seed", "model_tokens"}
     if any(parameters[k].default is inspect.Parameter.empty for k in known - data.keys()):
         data = {**group_option("data", source), **data}  # a partial record (lmkit writes whole ones)
     settings = {k: v for k, v in data.items() if k in known}
     return LMDataModule(**settings, tokenizer={"kind": "json", "json": model.tokenizer.to_json()},
-                        cache_dir=cache_dir, seed=seed)
+                        cache_dir=cache_dir, seed=seed, **extra)
 
 
 @torch.no_grad()

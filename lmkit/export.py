@@ -29,7 +29,7 @@ from lmkit.errors import LmkitError, first_line
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
 from lmkit.plugins import plugin_class
-from lmkit.lora import LoRASettings, adapt, fingerprint, merged, quantize_base
+from lmkit.lora import LoRASettings, adapt, fingerprint, fingerprint_of, merged, quantized_base, trained_names
 from lmkit.record import ModelRecord, dtype_name, parse_dtype
 from lmkit.tensors import count_parameters, load_tensors, unique_tensors
 
@@ -43,6 +43,7 @@ def load(path: str | Path, device: str | torch.device | None = None,
     """Load an lmkit artifact directory, an ONNX export (run by onnxruntime) or a Lightning checkpoint as an
     `InferenceModel` in eval mode."""
     path = Path(path)
+    check_device(device)
     if is_artifact(path) and (onnx := _onnx_runtime()).is_onnx_export(path):
         if dtype is not None:
             raise LmkitError(f"dtype={dtype}: {path} is an ONNX export and keeps the dtypes it was exported with")
@@ -59,10 +60,27 @@ def load(path: str | Path, device: str | torch.device | None = None,
     if compression and dtype is not None:
         raise LmkitError(f"dtype={dtype_name(dtype)}: {path} is compressed ({'+'.join(compression)}) and keeps "
                          "the dtypes its plugins chose")
-    if compression and device is not None and torch.device(device).type != "cpu":
-        raise LmkitError(f"device={device}: compressed artifacts ({'+'.join(compression)}) load on the CPU here "
-                         "(dynamic_int8 is CPU-only; int8 on a GPU is untested)")
+    cpu_only = [name for name in compression if name in CPU_ONLY]
+    if cpu_only and device is not None and torch.device(device).type != "cpu":
+        raise LmkitError(f"device={device}: {'+'.join(cpu_only)} runs torch's CPU kernels only: load {path} on the CPU")
     return model.to(device=device, dtype=dtype).eval() if dtype else model.to(device=device).eval()
+
+
+def check_device(device: str | torch.device | None) -> None:
+    """Refuse, in one line, a device this machine does not have (torch's own error is a traceback)."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise LmkitError(f"device={device} is not a device torch knows (cpu, cuda, cuda:N, ...)") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise LmkitError(f"device={device}: this machine has no CUDA GPU (torch {torch.__version__}); use device=cpu")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise LmkitError(f"device={device}: this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+CPU_ONLY = ("dynamic_int8",)  # plugins whose layers run a CPU-only kernel (torch._weight_int8pack_mm)
 
 
 def _onnx_runtime():
@@ -118,26 +136,39 @@ def _load_checkpoint(path: Path) -> InferenceModel:
 
 def _adapted_backbone(checkpoint: dict, path: Path) -> torch.nn.Module:
     """The backbone a LoRA checkpoint trained: the base it names, checked against its fingerprint, quantized as in
-    training (QLoRA), with the checkpoint's adapters."""
+    training (QLoRA: part by part as it is read, never whole in float), with the checkpoint's adapters and trained
+    embedding rows."""
     base = checkpoint["lmkit"]["lora_base"]
     settings = LoRASettings.from_config(checkpoint["hyper_parameters"]["finetune"])
     if not Path(base["path"]).exists():
         raise LmkitError(f"{path} holds LoRA adapters for the base model {base['path']}, which is missing: "
                          "put that model back there")
-    model = load(base["path"])
-    if fingerprint(model.backbone) != base["fingerprint"]:
-        raise LmkitError(f"{path} holds LoRA adapters for the base model at {base['path']}, but the model there now "
-                         f"has other weights (fingerprint {fingerprint(model.backbone)}, recorded {base['fingerprint']})")
     if settings.base is not None:
-        quantize_base(model, settings.base)
-    adapt(model.backbone, settings)
+        from lmkit.parallel.materialize import describe_pretrained, read_pretrained
+
+        record, _, _ = describe_pretrained(base["path"])
+        with torch.device("meta"):
+            backbone = build_backbone(record.backbone)
+        tensors = read_pretrained(base["path"], backbone)
+        found = fingerprint_of(tensors.items(sorted(backbone.state_dict())))
+    else:
+        backbone = load(base["path"]).backbone
+        found = fingerprint(backbone)
+    if found != base["fingerprint"]:
+        raise LmkitError(f"{path} holds LoRA adapters for the base model at {base['path']}, but the model there now "
+                         f"has other weights (fingerprint {found}, recorded {base['fingerprint']})")
+    if settings.base is not None:
+        backbone = quantized_base(backbone, settings.base, float_embedding=settings.train_embeddings,
+                                  pretrained=tensors)
+    tok_json = checkpoint["lmkit"].get("tokenizer")
+    adapt(backbone, settings, tokenizer_from_json(tok_json) if tok_json else None)
     state = {k.removeprefix("backbone."): v for k, v in checkpoint["state_dict"].items()}
-    result = model.backbone.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if ".lora_" in k]
+    result = backbone.load_state_dict(state, strict=False)
+    missing = sorted(trained_names(backbone) - set(state))
     if missing or result.unexpected_keys:
         raise LmkitError(f"{path}: its adapters do not fit finetune settings {settings} "
                          f"(e.g. {(missing or result.unexpected_keys)[0]})")
-    return model.backbone
+    return backbone
 
 
 def save(model: InferenceModel, out: str | Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False,

@@ -42,12 +42,15 @@ class DistillingModel(LitLanguageModel):
     def on_fit_start(self) -> None:
         self._teacher[0].backbone.to(self.device).eval()
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        inputs, targets = batch
+    def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inputs, targets = batch[0], batch[1]
+        documents = batch[2] if len(batch) > 2 else None  # a chat batch's packed rows (LitLanguageModel._loss)
+        apart = {"documents": documents} if documents is not None and self.backbone.config.kind == "transformer" \
+            else {}
         teacher = self._teacher[0]
-        logits, _ = self.backbone(inputs)
+        logits, _ = self.backbone(inputs, **apart)
         with torch.no_grad():
-            teacher_logits, _ = teacher.backbone(inputs)
+            teacher_logits, _ = teacher.backbone(inputs, **apart)
         data = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return (1 - teacher.weight) * data + teacher.weight * distillation_loss(logits, teacher_logits,
                                                                                 teacher.temperature)

@@ -119,10 +119,23 @@ class LitLanguageModel(L.LightningModule):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.backbone(ids)[0]
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        inputs, targets = batch
-        logits, _ = self.backbone(inputs)
+    def _loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Mean cross-entropy over the targets; a target of -100 (F.cross_entropy's ignore_index) is not learned: a
+        chat batch's prompts and padding (lmkit.data.chat_datamodule.ChatBatch, whose packed rows also say which
+        conversation each position belongs to, so that none attends across to another)."""
+        inputs, targets = batch[0], batch[1]
+        documents = batch[2] if len(batch) > 2 else None
+        if documents is not None and self.backbone.config.kind == "transformer":
+            logits, _ = self.backbone(inputs, documents=documents)
+        else:  # (an LSTM reads a packed row's conversations one after another, as it reads text)
+            logits, _ = self.backbone(inputs)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    @staticmethod
+    def _weight(batch: tuple[torch.Tensor, ...]) -> int | torch.Tensor:
+        """How many targets a batch's mean loss is over: all of a text batch's; a chat batch's learned ones (a
+        tensor, so no host sync), so that perplexity stays the token-weighted mean over learned tokens."""
+        return batch[1].numel() if len(batch) == 2 else (batch[1] != -100).sum()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -134,10 +147,10 @@ class LitLanguageModel(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.val_nll.update(self._loss(batch), weight=batch[1].numel())
+        self.val_nll.update(self._loss(batch), weight=self._weight(batch))
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        self.test_nll.update(self._loss(batch), weight=batch[1].numel())
+        self.test_nll.update(self._loss(batch), weight=self._weight(batch))
 
     def _log_eval(self, stage: str, metric: MeanMetric) -> None:
         nll = metric.compute()  # synced across ranks by torchmetrics
@@ -197,7 +210,7 @@ class LitLanguageModel(L.LightningModule):
         if self.lora_base is not None:
             from lmkit.lora import adapter_state
 
-            checkpoint["state_dict"] = adapter_state(checkpoint["state_dict"])
+            checkpoint["state_dict"] = adapter_state(checkpoint["state_dict"], self.backbone)  # what trains
             checkpoint["lmkit"]["lora_base"] = self.lora_base
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

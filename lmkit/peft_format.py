@@ -15,6 +15,12 @@ How lmkit's adapters become PEFT's, exactly (PEFT computes `base(x) + lora_alpha
   that the base weight is stored transposed.
 - A head adapter on a tied head: PEFT adds it to lm_head's output only, as lmkit does, so the adapted model is exact.
   (PEFT's `merge_and_unload` then adds B @ A to the one tied tensor, moving the embedding too; lmkit's merge unties.)
+- Trained embedding rows. Named tokens (`finetune.trainable_tokens`) are PEFT's `trainable_token_indices` (the ids, and
+  the rows as `<embedding>.token_adapter.trainable_tokens_delta`, which holds the rows' values, not a difference);
+  PEFT ties them to a tied head itself. Every row (`finetune.train_embeddings`) is PEFT's `modules_to_save` of the
+  embedding (its whole `weight`) where the head is untied; with a tied head, every id as `trainable_token_indices`:
+  PEFT ties a module to save to the head only when it is named `embed_tokens` (not GPT-2's `wte`), and refuses one
+  beside a head adapter, while token rows it ties to the head whatever the names and composes with a head adapter.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from safetensors.torch import save_file
 
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
-from lmkit.lora import LoRALinear, is_adapted
+from lmkit.lora import LoRALinear, TrainableTokens, is_adapted
 
 log = logging.getLogger("lmkit")
 
@@ -73,7 +79,8 @@ def export_peft(model: Any, out: str | Path, *, base_model: str | None = None, o
         log.warning("format=peft: these adapters were trained on a quantized base (QLoRA); on the float base that "
                     "format=hf writes they compute the float base plus the same updates, as a merge does")
     config = adapter_config(adapters, model_type, dropout=_dropout(model.backbone), base_model=base_model)
-    tensors = {}
+    embedding_config, tensors = embedding_entries(model.backbone, model_type)
+    config.update(embedding_config)
     for adapter in adapters:
         tensors[f"{KEY_PREFIX}{adapter.module}.lora_A.weight"] = adapter.a.contiguous()
         tensors[f"{KEY_PREFIX}{adapter.module}.lora_B.weight"] = adapter.b.contiguous()
@@ -103,6 +110,24 @@ def peft_adapters(backbone: torch.nn.Module, model_type: str) -> list[PeftAdapte
     return adapters
 
 
+def embedding_entries(backbone: torch.nn.Module, model_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The trained rows of the token embedding in PEFT's terms (see the module's docstring): adapter_config.json's
+    entries, and the tensors (under KEY_PREFIX)."""
+    hf = "transformer.wte" if model_type == "gpt2" else "model.embed_tokens"
+    embedding = backbone.transformer.wte
+    vocab = backbone.config.vocab_size  # (format=hf drops the rows that pad a vocabulary)
+    if isinstance(embedding, TrainableTokens):
+        ids, rows = embedding.ids.tolist(), embedding.rows.detach().float()
+    elif embedding.weight.requires_grad:  # finetune.train_embeddings: every row
+        ids, rows = list(range(vocab)), embedding.weight.detach().float()[:vocab]
+        if not backbone.config.tie_weights:
+            return {"modules_to_save": [hf.rpartition(".")[2]]}, {f"{KEY_PREFIX}{hf}.weight": rows.contiguous()}
+    else:
+        return {}, {}
+    key = f"{KEY_PREFIX}{hf}.token_adapter.trainable_tokens_delta"  # (the rows' values, not a difference)
+    return {"trainable_token_indices": ids}, {key: rows.contiguous()}
+
+
 def adapter_config(adapters: list[PeftAdapter], model_type: str, *, dropout: float,
                    base_model: str | None) -> dict[str, Any]:
     """adapter_config.json: the most common rank and alpha as `r` and `lora_alpha`, any other module's (GPT-2's
@@ -116,7 +141,8 @@ def adapter_config(adapters: list[PeftAdapter], model_type: str, *, dropout: flo
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets, "bias": "none",
         "fan_in_fan_out": model_type == "gpt2",  # GPT-2's Conv1D stores its weight (in, out)
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": False, "use_dora": False,
-        "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+        "init_lora_weights": True, "modules_to_save": None, "trainable_token_indices": None,
+        "layers_to_transform": None,
     }
 
 

@@ -8,6 +8,9 @@ A plugin is a small class with up to four hooks, each optional:
                                returns extra details for its step's record
     restore(backbone, record)  on load: turn a freshly built dense backbone into the compressed
                                structure (the stored tensors are then loaded into it)
+    quantize_part(part)        QLoRA's base (finetune.base=NAME), quantized as it is read: one part of a
+                               model (a block; the embeddings, norm and head) quantized as `apply` would
+                               quantize it in the whole model (plugins whose weights alone decide it)
     pack(tensors, record) /    how its tensors are written to and read back from model.safetensors
     unpack(tensors, record)    (a pruned weight as a bitmask and its non-zero values, ...)
 
@@ -147,6 +150,12 @@ class Plugin:
 
     def restore(self, backbone: nn.Module, record: dict[str, Any]) -> nn.Module:
         return backbone
+
+    def quantize_part(self, part: nn.Module) -> nn.Module:
+        """`part` of a model (its weights real, the rest of the model perhaps not yet) quantized as `apply` quantizes
+        the whole model with these settings, returned; a tied pair must come in one part. QLoRA's base loads this way
+        (lmkit.lora.quantized_base), so no moment holds the whole float model."""
+        raise LmkitError(f"{self.name} does not quantize a model part by part, as a QLoRA base (finetune.base) needs")
 
     def pack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         return tensors

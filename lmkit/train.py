@@ -43,6 +43,7 @@ from lmkit.parallel.checkpoint import is_sharded_checkpoint
 from lmkit.parallel.parallelize import gather
 from lmkit.parallel.strategy import ShardedStrategy
 from lmkit.plugins import recipe
+from lmkit.preference import PreferenceModel, check_reference, objective_settings
 from lmkit.record import ModelRecord
 
 log = logging.getLogger("lmkit")
@@ -102,8 +103,9 @@ def _init_from(path: str | None, *, whole: bool = True):
 
         record, tokenizer, adapters_only = describe_pretrained(path)
         if adapters_only:
-            raise LmkitError(f"init_from={path} holds LoRA adapters alone, which trainer=fsdp does not read into "
-                             "shards: export their merge first (lmkit export model=... out=DIR) and start from DIR")
+            raise LmkitError(f"init_from={path} holds LoRA adapters alone, which trainer=fsdp and QLoRA do not read "
+                             "tensor by tensor: export their merge first (lmkit export model=... out=DIR) and start "
+                             "from DIR")
         model = Pretrained(record, tokenizer)
     if model.record.compressed:
         raise LmkitError(f"init_from={path} is a compressed model; fine-tune from the checkpoint it was exported from")
@@ -150,30 +152,43 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     compile_model = bool(model_cfg.pop("compile", False))
     checkpoint_every = model_cfg.pop("activation_checkpointing", 0)  # (like compile: how to train, not the model)
     sharded = _is_sharded(cfg.trainer)  # then no rank builds the whole model: it is built on the meta device
-    init = _init_from(cfg.get("init_from"), whole=not sharded)
     finetune = _container(cfg.get("finetune")) or {"kind": "full"}
     lora = lora_settings(finetune, init_from=cfg.get("init_from"))
+    # QLoRA's base is quantized part by part as it is read (lmkit.lora.quantized_base): built on the meta device too
+    by_tensor = sharded or (lora is not None and lora.base is not None)
+    init = _init_from(cfg.get("init_from"), whole=not by_tensor)
     if init is not None:  # fine-tuning: the pretrained model brings its shape and its tokenizer
         model_cfg = init.record.model_settings
         tokenizer_spec = {"kind": "json", "json": init.tokenizer.to_json()}
     data_cfg = _container(cfg.data)
+    preference = objective_settings(finetune, data_cfg)  # finetune.objective=dpo: DPO on data=preference pairs
+    if preference is not None:
+        check_reference(preference, lora=lora, sharded=sharded, init_from=cfg.get("init_from"))
+    # (lmkit.data.chat_datamodule, lmkit.data.preference: they render with the model's chat template)
+    chat = data_cfg.get("source") in ("chat", "preference")
     datamodule = build(data_cfg, tokenizer=tokenizer_spec, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
-                       _convert_="all")
+                       _convert_="all", **({"model_tokens": init.record.tokens if init else {}} if chat else {}))
     tokenizer = datamodule.tokenizer
+    # A pretrained model's embedding may have rows its tokenizer never uses (Qwen2.5: 151,936 for 151,665 tokens)
+    vocab_size = init.record.backbone.vocab_size if init is not None else tokenizer.vocab_size
     rng = torch.get_rng_state()
     try:
-        parameters = ModelRecord.from_settings(model_cfg, tokenizer.vocab_size).backbone.num_parameters()
+        parameters = ModelRecord.from_settings(model_cfg, vocab_size).backbone.num_parameters()
         check_memory(parameters, cfg.trainer, sharded=sharded, frozen=lora is not None)  # before anything is built
-        module = LitLanguageModel(model=model_cfg, optim=_container(cfg.optim), vocab_size=tokenizer.vocab_size,
-                                  data=data_cfg, compile=compile_model, activation_checkpointing=checkpoint_every,
-                                  tokens=init.record.tokens if init else _end_of_text_tokens(tokenizer),
-                                  finetune=finetune, meta_init=sharded)
+        objective = PreferenceModel if preference is not None else LitLanguageModel
+        module = objective(model=model_cfg, optim=_container(cfg.optim), vocab_size=vocab_size,
+                           data=data_cfg, compile=compile_model, activation_checkpointing=checkpoint_every,
+                           tokens=datamodule.tokens if chat else
+                           init.record.tokens if init else _end_of_text_tokens(tokenizer),
+                           finetune=finetune, meta_init=by_tensor)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise LmkitError(f"model: {e}") from None
     module.tokenizer = tokenizer
+    if preference is not None:
+        module.init_from = cfg.get("init_from")  # (a live reference for finetune=full is loaded from there)
     for plugin in plugins:  # a recipe this model cannot take fails now, not after training
         plugin.check_model(InferenceModel(module.backbone, tokenizer, module.record))
-    base_fingerprint = None
+    base_fingerprint = pretrained = None
     if init is not None and sharded:  # read into the shards when the trainer configures the model
         from lmkit.parallel.materialize import read_pretrained
 
@@ -181,6 +196,12 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         if lora is not None:
             base_fingerprint = fingerprint_of(module.pretrained.items(sorted(module.backbone.state_dict())))
         log.info("Initialising from %s, shard by shard", cfg.init_from)
+    elif init is not None and by_tensor:  # QLoRA: `attach` quantizes each part of the base as it reads it
+        from lmkit.parallel.materialize import read_pretrained
+
+        pretrained = read_pretrained(cfg.init_from, module.backbone)
+        base_fingerprint = fingerprint_of(pretrained.items(sorted(module.backbone.state_dict())))
+        log.info("Initialising from %s, quantized part by part as it is read", cfg.init_from)
     elif init is not None:
         module.backbone.load_state_dict(init.backbone.state_dict())  # same config, so the same shapes
         # The random weights just drawn are replaced: the run's random stream goes on as if they had never been
@@ -193,7 +214,10 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             raise LmkitError(f"finetune.base={lora.base} (QLoRA) under trainer=fsdp: a quantized base's packed weights "
                              "are not tensors FSDP2 can shard; use finetune.base=null (LoRA on the float base, "
                              "sharded) or trainer=ddp")
-        attach(module, lora, base=cfg.init_from, base_fingerprint=base_fingerprint)
+        if sharded and lora.trainable_tokens:
+            raise LmkitError("finetune.trainable_tokens under trainer=fsdp: named rows are not sharded yet; use "
+                             "finetune.train_embeddings=true (every row, sharded with the embedding) or trainer=ddp")
+        attach(module, lora, base=cfg.init_from, base_fingerprint=base_fingerprint, pretrained=pretrained)
     context = module.backbone.max_seq_len
     if context is not None and datamodule.seq_len > context:
         raise LmkitError(f"data.seq_len={datamodule.seq_len} exceeds the model's context model.max_seq_len={context}")
@@ -272,6 +296,9 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "last_ckpt": _abspath(checkpoint.last_model_path if checkpoint else None),
         "steps": trainer.global_step,
         "wall_s": round(time.perf_counter() - started, 2),
+        **getattr(datamodule, "stats", {}),  # data=chat: the masked fraction, how full the rows are
+        # every other evaluation metric (finetune.objective=dpo: val_reward_margin, val_preference_accuracy, ...)
+        **{k: _float(v) for k, v in {**val, **test}.items() if not k.endswith(("_loss", "_ppl"))},
     }
     if trainer.is_global_zero:  # written before compressing, and again with the export's figures after
         atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")

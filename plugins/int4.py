@@ -216,6 +216,11 @@ class Int4(gridquant.OnGrid, Plugin):
     def restore(self, backbone: nn.Module, record: dict[str, Any]) -> nn.Module:
         return self._quantize(backbone)  # the stored codes and scales then overwrite these
 
+    def quantize_part(self, part: nn.Module) -> nn.Module:
+        if self.on_grid:  # (a grid's calibration runs the whole model)
+            return super().quantize_part(part)
+        return self._quantize(part)  # each weight by itself: a part comes out as it would in the whole
+
     def pack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Codes two per byte, also where an earlier step's pack moved them (prune: `codes.__values`,
         the non-zero ones); scales, biases and norms as fp16. A grid's 8-bit head stays one code per byte."""

@@ -51,6 +51,17 @@ class Int8Embedding(nn.Module):
         return F.embedding(ids, self.weight).float() * (self.SCB[ids].float() / 127).unsqueeze(-1)
 
 
+def rows_follow_weight(layer: nn.Module, args: Any) -> None:
+    """A Linear8bitLt's forward pre-hook. bitsandbytes keeps the int8 rows and scales (CB, SCB) as plain attributes
+    of the weight and of the layer's state, which Module.to leaves where they were when the model moves (lmkit.load
+    with device=cuda, Lightning moving a QLoRA base to the GPU): before a call, point them at the weight."""
+    weight, state = layer.weight, layer.state
+    scales = state.SCB if state.SCB is not None else weight.SCB
+    if scales is not None and scales.device != weight.device:
+        weight.CB, weight.SCB = weight.data, scales.to(weight.device)
+        state.CB = state.SCB = None  # (the call takes them from the weight again: init_8bit_state)
+
+
 def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
     """Swap every Linear, Embedding and LSTM/GRU of `backbone` for its int8 form, keeping ties."""
     import bitsandbytes as bnb
@@ -67,6 +78,7 @@ def quantize(backbone: nn.Module, threshold: float) -> nn.Module:
         layer.weight = int8_weight(module.weight)
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.detach().float().clone(), requires_grad=False)
+        layer.register_forward_pre_hook(rows_follow_weight)
         return layer
 
     def convert(module: nn.Module) -> nn.Module | None:
@@ -119,6 +131,11 @@ class Int8(gridquant.OnGrid, Plugin):
         if self.on_grid:
             return self.grid_structure(backbone)
         return quantize(backbone, self.settings["threshold"])  # the stored int8 tensors then overwrite these
+
+    def quantize_part(self, part: nn.Module) -> nn.Module:
+        if self.on_grid:  # (a grid's calibration runs the whole model)
+            return super().quantize_part(part)
+        return quantize(part, self.settings["threshold"])  # each row by itself: a part comes out as in the whole
 
     def pack(self, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, torch.Tensor]:
         # bitsandbytes' `weight_format` flag is always row-major (0) now, and its loader assumes that

@@ -79,6 +79,17 @@ def train_py_args(*overrides: str, run_dir: Path, cache_dir: Path) -> list[str]:
             *(o for o in overrides if not o.startswith("-"))]
 
 
+def run_in_process(*overrides: str, run_dir: Path, cache_dir: Path) -> dict:
+    """The run `run_train_py` would make, in this process: the one-process reference of a multi-process test needs no
+    process of its own (starting one, importing torch and Lightning, takes seconds). Its metrics.json."""
+    from lmkit.train import run
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir={run_dir}", f"paths.cache_dir={cache_dir}", *overrides])
+    run(cfg)
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
 def run_train_py(*overrides: str, run_dir: Path, cache_dir: Path, timeout: int = 600,
                  env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python train.py ...` in a subprocess, as a user runs it."""

@@ -155,6 +155,18 @@ def test_bad_model_inputs_give_one_line(case, tmp_path):
     one_error_line(result, fragment)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
+def test_a_device_this_machine_lacks_is_one_line(tmp_path):
+    from lmkit.export import save
+    from tests.test_inference import tiny_lm
+
+    save(tiny_lm(), tmp_path / "art")
+    for command in ("generate", "eval"):
+        one_error_line(lmkit_main(command, f"model={tmp_path / 'art'}", "device=cuda"), "device=cuda: this machine has "
+                       "no CUDA GPU")
+    one_error_line(lmkit_main("generate", f"model={tmp_path / 'art'}", "device=gpu7"), "device=gpu7 is not a device")
+
+
 def test_prompt_characters_the_tokenizer_lacks(tmp_path):
     from lmkit.export import save
     from tests.helpers import decode_by_hand

@@ -10,7 +10,9 @@ from omegaconf import OmegaConf
 from tests.conftest import CONF
 
 GROUPS = ["model", "data", "tokenizer", "optim", "trainer", "logger", "callbacks", "experiment"]
-REQUIRED = {"data=text": ["data.path=corpus.txt"], "tokenizer=file": ["tokenizer.path=tokenizer.json"]}
+REQUIRED = {"data=text": ["data.path=corpus.txt"], "data=chat": ["data.path=chats.jsonl"],
+            "data=preference": ["data.path=pairs.jsonl"],
+            "tokenizer=file": ["tokenizer.path=tokenizer.json"]}
 
 
 def options(group: str) -> list[str]:

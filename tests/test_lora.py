@@ -3,6 +3,7 @@ exactly and load on their base, and merges into dense models equal to the adapte
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 
@@ -15,7 +16,8 @@ from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.inference import InferenceModel
-from lmkit.lora import LoRALinear, LoRASettings, adapt, merge, merged, quantize_base
+from lmkit.lora import (LoRALinear, LoRASettings, TrainableTokens, adapt, merge, merged, quantize_base,
+                        quantized_base, token_ids)
 from lmkit.record import ModelRecord
 from lmkit.train import run
 from tests.conftest import TINY
@@ -160,10 +162,23 @@ def test_qlora_trains_on_an_int4_base_and_compresses_after(bases, make_cfg, capl
       "compression.prune.criterion=magnitude"], "compression.prune works during training, which finetune=lora"),
     (["finetune=lora", "init_from=LSTM"], "finetune=lora adapts a Transformer's projections; this model is "
                                           "model.kind=lstm"),
+    (["finetune=lora", "init_from=X", "finetune.trainable_tokens=[e,Zz]"],
+     "finetune.trainable_tokens: 'Zz' is not a token of this model's tokenizer (it encodes to 2 tokens)"),
+    (["finetune=lora", "init_from=X", "finetune.trainable_tokens=[9999]"],
+     "finetune.trainable_tokens: id 9999 is outside this model's vocabulary"),
+    (["finetune=lora", "init_from=LSTM", "finetune.train_embeddings=true"],
+     "finetune.train_embeddings=true is part of finetune=lora, which adapts a Transformer; this model is "
+     "model.kind=lstm"),
+    (["finetune=lora", "init_from=X", "finetune.train_embeddings=true", "finetune.trainable_tokens=[e]"],
+     "finetune.train_embeddings=true trains every row of the embedding, and finetune.trainable_tokens names some"),
+    (["finetune=full", "init_from=X", "+finetune.train_embeddings=true"],
+     "finetune.train_embeddings is a finetune=lora setting; finetune=full trains every weight"),
+    (["finetune=lora", "init_from=X", "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+      "finetune.trainable_tokens=[e]"], "finetune.trainable_tokens under trainer=fsdp"),
 ])
 def test_bad_lora_settings_are_one_line(bases, make_cfg, overrides, message):
     overrides = [o.replace("LSTM", str(bases["lstm"])).replace("=X", f"={bases['gpt']}") for o in overrides]
-    with pytest.raises(LmkitError, match="^" + message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(LmkitError, match="^" + re.escape(message)):
         run(make_cfg(*FINETUNE[1:], *overrides, "trainer.max_steps=1"))
 
 
@@ -181,3 +196,133 @@ def test_a_checkpoint_whose_base_is_gone_or_changed_says_so(bases, make_cfg, tmp
     shutil.rmtree(tmp_path / "base")
     with pytest.raises(LmkitError, match="which is missing: put that model back there"):
         lmkit.load(metrics["last_ckpt"])
+
+
+def test_named_tokens_train_their_rows_alone_and_a_tied_head_moves_with_them(bases):
+    model = lmkit.load(bases["gpt"])
+    vocab = model.record.backbone.vocab_size
+    settings = LoRASettings(r=4, dropout=0.0, targets=("q", "v"), trainable_tokens=("e", "R", 5, "e"))
+    named = token_ids(settings.trainable_tokens, model.tokenizer, vocab)
+    assert named == model.tokenizer.encode("eR") + [5]  # texts as the tokenizer's tokens, each once
+    with torch.no_grad():
+        table = model.backbone.transformer.wte(torch.arange(vocab))
+        before = model(IDS)
+        adapt(model.backbone, settings, model.tokenizer)
+        # the rows start as the base's (a tied head computes their logits in a matmul of its own: float rounding)
+        torch.testing.assert_close(model(IDS), before, atol=1e-5, rtol=1e-5)
+        tokens = model.backbone.transformer.wte
+        assert isinstance(tokens, TrainableTokens) and model.backbone.lm_head.rows is tokens.rows  # one tensor
+        tokens.rows.normal_(0, 0.5)
+        moved = (tokens(torch.arange(vocab)) != table).any(-1).nonzero().flatten().tolist()
+        assert moved == sorted(named)
+        x = torch.randn(3, model.record.backbone.n_embd)
+        logits, base_logits = model.backbone.lm_head(x), model.backbone.lm_head.base(x)
+        assert (logits != base_logits).any(0).nonzero().flatten().tolist() == sorted(named)
+        torch.testing.assert_close(logits[:, named], x @ tokens.rows.t())
+        dense = merged(model)
+        assert dense.record.backbone.tie_weights  # still tied: the tokens' input and output rows stay one
+        assert torch.equal(dense.backbone.transformer.wte.weight[named], tokens.rows)
+        torch.testing.assert_close(dense(IDS), model(IDS), atol=1e-5, rtol=1e-5)
+    assert {n for n, p in model.backbone.named_parameters() if p.requires_grad and ".lora_" not in n} == \
+        {"transformer.wte.rows"}
+
+
+@pytest.mark.parametrize("base", ["int4", "int8"])
+def test_a_qlora_base_is_quantized_part_by_part_as_it_is_read_as_the_plugin_quantizes_it_whole(
+        bases, tmp_path, monkeypatch, base):
+    """No moment holds the whole float model: each block is read, then quantized, before the next is read."""
+    from lmkit.parallel.materialize import read_pretrained
+    from lmkit.plugins import CompressContext, make, plugin_class
+
+    gpt = lmkit.load(bases["gpt"])
+    deep = dataclasses.replace(LLAMA, n_layer=6, vocab_size=gpt.record.backbone.vocab_size)
+    torch.manual_seed(1)
+    save(InferenceModel(build_backbone(deep).eval(), gpt.tokenizer, ModelRecord(backbone=deep, tokenizer="char")),
+         tmp_path / "deep")
+    whole = lmkit.load(tmp_path / "deep")
+    make(base).apply(whole, CompressContext(cache_dir=""))  # the plugin's own, on the whole float model
+
+    with torch.device("meta"):
+        backbone = build_backbone(deep)
+    real_floats = []  # the float bytes held each time a part is handed to the plugin
+    quantize_part = plugin_class(base).quantize_part
+
+    def watched(plugin, part):
+        real_floats.append(sum(t.numel() * t.element_size() for t in (*backbone.parameters(), *backbone.buffers())
+                               if t.is_floating_point() and not t.is_meta))
+        return quantize_part(plugin, part)
+
+    monkeypatch.setattr(plugin_class(base), "quantize_part", watched)
+    parts = quantized_base(backbone, base, pretrained=read_pretrained(tmp_path / "deep", backbone)).eval()
+    assert len(real_floats) == deep.n_layer + 1 and max(real_floats) < deep.num_parameters() * 4 / 4
+    assert parts.state_dict().keys() == whole.backbone.state_dict().keys()
+    for name, tensor in whole.backbone.state_dict().items():
+        assert torch.equal(parts.state_dict()[name], tensor), name
+    with torch.no_grad():
+        torch.testing.assert_close(parts(IDS)[0], whole(IDS), atol=0, rtol=0)
+    if base == "int4":  # trained embeddings stay float, exactly the file's, a tied head with them
+        with torch.device("meta"):
+            backbone = build_backbone(deep)
+        tensors = read_pretrained(tmp_path / "deep", backbone)
+        kept = quantized_base(backbone, base, float_embedding=True, pretrained=tensors)
+        assert kept.lm_head.weight is kept.transformer.wte.weight
+        assert torch.equal(kept.transformer.wte.weight, lmkit.load(tmp_path / "deep").backbone.transformer.wte.weight)
+
+
+@pytest.mark.parametrize("extra", [["finetune.train_embeddings=true"],
+                                   ["finetune.base=int4", "finetune.trainable_tokens=[e,R,5]"]],
+                         ids=["every-row", "qlora-named-tokens"])
+def test_trained_embedding_rows_resume_exactly_load_on_their_base_and_merge(bases, make_cfg, tmp_path, extra):
+    # (every validation checkpointed: Lightning 2.6 rewrites last.ckpt only when a top-k checkpoint is saved)
+    common = [*FINETUNE, f"init_from={bases['gpt']}", "optim.lr=0.02", "callbacks.model_checkpoint.save_top_k=-1",
+              *extra]
+    run(make_cfg(*common, "trainer.max_steps=6", output_dir=tmp_path / "straight"))
+    run(make_cfg(*common, "trainer.max_steps=3", output_dir=tmp_path / "resumed"))
+    metrics, objects = run(make_cfg(*common, "trainer.max_steps=6", "resume=true", output_dir=tmp_path / "resumed"))
+    straight, resumed = (read_checkpoint(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("straight", "resumed"))
+    assert resumed["global_step"] == straight["global_step"] == 6
+    for name, tensor in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+    # the checkpoint keeps the adapters and the trained rows (a tied head's name for them too), nothing else
+    every_row = extra == ["finetune.train_embeddings=true"]
+    kept = {k.removeprefix("backbone.") for k in resumed["state_dict"] if ".lora_" not in k}
+    assert kept == ({"transformer.wte.weight", "lm_head.weight"} if every_row else
+                    {"transformer.wte.rows", "lm_head.rows"})
+
+    loaded = lmkit.load(metrics["last_ckpt"])  # the base, quantized again for QLoRA, with adapters and rows
+    module = objects["module"].cpu().eval()
+    vocab = loaded.record.backbone.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS), module(IDS), atol=1e-6, rtol=1e-6)
+        save(loaded, tmp_path / "merged")  # every export but format=peft writes the merge
+        dense = lmkit.load(tmp_path / "merged")
+        torch.testing.assert_close(dense(IDS), module(IDS), atol=1e-5, rtol=1e-5)
+        assert dense.record.backbone.tie_weights
+        table = dense.backbone.transformer.wte.weight[:vocab]
+        base = loaded.backbone.transformer.wte
+        moved = (table != (base.weight if every_row else base.base(torch.arange(vocab))).detach()[:vocab]).any(-1)
+        if every_row:  # the trained table is the model's, and the tied head's
+            base_table = lmkit.load(bases["gpt"]).backbone.transformer.wte.weight[:vocab]
+            assert (table != base_table).any(-1).float().mean() > 0.5
+        else:  # the named rows moved, the rest is the (dequantized) base's
+            assert moved.nonzero().flatten().tolist() == sorted(loaded.tokenizer.encode("eR") + [5])
+
+
+def test_lora_under_ddp_on_two_processes_equals_one_process_at_the_same_global_batch(trained, tmp_path):
+    """Two DDP ranks of batch 4 against one process of batch 8: the same losses step by step, the same adapters and
+    trained embedding (a tied head's gradient reduced with the embedding's) at the end."""
+    from tests.test_parallel import HALF, logged
+    from tests.test_sharded_init import train, train_here
+
+    lora = ["finetune=lora", "finetune.dropout=0", "finetune.train_embeddings=true", f"init_from={trained['ckpt']}",
+            "trainer.max_steps=6", "trainer.val_check_interval=6"]
+    a = train_here(*lora, run_dir=tmp_path / "one", cache_dir=trained["cache"])
+    b = train("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *HALF, *lora, run_dir=tmp_path / "ddp",
+              cache_dir=trained["cache"])
+    assert b["world_size"] == 2 and len(logged(tmp_path / "one")) == 6
+    assert logged(tmp_path / "ddp") == pytest.approx(logged(tmp_path / "one"), rel=1e-5)
+    assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-5)
+    one, ddp = (read_checkpoint(m["last_ckpt"])["state_dict"] for m in (a, b))
+    assert one.keys() == ddp.keys() and "backbone.transformer.wte.weight" in one
+    for name, tensor in one.items():
+        torch.testing.assert_close(ddp[name], tensor, atol=1e-5, rtol=1e-4, msg=name)

@@ -19,7 +19,7 @@ import lmkit
 from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.parallel.checkpoint import read_metadata
-from tests.conftest import (TINY, TINY_TRANSFORMER, lmkit_main, run_train_py, run_train_py_each,
+from tests.conftest import (TINY, TINY_TRANSFORMER, lmkit_main, run_in_process, run_train_py, run_train_py_each,
                             sigterm_train_py_when, train_py_args)
 from tests.test_commands import lmkit_cmd
 
@@ -70,7 +70,7 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def single(tmp_path_factory, cache_dir) -> Path:
     """One process, batch 8, 20 steps: the reference every sharded run is compared with."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    train("trainer.max_steps=20", run_dir=run_dir, cache_dir=cache_dir)
+    run_in_process(*COMMON, "trainer.max_steps=20", run_dir=run_dir, cache_dir=cache_dir)
     return run_dir
 
 

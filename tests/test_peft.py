@@ -152,3 +152,69 @@ def test_a_base_format_hf_cannot_write_is_refused_in_one_line(bases, tmp_path):
                        cwd=tmp_path)
     one_error_line(result, "format=hf needs a GPT-2- or Llama-shaped Transformer", "tie_weights=False")
     assert not (tmp_path / "peft").exists()
+
+
+# Trained embedding rows, as PEFT holds them: named tokens on GPT-2's tied head (trainable_token_indices, which PEFT
+# ties to the head), every row of a tied Llama beside a head adapter (every id as trainable_token_indices), every row
+# of an untied Llama (modules_to_save=[embed_tokens]).
+EMBEDDINGS = {"gpt-tokens": ("gpt", ["finetune.targets=[q,v]", "finetune.trainable_tokens=[e,R,5]"]),
+              "llama-every-row-head": ("llama", ["finetune.targets=[q,k,v,o,mlp,head]",
+                                                  "finetune.train_embeddings=true"]),
+              "untied-every-row": ("untied", ["finetune.targets=[q,v]", "finetune.train_embeddings=true"])}
+
+
+@pytest.fixture(scope="module")
+def embedding_checkpoints(bases, tmp_path_factory) -> dict[str, tuple[object, object]]:  # noqa: F811
+    """case -> (LoRA checkpoint, its base folder); the untied base is the Llama block with its head untied."""
+    from hydra import compose, initialize_config_dir
+
+    from lmkit.backbones import build_backbone
+    from lmkit.inference import InferenceModel
+
+    tmp = tmp_path_factory.mktemp("lora_embeddings")
+    llama = lmkit.load(bases["llama"])
+    untied = dataclasses.replace(llama.record.backbone, tie_weights=False)
+    torch.manual_seed(2)
+    save(InferenceModel(build_backbone(untied).eval(), llama.tokenizer, llama.record.replace(backbone=untied)),
+         tmp / "untied")
+    folders = {"gpt": bases["gpt"], "llama": bases["llama"], "untied": tmp / "untied"}
+    out = {}
+    for case, (family, overrides) in EMBEDDINGS.items():
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=[
+                f"paths.output_dir={tmp / case}", f"paths.cache_dir={bases['cache']}", *FINETUNE,
+                f"init_from={folders[family]}", "finetune.r=4", "optim.lr=0.05", "trainer.max_steps=3", *overrides])
+        metrics, _ = run(cfg)
+        out[case] = (metrics["last_ckpt"], folders[family])
+    return out
+
+
+@pytest.mark.parametrize("case", EMBEDDINGS)
+def test_peft_loads_trained_embedding_rows_and_computes_the_lora_checkpoint(embedding_checkpoints, case, tmp_path):
+    ckpt, base_folder = embedding_checkpoints[case]
+    adapted = lmkit.load(ckpt)
+    vocab = adapted.record.backbone.vocab_size
+    export_hf(lmkit.load(base_folder), tmp_path / "hf")
+    export_peft(adapted, tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    named = adapted.tokenizer.encode("eR") + [5]
+    if case == "gpt-tokens":
+        assert config["trainable_token_indices"] == named and config["modules_to_save"] is None
+    elif case == "llama-every-row-head":
+        assert config["trainable_token_indices"] == list(range(vocab)) and "lm_head" in config["target_modules"]
+    else:
+        assert config["modules_to_save"] == ["embed_tokens"] and config["trainable_token_indices"] is None
+
+    ids = torch.cat([IDS, torch.tensor([named * 8])])  # (the named tokens in every role, input and target)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    before = hf_logits(base, ids)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    ours = lmkit_logits(adapted, ids)
+    assert (ours[2] - before[2]).abs().max() > 0.05  # the adapters and rows moved the named tokens' logits
+    theirs = hf_logits(model, ids)
+    print(f"{case}: max |peft - lmkit| = {(theirs - ours).abs().max():.2e}")
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    if case != "llama-every-row-head":  # (PEFT's merge would add the head's B @ A to the tied tensor: see above)
+        save(adapted, tmp_path / "merged")
+        torch.testing.assert_close(hf_logits(model.merge_and_unload(), ids),
+                                   lmkit_logits(lmkit.load(tmp_path / "merged"), ids), atol=1e-4, rtol=1e-4)

@@ -20,8 +20,7 @@ from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.parallel.materialize import initial_values, materialize, read_pretrained, shared_parameters
 from lmkit.record import ModelRecord
-from tests.conftest import TINY, run_train_py
-from tests.test_commands import lmkit_cmd
+from tests.conftest import TINY, lmkit_main, run_in_process, run_train_py, run_train_py_each, train_py_args
 from tests.test_parallel import FSDP2, HALF, logged
 
 pytestmark = pytest.mark.slow
@@ -35,6 +34,11 @@ def train(*overrides: str, run_dir: Path, cache_dir: Path) -> dict:
     result = run_train_py(*COMMON, *overrides, run_dir=run_dir, cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def train_here(*overrides: str, run_dir: Path, cache_dir: Path) -> dict:
+    """`train`'s one-process run, in this process."""
+    return run_in_process(*COMMON, *overrides, run_dir=run_dir, cache_dir=cache_dir)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,7 @@ def test_a_meta_built_model_materialises_to_the_weights_one_process_draws():
 
 def test_init_from_under_fsdp_starts_and_ends_where_one_process_does(base, trained, tmp_path):
     one = tmp_path / "one"
-    train(f"init_from={base}", run_dir=one, cache_dir=trained["cache"])
+    train_here(f"init_from={base}", run_dir=one, cache_dir=trained["cache"])
     two = tmp_path / "fsdp"
     metrics = train(*FSDP2, *HALF, f"init_from={base}", run_dir=two, cache_dir=trained["cache"])
     assert metrics["world_size"] == 2
@@ -76,7 +80,7 @@ def test_init_from_under_fsdp_starts_and_ends_where_one_process_does(base, train
 def test_lora_under_fsdp_trains_sharded_adapters_equal_to_one_process(trained, tmp_path):
     lora = ["finetune=lora", "finetune.dropout=0", f"init_from={trained['ckpt']}", "trainer.val_check_interval=2"]
     one = tmp_path / "one"
-    a = train(*lora, "trainer.max_steps=6", run_dir=one, cache_dir=trained["cache"])
+    a = train_here(*lora, "trainer.max_steps=6", run_dir=one, cache_dir=trained["cache"])
     two = tmp_path / "fsdp"
     train(*FSDP2, *HALF, *lora, run_dir=two, cache_dir=trained["cache"])  # 4 steps, then resumed to 6
     first = logged(two)
@@ -90,7 +94,7 @@ def test_lora_under_fsdp_trains_sharded_adapters_equal_to_one_process(trained, t
     saved = read_checkpoint(folder)
     assert saved["state_dict"] and all(".lora_" in k for k in saved["state_dict"])  # the adapters alone
     assert saved["lmkit"]["lora_base"] == read_checkpoint(a["last_ckpt"])["lmkit"]["lora_base"]
-    result = lmkit_cmd("export", f"model={folder}", f"out={tmp_path / 'merged'}", cwd=tmp_path)
+    result = lmkit_main("export", f"model={folder}", f"out={tmp_path / 'merged'}")
     assert result.returncode == 0, result.stderr[-2000:]
     merged, reference = lmkit.load(tmp_path / "merged"), lmkit.load(a["last_ckpt"])
     ids = torch.tensor([reference.tokenizer.encode("ROMEO: what")])
@@ -112,9 +116,11 @@ def test_init_from_files_that_do_not_fit_the_model_is_one_line(base, tmp_path):
 
 
 def test_qlora_and_lora_with_tensor_parallel_under_fsdp_are_refused_in_one_line(trained, tmp_path):
-    for extra, message in ((["finetune.base=int4"], "finetune.base=int4 (QLoRA) under trainer=fsdp"),
-                           (["trainer.strategy.tensor_parallel_size=2"], "adapters are not split over")):
-        result = run_train_py(*COMMON, *FSDP2, "finetune=lora", f"init_from={trained['ckpt']}", *extra,
-                              run_dir=tmp_path / "run", cache_dir=trained["cache"])
+    cases = {"finetune.base=int4 (QLoRA) under trainer=fsdp": ["finetune.base=int4"],
+             "adapters are not split over": ["trainer.strategy.tensor_parallel_size=2"]}
+    results = run_train_py_each({message: train_py_args(*COMMON, *FSDP2, "finetune=lora", f"init_from={trained['ckpt']}",
+                                                        *extra, run_dir=tmp_path / f"run{i}", cache_dir=trained["cache"])
+                                 for i, (message, extra) in enumerate(cases.items())}, cwd=tmp_path)
+    for message, result in results.items():
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr

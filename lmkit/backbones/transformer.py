@@ -193,6 +193,22 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that count from the first token of each run of equal `documents` values."""
+    T = documents.size(1)
+    index = torch.arange(T, device=documents.device).expand_as(documents)
+    first = torch.ones_like(documents, dtype=torch.bool)
+    first[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(first, index, 0).cummax(dim=1).values
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T): query i may attend to key j <= i of the same document."""
+    T = documents.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+
+
 def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
     pos = torch.arange(max_len, dtype=torch.float32)[:, None]
@@ -412,13 +428,20 @@ class Transformer(nn.Module):
         out.pad = state.pad.index_select(0, index) if state.pad is not None else None
         return out
 
-    def forward(self, ids: torch.Tensor, state: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
+    def forward(self, ids: torch.Tensor, state: KVCache | None = None,
+                documents: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache | None]:
+        """Logits of `ids` (B, T), continuing `state` when given. `documents` (B, T), for rows that pack several
+        texts (lmkit.data.chat_datamodule): which text of its row each position belongs to; a token then attends
+        only to its own text's earlier tokens, and its position counts from its text's first token, so each text's
+        logits are those it has alone."""
         T = ids.size(1)
         filled = state.pos if state is not None else 0
         if filled + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {filled + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
         positions = state.positions(T) if state is not None else torch.arange(T, device=ids.device)
         mask = state.mask(T) if state is not None else None
+        if documents is not None:
+            positions, mask = document_positions(documents), document_mask(documents)
         x = self.transformer.wte(ids)
         rope = None
         if self.config.position == "learned":

@@ -68,6 +68,25 @@ def materialize(model: nn.Module, device: torch.device | str, fill: Fill) -> Non
             else:
                 parameter.copy_(whole)
             del whole
+    if hasattr(model, "reset_buffers"):  # (a part of a model: its model rebuilds them, `reset_meta_buffers`)
+        model.reset_buffers()
+
+
+def fill_part(part: nn.Module, pretrained: PretrainedTensors, prefix: str | Callable[[str], str] = "") -> None:
+    """A meta-built part of a model (a block; a ModuleDict of some of its modules) made real on the CPU, each parameter
+    read from `pretrained` under its name in the whole model (`prefix` + its name in `part`, or what `prefix` maps it
+    to), one at a time: QLoRA quantizes each part as soon as it is filled (lmkit.lora.quantized_base)."""
+    name_of = prefix if callable(prefix) else lambda name: prefix + name
+    materialize(part, "cpu", lambda name, value: value.copy_(pretrained[name_of(name)]))
+
+
+def reset_meta_buffers(model: nn.Module) -> None:
+    """A model whose parts are real but whose own computed buffers (RoPE, sinusoid tables) are still on the meta
+    device: allocated on the CPU and computed (`model.reset_buffers()`)."""
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = torch.empty_like(buffer, device="cpu")
     model.reset_buffers()
 
 
@@ -229,5 +248,5 @@ def read_pretrained(path: str | Path, backbone: nn.Module) -> PretrainedTensors:
     return tensors
 
 
-__all__ = ["Pretrained", "PretrainedTensors", "describe_pretrained", "initial_values", "is_on_meta", "materialize",
-           "read_pretrained", "shared_parameters"]
+__all__ = ["Pretrained", "PretrainedTensors", "describe_pretrained", "fill_part", "initial_values", "is_on_meta",
+           "materialize", "read_pretrained", "reset_meta_buffers", "shared_parameters"]

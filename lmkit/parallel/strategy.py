@@ -128,7 +128,7 @@ class ShardedStrategy(ModelParallelStrategy):
         if adapters_only:  # finetune=lora: the folder holds the adapters; the frozen base stays as init_from loaded it
             from lmkit.lora import adapter_state
 
-            model_state = adapter_state(model_state)
+            model_state = adapter_state(model_state, self.lightning_module.backbone)
         like = {"state_dict": model_state}
         like.update({f"optimizer_{i}": get_optimizer_state_dict(self.model, optimizer)
                      for i, optimizer in enumerate(self.optimizers)})

@@ -35,9 +35,15 @@ class ChatFormat:
         tokens = model.record.tokens
         if "chat_template" not in tokens:
             return cls()
-        vocab = model.tokenizer.tokenizer  # a template comes with a Hugging Face (BPE) tokenizer
+        return cls.with_template(tokens["chat_template"], tokens, model.tokenizer)
+
+    @classmethod
+    def with_template(cls, template: str, tokens: dict[str, Any], tokenizer: Any) -> ChatFormat:
+        """`template` (Jinja source) with the `bos_token` and `eos_token` of a model's token conventions (`tokens`,
+        lmkit.record.TOKENS) and its (BPE) `tokenizer`; a template that does not compile is one LmkitError line."""
+        vocab = tokenizer.tokenizer  # a template comes with a Hugging Face (BPE) tokenizer
         eos = tokens.get("eos_token_ids") or []
-        chat = cls(tokens["chat_template"],
+        chat = cls(template,
                    bos_token=vocab.id_to_token(tokens["bos_token_id"]) if "bos_token_id" in tokens else "",
                    eos_token=vocab.id_to_token(eos[0]) if eos else "")
         try:
@@ -54,8 +60,14 @@ class ChatFormat:
         """The prompt for `messages` ({role, content} with text content), ending where the reply begins."""
         if self.template is None:
             return "".join(f"{m['role'].upper()}:\n{m['content']}\n\n" for m in messages) + "ASSISTANT:\n"
+        return self.render(messages, add_generation_prompt=True)
+
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+        """The template's text for `messages`, as `apply_chat_template(..., tokenize=False)` renders it (with
+        `add_generation_prompt`, ending where the reply begins). Its refusals, and its failures, are TemplateRefusal
+        lines. (lmkit.data.chat renders training conversations through here.)"""
         try:
-            return _compiled(self.template).render(messages=messages, add_generation_prompt=True,
+            return _compiled(self.template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                    bos_token=self.bos_token, eos_token=self.eos_token)
         except TemplateRefusal:
             raise
@@ -72,14 +84,37 @@ class ChatFormat:
 
 @lru_cache(maxsize=4)
 def _compiled(template: str) -> Any:
+    from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment  # a template is data: it may not reach Python
 
     def raise_exception(message: str) -> None:
         raise TemplateRefusal(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # transformers' environment: {% break %} / {% continue %}, and {% generation %} blocks (which mark the assistant's
+    # text for its return_assistant_tokens_mask) rendered as their contents
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_generation(), loopcontrols])
     env.globals["raise_exception"] = raise_exception
     return env.from_string(template)
+
+
+@lru_cache(maxsize=1)
+def _generation() -> type:
+    """The `{% generation %}...{% endgeneration %}` tag of transformers' chat templates, rendering its contents."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_contents"), [], [], body).set_lineno(lineno)
+
+        def _contents(self, caller: Any) -> str:
+            return caller()
+
+    return Generation
 
 
 class TemplateRefusal(ValueError):
