@@ -48,7 +48,7 @@ log = logging.getLogger("lmkit")
 TARGETS = ("q", "k", "v", "o", "mlp", "head")  # o: attention's output projection; mlp: every MLP projection
 BASES = ("int4", "int8")  # the plugins a QLoRA base may be quantized with
 # `finetune` keys that say what the model learns, not what trains (lmkit.preference checks them)
-OBJECTIVE_KEYS = ("objective", "beta", "label_smoothing", "reference")
+OBJECTIVE_KEYS = ("objective", "beta", "label_smoothing", "reference", "sft_weight")
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,9 @@ def token_ids(tokens: Iterable[int | str], tokenizer: Any, vocab_size: int) -> l
                              "tokenizer: give its id")
         else:
             ids.append(_token_id(tokenizer, token))
+            if ids[-1] >= vocab_size:  # (a token added to the tokenizer, not to the model's embedding)
+                raise LmkitError(f"finetune.trainable_tokens: {token!r} is token {ids[-1]} of the tokenizer, outside "
+                                 f"this model's embedding (0..{vocab_size - 1}): resize the model's vocabulary first")
     return list(dict.fromkeys(ids))
 
 

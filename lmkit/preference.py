@@ -8,7 +8,10 @@ of its tokens' log-probabilities (the response's tokens, as lmkit.data.preferenc
     loss = -(1 - eps) * log sigmoid(z) - eps * log sigmoid(-z)
 
 with beta `finetune.beta` and eps `finetune.label_smoothing` (cDPO: each preference taken as flipped with probability
-eps; 0 is DPO). z is the reward margin (the implicit rewards, beta * log pi/ref, of chosen minus rejected), logged
+eps; 0 is DPO). `finetune.sft_weight` (w) adds w times the chosen responses' mean negative log-likelihood per token to
+the training loss (RPO, Pang et al. 2024; TRL's rpo_alpha): DPO alone can lower the likelihood of the chosen responses
+with the rejected ones when the two differ in a token or two, and the model's own answers with them (bench/instruct.py
+measures it). z is the reward margin (the implicit rewards, beta * log pi/ref, of chosen minus rejected), logged
 with the preference accuracy (the fraction of pairs with z > 0). At step 0 the policy is the reference: z = 0 and
 the loss is log 2.
 
@@ -17,8 +20,8 @@ default): one forward pass over every pair a split reads, two numbers kept per p
 checkpoints carry, so that a resumed run scores against the model it started from); no reference model is held
 while training. Or on the fly (`live`): one more forward pass on every training and evaluation batch, through the
 base with its adapters off (finetune=lora: no copy) or a frozen copy of init_from's model (finetune=full). The
-precomputed reference is the default: one forward pass per pair once, against one per pair per visit, and no second
-model held (bench/dpo.py measures both; README, "Preference tuning").
+precomputed reference is the default: one forward pass per pair once, against one per pair per visit (cheaper from
+about one epoch on, measured by bench/dpo.py; README, "Preference tuning"), and no second model held.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -55,6 +59,7 @@ class DPOSettings:
     beta: float = 0.1
     label_smoothing: float = 0.0
     reference: str = "precomputed"
+    sft_weight: float = 0.0
 
     @classmethod
     def from_config(cls, finetune: dict[str, Any]) -> DPOSettings:
@@ -64,6 +69,9 @@ class DPOSettings:
             raise LmkitError(f"finetune.beta={beta!r} must be a positive number")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < 0.5:
             raise LmkitError(f"finetune.label_smoothing={eps!r} must be in [0, 0.5)")
+        w = settings.sft_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or not math.isfinite(w):
+            raise LmkitError(f"finetune.sft_weight={w!r} must be a number >= 0")
         if settings.reference not in REFERENCES:
             raise LmkitError(f"finetune.reference={settings.reference!r} is not one of {', '.join(REFERENCES)}")
         return settings
@@ -120,13 +128,14 @@ def sequence_logps(backbone: nn.Module, inputs: torch.Tensor, targets: torch.Ten
 @contextmanager
 def adapters_off(backbone: nn.Module) -> Iterator[None]:
     """`backbone` computing its LoRA base (lmkit.lora) exactly: each adapted layer, and each layer of trained token
-    rows, runs its base's forward alone. No copy: the reference of finetune=lora."""
+    rows, runs its base alone (called as a module: its hooks run, and a wrapper inside a wrapper is off too). No
+    copy: the reference of finetune=lora."""
     from lmkit.lora import LoRALinear, TokenHead, TrainableTokens
 
     wrapped = [m for m in backbone.modules() if isinstance(m, (LoRALinear, TrainableTokens, TokenHead))]
     try:
         for m in wrapped:
-            m.forward = m.base.forward  # (an instance attribute, not a submodule: a bound method)
+            m.forward = m.base.__call__  # (an instance attribute, not a submodule: a bound method)
         yield
     finally:
         for m in wrapped:
@@ -171,7 +180,8 @@ class PreferenceModel(LitLanguageModel):
 
                 with rng_untouched():  # (as train.run loads init_from: the run's random stream goes on untouched)
                     reference = load(self.init_from).backbone
-                self._reference = (reference.requires_grad_(False).to(self.device).eval(),)
+                dtype = next(self.backbone.parameters()).dtype  # (the file's dtype may be another: bf16)
+                self._reference = (reference.requires_grad_(False).to(self.device, dtype).eval(),)
             return
         pairs = self.trainer.datamodule.cache.pairs
         if self.reference_logps is None:
@@ -179,6 +189,14 @@ class PreferenceModel(LitLanguageModel):
         elif len(self.reference_logps) != pairs:
             raise LmkitError(f"the checkpoint's reference log-probabilities are for {len(self.reference_logps)} "
                              f"preference pairs, and data.path holds {pairs}: resume with the data it trained on")
+        else:  # (a table from a checkpoint scored the pairs that run read: more evaluation windows read others)
+            datamodule = self.trainer.datamodule
+            read = np.concatenate([datamodule.evaluated_pairs(split) for split in ("train", "val", "test")])
+            missing = int(torch.isnan(self.reference_logps[torch.from_numpy(read)]).any(-1).sum())
+            if missing:
+                raise LmkitError(f"the checkpoint's reference log-probabilities lack {missing} of the pairs this run "
+                                 "reads (other data.val_windows / data.test_windows than it trained with): resume "
+                                 "with the settings it trained with")
         self.reference_logps = self.reference_logps.to(self.device)
 
     @torch.no_grad()
@@ -227,21 +245,31 @@ class PreferenceModel(LitLanguageModel):
 
     def _dpo(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Per pair of the batch: the loss and the reward margin."""
+        return self._scores(batch)[:2]
+
+    def _scores(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per pair of the batch: the DPO loss, the reward margin, and the chosen response's mean negative
+        log-likelihood per token."""
         settings, n = self.dpo, len(batch.pairs)
         reference = self._reference_scores(batch)
         policy = sequence_logps(self.backbone, batch.inputs, batch.targets)
-        return dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], beta=settings.beta,
-                        label_smoothing=settings.label_smoothing)
+        losses, margins = dpo_loss(policy[:n], policy[n:], reference[:n], reference[n:], beta=settings.beta,
+                                   label_smoothing=settings.label_smoothing)
+        chosen_tokens = (batch.targets[:n] != -100).sum(-1).clamp(min=1)
+        return losses, margins, -policy[:n] / chosen_tokens
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        losses, margins = self._dpo(batch)
+        losses, margins, chosen_nll = self._scores(batch)
         loss = losses.mean()
+        if self.dpo.sft_weight:
+            loss = loss + self.dpo.sft_weight * chosen_nll.mean()
         if logging_step(self.trainer):
             # Over several ranks, the means over the global batch (an all-reduce of each scalar).
             sync = self.trainer.world_size > 1
             self.log("train_loss", loss, prog_bar=True, sync_dist=sync)
             self.log("train_reward_margin", margins.detach().mean(), sync_dist=sync)
             self.log("train_preference_accuracy", (margins.detach() > 0).float().mean(), sync_dist=sync)
+            self.log("train_chosen_nll", chosen_nll.detach().mean(), sync_dist=sync)
             self.log("lr", self.lr_schedulers().get_last_lr()[0])
         return loss
 

@@ -46,6 +46,7 @@ class Int8Embedding(nn.Module):
         else:
             self.register_buffer("weight", weight)
         self.register_buffer("SCB", scales)  # absmax of each row, as bitsandbytes names it
+        self.num_embeddings, self.embedding_dim = weight.shape  # (nn.Embedding's, which LoRA's token rows read)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight).float() * (self.SCB[ids].float() / 127).unsqueeze(-1)

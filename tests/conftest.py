@@ -155,17 +155,20 @@ def run_train_py_each(cases: dict[str, list[str]], cwd: Path,
             for name, (argv, out, err), code in zip(cases, plan, codes)}
 
 
-def lmkit_main(*args: str) -> subprocess.CompletedProcess:
-    """`lmkit ARGS` in this process: what the `lmkit` script runs (lmkit.cli.main, with that command line), what it
-    printed and its exit code. For refusals of the commands other than train, which need no process of their own
-    (an exception other than the SystemExit of a one-line error propagates, and fails the test)."""
+def lmkit_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`lmkit ARGS` in this process: what the `lmkit` script runs (lmkit.cli.main, with that command line and `env`
+    added to the environment), what it printed and its exit code. For the commands other than train, which need no
+    process of their own (an exception other than the SystemExit of a one-line error propagates, and fails the test;
+    test_commands.py and test_install.py run the `lmkit` script itself)."""
     import io
     from contextlib import redirect_stderr, redirect_stdout
 
     from lmkit.cli import main
 
     out, err, argv, code = io.StringIO(), io.StringIO(), sys.argv, 0
+    saved = {k: os.environ.get(k) for k in env or {}}
     sys.argv = ["lmkit", *args]
+    os.environ.update(env or {})
     try:
         with redirect_stdout(out), redirect_stderr(err):
             main()
@@ -173,6 +176,11 @@ def lmkit_main(*args: str) -> subprocess.CompletedProcess:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
         sys.argv = argv
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return subprocess.CompletedProcess(["lmkit", *args], code, out.getvalue(), err.getvalue())
 
 

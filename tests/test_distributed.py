@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import (ROOT, TINY, free_port, run_in_process, run_train_py, run_train_py_each, sigterm_train_py_when,
-                            train_py_args)
+from tests.conftest import (ROOT, TINY, free_port, run_in_process, run_train_py, run_train_py_each,
+                            sigterm_train_py_when, train_py_args)
 
 DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 SMALL = ["model=lstm", *TINY, "trainer.max_steps=12", "trainer.val_check_interval=6"]

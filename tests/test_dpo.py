@@ -138,7 +138,7 @@ def test_the_dpo_loss_of_a_pair_equals_a_by_hand_computation(base, full_run):
     template = resolve_template(reference.record.tokens, reference.tokenizer)
     records = [json.loads(line) for line in base["pairs"].read_text().splitlines()]
 
-    def logp(backbone, prompt, response) -> float:
+    def logp(backbone, prompt, response, per_token: bool = False) -> float:
         ids, labels = render_chat(prompt, response, tokenizer=reference.tokenizer, template=template)
         assert len(ids) <= 49  # (data.seq_len=48: nothing was cut; the shortest pairs are chosen below)
         total = 0.0
@@ -146,7 +146,7 @@ def test_the_dpo_loss_of_a_pair_equals_a_by_hand_computation(base, full_run):
             for k in np.flatnonzero(labels != IGNORE):
                 logits = backbone(torch.from_numpy(ids[None, :k]))[0][0, -1].double()
                 total += (logits.log_softmax(-1)[labels[k]]).item()
-        return total
+        return total / int((labels != IGNORE).sum()) if per_token else total
 
     beta = module.dpo.beta
     for k in dm.evaluated_pairs("val")[::-1][:3].tolist():  # (longest first: the three shortest)
@@ -159,8 +159,10 @@ def test_the_dpo_loss_of_a_pair_equals_a_by_hand_computation(base, full_run):
                     - (logp(module.backbone, prompt, rejected) - logp(reference.backbone, prompt, rejected)))
         by_hand = -math.log(1 / (1 + math.exp(-z)))
         with torch.no_grad():
-            loss, margin = module._dpo(dm.pair_batch(np.array([k])))
+            loss, margin, chosen_nll = module._scores(dm.pair_batch(np.array([k])))
         assert margin.item() == pytest.approx(z, abs=1e-4) and loss.item() == pytest.approx(by_hand, abs=1e-4)
+        # finetune.sft_weight's term (RPO): the chosen response's mean negative log-likelihood per token
+        assert chosen_nll.item() == pytest.approx(-logp(module.backbone, prompt, chosen, per_token=True), abs=1e-5)
 
 
 def test_label_smoothing_changes_the_loss_as_cdpo_says(full_run):
@@ -264,6 +266,8 @@ def test_bad_preference_inputs_are_one_line_each(base, tmp_path):
         "not_pairs": ([model, "data=chat", f"data.path={base['pairs']}"],
                       ["finetune.objective=dpo learns from preference pairs, not from data=chat: use data=preference"]),
         "beta": ([model, f"data.path={base['pairs']}", "finetune.beta=0"], ["finetune.beta=0 must be a positive"]),
+        "sft_weight": ([model, f"data.path={base['pairs']}", "finetune.sft_weight=-1"],
+                       ["finetune.sft_weight=-1 must be a number >= 0"]),
         "live_full": ([f"data.path={base['pairs']}", "tokenizer=file", f"tokenizer.path={base['model']}/tokenizer.json",
                        "finetune.reference=live"], ["finetune.reference=live with finetune=full", "init_from="]),
     }

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from lmkit.errors import LmkitError
 from lmkit.export import load, save
 from lmkit.hf import export_hf, import_hf
-from tests.test_commands import lmkit_cmd, one_error_line
+from tests.conftest import lmkit_main
+from tests.test_commands import one_error_line
 
 V = 300  # a byte-level BPE needs 256 tokens at least
 SHAPE = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -118,9 +119,9 @@ def test_cli_import_and_export_with_a_tokenizer(tmp_path):
     assert tok.vocab_size <= V
     hf = hf_model(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.json").write_text(tok.to_json())
-    result = lmkit_cmd("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'art'}", cwd=tmp_path)
+    result = lmkit_main("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'art'}")
     assert result.returncode == 0 and "no tokenizer" not in result.stdout, result.stderr[-2000:]
-    result = lmkit_cmd("export", f"model={tmp_path / 'art'}", "format=hf", f"out={tmp_path / 'back'}", cwd=tmp_path)
+    result = lmkit_main("export", f"model={tmp_path / 'art'}", "format=hf", f"out={tmp_path / 'back'}")
     assert result.returncode == 0, result.stderr[-2000:]
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
     torch.testing.assert_close(logits(back, IDS), logits(hf, IDS), atol=1e-4, rtol=1e-4)
@@ -168,7 +169,7 @@ def test_bad_input_is_one_line_naming_the_value(case, tmp_path):
 def test_bad_input_from_the_cli_writes_nothing(tmp_path):
     hf_model(tmp_path / "hf")
     rewrite_config(tmp_path / "hf", rope_parameters={"rope_theta": 1e4, "rope_type": "yarn", "factor": 4.0})
-    result = lmkit_cmd("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'x'}", cwd=tmp_path)
+    result = lmkit_main("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'x'}")
     one_error_line(result, "rope_type='yarn'")
     assert result.returncode == 2 and not (tmp_path / "x").exists()
 
@@ -176,6 +177,6 @@ def test_bad_input_from_the_cli_writes_nothing(tmp_path):
 def test_a_sentencepiece_only_tokenizer_is_named_with_the_way_out(tmp_path):
     hf_model(tmp_path / "hf")
     (tmp_path / "hf" / "tokenizer.model").write_bytes(b"\x0a\x00")  # TinyLlama's kind: SentencePiece, no tokenizer.json
-    result = lmkit_cmd("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'art'}", cwd=tmp_path)
+    result = lmkit_main("import-hf", f"src={tmp_path / 'hf'}", f"out={tmp_path / 'art'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tokenizer.model is SentencePiece" in result.stdout and "save_pretrained" in result.stdout

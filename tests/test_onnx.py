@@ -18,7 +18,7 @@ from lmkit.errors import LmkitError
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
 from tests.conftest import lmkit_main
-from tests.test_commands import lmkit_cmd, one_error_line
+from tests.test_commands import one_error_line
 
 ort = pytest.importorskip("onnxruntime")
 from lmkit.deploy.onnx import export_onnx  # noqa: E402 (after the skip: it needs onnx installed)
@@ -343,8 +343,8 @@ def test_cli_exports_a_pruned_int8_model_that_generate_and_eval_run(trained, tmp
     `lmkit generate` and `lmkit eval` on the folder, and a one-line refusal that writes nothing."""
     env = {"LMKIT_CACHE": str(trained["cache"])}
     out = tmp_path / "onnx"
-    result = lmkit_cmd("export", f"model={trained['ckpt']}", f"out={out}", "format=onnx", "compression=[prune,int8]",
-                       "compression.prune.finetune_steps=0", "gen_tokens=0", cwd=tmp_path, env=env)
+    result = lmkit_main("export", f"model={trained['ckpt']}", f"out={out}", "format=onnx", "compression=[prune,int8]",
+                       "compression.prune.finetune_steps=0", "gen_tokens=0", env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
     assert [r["plugin"] for r in config["compression"]] == ["prune"]
@@ -352,11 +352,11 @@ def test_cli_exports_a_pruned_int8_model_that_generate_and_eval_run(trained, tmp
     assert "MatMulInteger" in op_types(out) and (out / "report.json").is_file()
 
     greedy = ["prompt=ROMEO:", "max_new_tokens=40", "temperature=0"]
-    from_onnx = lmkit_cmd("generate", f"model={out}", *greedy, cwd=tmp_path, env=env)
+    from_onnx = lmkit_main("generate", f"model={out}", *greedy, env=env)
     assert from_onnx.returncode == 0, from_onnx.stderr[-2000:]
     model = lmkit.load(out)
     assert from_onnx.stdout.strip() == model.generate("ROMEO:", max_new_tokens=40, temperature=0).strip()
-    evaluated = lmkit_cmd("eval", f"model={out}", "max_windows=4", cwd=tmp_path, env=env)
+    evaluated = lmkit_main("eval", f"model={out}", "max_windows=4", env=env)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert 1 < json.loads(evaluated.stdout)["perplexity"] < 80
 

@@ -21,7 +21,6 @@ from lmkit.errors import LmkitError
 from lmkit.parallel.checkpoint import read_metadata
 from tests.conftest import (TINY, TINY_TRANSFORMER, lmkit_main, run_in_process, run_train_py, run_train_py_each,
                             sigterm_train_py_when, train_py_args)
-from tests.test_commands import lmkit_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -163,20 +162,21 @@ def test_bf16_mixed_under_fsdp_then_compression(single, tmp_path, cache_dir):
 def test_everything_downstream_reads_a_sharded_folder(fsdp, tmp_path, cache_dir):
     folder = fsdp / "checkpoints" / "last.ckpt"
     model = lmkit.load(folder)  # consolidated in memory, no processes
-    result = lmkit_cmd("export", f"model={folder}", f"out={tmp_path / 'model'}", cwd=tmp_path)
+    result = lmkit_main("export", f"model={folder}", f"out={tmp_path / 'model'}")
     assert result.returncode == 0, result.stderr[-2000:]
     exported = lmkit.load(tmp_path / "model")
     ids = torch.tensor([model.tokenizer.encode("ROMEO: what")])
     torch.testing.assert_close(exported(ids), model(ids))
-    result = lmkit_cmd("generate", f"model={folder}", "prompt=ROMEO:", "max_new_tokens=20", "seed=1", cwd=tmp_path)
+    result = lmkit_main("generate", f"model={folder}", "prompt=ROMEO:", "max_new_tokens=20", "seed=1")
     assert result.returncode == 0 and result.stdout.strip() == model.generate("ROMEO:", max_new_tokens=20, seed=1)
-    result = lmkit_cmd("eval", f"model={folder}", f"paths.cache_dir={cache_dir}", cwd=tmp_path)
+    result = lmkit_main("eval", f"model={folder}", f"paths.cache_dir={cache_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
     test_loss = json.loads((fsdp / "metrics.json").read_text())["test_loss"]
     assert json.loads(result.stdout)["loss"] == pytest.approx(test_loss, rel=1e-4)  # its own test split
     # init_from a sharded folder: one process fine-tunes from its weights (its first loss, on a training batch, is
     # near the trained model's test loss, far below the fresh model's first)
-    m = train("trainer.max_steps=2", f"init_from={folder}", run_dir=tmp_path / "tuned", cache_dir=cache_dir)
+    m = run_in_process(*COMMON, "trainer.max_steps=2", f"init_from={folder}", run_dir=tmp_path / "tuned",
+                       cache_dir=cache_dir)
     first = logged(tmp_path / "tuned")[0]
     assert m["steps"] == 2 and first == pytest.approx(test_loss, rel=0.1) and first < logged(fsdp)[0] - 0.5
 
@@ -185,7 +185,7 @@ def test_reading_a_sharded_folder_never_runs_code_and_names_a_missing_shard(fsdp
     folder = tmp_path / "last.ckpt"
     shutil.copytree(fsdp / "checkpoints" / "last.ckpt", folder)
     (folder / "__1_0.distcp").unlink()
-    result = lmkit_cmd("eval", f"model={folder}", cwd=tmp_path)
+    result = lmkit_main("eval", f"model={folder}")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: sharded checkpoint {folder} is incomplete: __1_0.distcp missing (it has 2 shard "

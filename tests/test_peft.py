@@ -14,8 +14,8 @@ from lmkit.export import save
 from lmkit.hf import export_hf
 from lmkit.peft_format import export_peft
 from lmkit.train import run
-from tests.conftest import CONF
-from tests.test_commands import lmkit_cmd, one_error_line
+from tests.conftest import CONF, lmkit_main
+from tests.test_commands import one_error_line
 from tests.test_lora import FINETUNE, bases  # noqa: F401 (bases: a fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -109,15 +109,14 @@ def test_the_head_adapter_on_a_tied_hf_head_is_exact_unmerged_and_peft_merge_mov
 
 
 def test_the_cli_writes_peft_format_and_refuses_a_model_without_adapters(bases, checkpoints, tmp_path):
-    result = lmkit_cmd("export", f"model={checkpoints['llama', 'q_v']}", "format=peft", f"out={tmp_path / 'peft'}",
-                       cwd=tmp_path)
+    result = lmkit_main("export", f"model={checkpoints['llama', 'q_v']}", "format=peft", f"out={tmp_path / 'peft'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["target_modules"] == ["self_attn.q_proj", "self_attn.v_proj"]
     assert config["base_model_name_or_path"] is None  # an lmkit-trained base: its HF folder is wherever format=hf goes
 
-    refused = lmkit_cmd("export", f"model={bases['llama']}", "format=peft", f"out={tmp_path / 'none'}", cwd=tmp_path)
+    refused = lmkit_main("export", f"model={bases['llama']}", "format=peft", f"out={tmp_path / 'none'}")
     one_error_line(refused, "format=peft writes LoRA adapters; this model has none")
     assert not (tmp_path / "none").exists()
 
@@ -148,8 +147,7 @@ def test_a_base_format_hf_cannot_write_is_refused_in_one_line(bases, tmp_path):
         metrics, _ = run(compose("train", overrides=[
             f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={bases['cache']}", *FINETUNE,
             f"init_from={tmp_path / 'base'}", "trainer.max_steps=1", "trainer.val_check_interval=1"]))
-    result = lmkit_cmd("export", f"model={metrics['last_ckpt']}", "format=peft", f"out={tmp_path / 'peft'}",
-                       cwd=tmp_path)
+    result = lmkit_main("export", f"model={metrics['last_ckpt']}", "format=peft", f"out={tmp_path / 'peft'}")
     one_error_line(result, "format=hf needs a GPT-2- or Llama-shaped Transformer", "tie_weights=False")
     assert not (tmp_path / "peft").exists()
 

@@ -118,8 +118,9 @@ def test_init_from_files_that_do_not_fit_the_model_is_one_line(base, tmp_path):
 def test_qlora_and_lora_with_tensor_parallel_under_fsdp_are_refused_in_one_line(trained, tmp_path):
     cases = {"finetune.base=int4 (QLoRA) under trainer=fsdp": ["finetune.base=int4"],
              "adapters are not split over": ["trainer.strategy.tensor_parallel_size=2"]}
-    results = run_train_py_each({message: train_py_args(*COMMON, *FSDP2, "finetune=lora", f"init_from={trained['ckpt']}",
-                                                        *extra, run_dir=tmp_path / f"run{i}", cache_dir=trained["cache"])
+    lora = [*COMMON, *FSDP2, "finetune=lora", f"init_from={trained['ckpt']}"]
+    results = run_train_py_each({message: train_py_args(*lora, *extra, run_dir=tmp_path / f"run{i}",
+                                                        cache_dir=trained["cache"])
                                  for i, (message, extra) in enumerate(cases.items())}, cwd=tmp_path)
     for message, result in results.items():
         assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]

@@ -152,8 +152,8 @@ def _messages(value: str | Messages, role: str) -> list[dict[str, Any]]:
             raise LmkitError(f"message {n} is not an object with a string 'role': {_short(message)}")
         content = message.get("content")
         if isinstance(content, list):  # OpenAI's content parts: the text ones, joined (as lmkit serve reads them)
-            content = "".join(p.get("text") or "" for p in content
-                              if isinstance(p, Mapping) and p.get("type") == "text")
+            content = "".join(p["text"] for p in content
+                              if isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str))
         if not isinstance(content, str):
             raise LmkitError(f"message {n} ({message['role']}) has no string 'content': {_short(message)}")
         out.append({**message, "content": content})

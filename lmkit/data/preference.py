@@ -33,9 +33,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from lmkit.data.chat import IGNORE, end_of_turn_ids, render_chat
-from lmkit.data.chat_datamodule import CACHE_VERSION, SPLITS, ChatCache, ChatDataModule, ChatEvalBatches, \
-    ChatTrainBatches
+from lmkit.data.chat import IGNORE, _short, end_of_turn_ids, render_chat
+from lmkit.data.chat_datamodule import CACHE_VERSION, SPLITS, ChatCache, ChatDataModule, ChatEvalBatches
 from lmkit.data.tokenizer import Tokenizer
 from lmkit.errors import LmkitError
 
@@ -183,12 +182,6 @@ class PreferenceDataModule(ChatDataModule):
         cache = self.cache
         return PairRows(cache.ids(), cache.learn(), cache.starts, self._lengths, self._cut)
 
-    def train_dataloader(self) -> ChatTrainBatches:
-        rank, world = self._rank()
-        start = self.trainer.global_step * self.trainer.accumulate_grad_batches if self.trainer is not None else 0
-        return ChatTrainBatches(self._rows(), self._units["train"], self.batch_size, self.seed, rank, world, start,
-                                pin_memory=self._pin())
-
     def evaluated_pairs(self, name: str) -> np.ndarray:
         """The pairs of split `name` that evaluation reads (data.val_windows / test_windows of them, longest first;
         the training split: every pair)."""
@@ -294,11 +287,8 @@ def _text(response: Any) -> str:
     for message in response:
         content = message.get("content") if isinstance(message, Mapping) else None
         if isinstance(content, list):
-            content = "".join(p.get("text") or "" for p in content if isinstance(p, Mapping))
+            content = "".join(p["text"] for p in content if isinstance(p, Mapping) and p.get("type") == "text"
+                              and isinstance(p.get("text"), str))  # (as lmkit.data.chat reads them)
         out.append(content if isinstance(content, str) else "")
     return "".join(out)
 
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
