@@ -97,6 +97,17 @@ def interleaved(base: Path, data: Path, cache: Path, rounds: int) -> dict:
     lora.train()
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5)
                   for name, m in (("full", full), ("lora", lora))}
+    @torch.no_grad()
+    def score_reference(name: str, backbone: torch.nn.Module, batch) -> None:
+        """The reference's log-probabilities of a batch: the frozen copy (full), the base with adapters off (LoRA)."""
+        if name == "full":
+            sequence_logps(frozen, batch.inputs, batch.targets)
+            return
+        backbone.eval()
+        with adapters_off(backbone):
+            sequence_logps(backbone, batch.inputs, batch.targets)
+        backbone.train()
+
     times: dict[str, list[float]] = {f"{k}_{what}": [] for k in ("full", "lora") for what in ("step", "live", "pre")}
     pairs_seen = 0
     for i in range(rounds + 1):
@@ -112,24 +123,10 @@ def interleaved(base: Path, data: Path, cache: Path, rounds: int) -> dict:
             optimizers[name].zero_grad(set_to_none=True)
             step = time.perf_counter() - started
             started = time.perf_counter()
-            with torch.no_grad():
-                if name == "full":
-                    sequence_logps(frozen, batch.inputs, batch.targets)
-                else:
-                    backbone.eval()
-                    with adapters_off(backbone):
-                        sequence_logps(backbone, batch.inputs, batch.targets)
-                    backbone.train()
+            score_reference(name, backbone, batch)  # the live reference: once per pair per visit
             live = time.perf_counter() - started
             started = time.perf_counter()
-            with torch.no_grad():  # the precomputation: the model it starts from, in eval mode, on the same pairs
-                if name == "full":
-                    sequence_logps(frozen, batch.inputs, batch.targets)
-                else:
-                    backbone.eval()
-                    with adapters_off(backbone):
-                        sequence_logps(backbone, batch.inputs, batch.targets)
-                    backbone.train()
+            score_reference(name, backbone, batch)  # the precomputation: the same forward, once per pair in all
             pre = time.perf_counter() - started
             if i:  # (the first round warms up)
                 for what, took in (("step", step), ("live", live), ("pre", pre)):
