@@ -101,8 +101,8 @@ def lmkit_perplexity(model: InferenceModel, windows: np.ndarray) -> float:
     return round(math.exp(loss.item()), 4)
 
 
-# llama.cpp's AMX buffers compute Q4_0/Q4_1 wrongly on an Intel Xeon with AMX (lmkit.deploy.gguf.AMX_NOTE): every
-# file loads without them, as the tests load theirs
+# llama.cpp's AMX buffers compute Q4_0/Q4_1 wrongly on an Intel Xeon with AMX (lmkit.deploy.gguf_card.AMX_NOTE):
+# every file loads without them, as the tests load theirs
 LLAMA_CPP_PERPLEXITY = """
 import json, math, sys
 import numpy as np

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from lmkit.version import __version__  # noqa: F401 (lmkit.__version__)
 
 
 def load(path, device=None, dtype=None):

@@ -1,17 +1,12 @@
 """Callbacks that belong to language modelling: text samples, tokens per second, a step-counting
-progress bar, a checkpoint on SIGTERM or Ctrl-C; and how checkpoints reach the disk."""
+progress bar; and how checkpoints reach the disk. (The checkpoint on SIGTERM or Ctrl-C: lmkit.interrupts.)"""
 
 from __future__ import annotations
 
 import io
 import logging
-import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +16,14 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
-from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from lmkit.distributed import data_parallel
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_write, cannot_write, check_writable
 from lmkit.generate import generate
+# (configs written before lmkit.interrupts name these here)
+from lmkit.interrupts import CheckpointOnInterrupt, CheckpointOnSigterm  # noqa: F401
 from lmkit.lightning_module import logging_step
 
 log = logging.getLogger("lmkit")
@@ -116,127 +111,6 @@ class Throughput(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.on_validation_start(trainer, module)
-
-
-class _NoCollectiveInTheHandler(_SignalConnector):
-    """Lightning's signal connector without its SIGTERM handler. That handler broadcasts from inside the
-    signal handler, so the broadcast runs on each rank wherever the signal found it and pairs with
-    whatever collective the other rank is in (an FSDP all-gather, the next step's flag broadcast): under
-    several ranks a SIGTERM hung about one run in four. `CheckpointOnInterrupt` handles the signal instead."""
-
-    def _sigterm_notifier_fn(self, signum: Any, frame: Any) -> None:
-        pass
-
-
-class CheckpointOnInterrupt(L.Callback):
-    """On SIGTERM (what SLURM sends before pre-emption) or Ctrl-C, save `last.ckpt` so `resume=true` continues.
-
-    A signal only notes itself in this process. The ranks then agree on it at the next step or
-    evaluation batch end (an all-reduce of every rank's note), and only the agreed flag reaches
-    Lightning's loops, which stop at that boundary: every rank stops after the same step, so the
-    collective checkpoint save meets every rank there. (A flag each rank checks on its own, as
-    Lightning's is, lets rank 0 stop while rank 1 waits in the next step's all-gather.) A Ctrl-C
-    likewise never lands inside a step (a half-applied optimizer step). A second Ctrl-C quits at
-    once, saving nothing. The process exits with 130 after Ctrl-C, 143 (128 + 15) after SIGTERM
-    (`interrupts`, around the trainer calls in `lmkit.train.run`).
-
-    Other exceptions save nothing: after a crash a peer rank may be gone, and the collective
-    checkpoint save would wait for it. (Not Lightning's OnExceptionCheckpoint: its presence makes
-    every `fit` silently resume from the newest checkpoint in the folder.)
-    """
-
-    def __init__(self, dirpath: str, filename: str = "last") -> None:
-        self.path = Path(dirpath) / f"{filename}.ckpt"
-        self.signalled: str | None = None  # "SIGTERM" or "Ctrl-C", as this process's handler noted it
-        self._saving = False
-        self._validated_at: int | None = None  # the step whose end ran the last in-training validation
-
-    @contextmanager
-    def interrupts(self, trainer: L.Trainer) -> Iterator[None]:
-        """While the block runs, SIGTERM and Ctrl-C stop the trainer at the next agreed boundary and exit
-        with 143 and 130; a signal that came after the last boundary exits when the block ends."""
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield
-            return
-        self.signalled = None
-        trainer._signal_connector = _NoCollectiveInTheHandler(trainer)
-
-        def on_sigint(signum: int, frame: Any) -> None:
-            if self.signalled == "Ctrl-C":  # the second Ctrl-C: out now, through every `finally`
-                if trainer.is_global_zero:
-                    os.write(2, b"\nCtrl-C again: quitting without saving\n")
-                raise SystemExit(130)
-            self.signalled = "Ctrl-C"
-            if trainer.is_global_zero:  # os.write: print() in a signal handler can meet a half-done print
-                os.write(2, b"\nCtrl-C: stopping at the end of this step (Ctrl-C again to quit at once, "
-                            b"saving nothing)\n")
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            if self.signalled is None and trainer.strategy.launcher is not None:
-                trainer.strategy.launcher.kill(signum)  # the ranks this process started, as Lightning does
-            self.signalled = self.signalled or "SIGTERM"
-
-        previous = {signal.SIGINT: signal.signal(signal.SIGINT, on_sigint),
-                    signal.SIGTERM: signal.signal(signal.SIGTERM, on_sigterm)}
-        try:
-            yield
-        except SIGTERMException:
-            raise SystemExit(self.exit_code) from None
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-        if self.signalled:  # noted after the last boundary, where no loop was there to stop
-            raise SystemExit(self.exit_code)
-
-    @property
-    def exit_code(self) -> int:
-        return 130 if self.signalled == "Ctrl-C" else 143
-
-    def _agree(self, trainer: L.Trainer, *_: Any) -> None:
-        signalled = self.signalled is not None
-        if trainer.world_size > 1:  # (one rank alone needs no tensor, nor the device sync of reading it back)
-            flags = torch.tensor([signalled], dtype=torch.int32, device=trainer.strategy.root_device)
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-            signalled = bool(flags.item())
-        if signalled:
-            trainer._signal_connector.received_sigterm = True  # Lightning's loops stop at their next check
-            if self.signalled is None:  # another rank was signalled: this one stops with it
-                self.signalled = "SIGTERM"
-
-    on_train_batch_end = on_validation_batch_end = on_test_batch_end = _agree
-
-    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._validated_at = trainer.global_step
-
-    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
-        what = self.signalled or "SIGTERM"
-        if trainer.state.fn != "fit" or trainer.sanity_checking:  # nothing trained since the last checkpoint
-            if trainer.is_global_zero:
-                log.info("%s: stopped outside training; nothing new to save", what)
-            return
-        self._saving = True
-        try:
-            trainer.save_checkpoint(self.path, weights_only=False)  # (explicit: Lightning logs its default)
-        finally:
-            self._saving = False
-        if trainer.is_global_zero:
-            log.warning("%s: saved %s at step %d; to continue, run the same command with resume=true "
-                        "hydra.run.dir=%s", what, self.path, trainer.global_step, trainer.default_root_dir)
-
-
-    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self._saving and self._validated_at == trainer.global_step:
-            # Stopped in a step that validated: Lightning's restart replays that step's end (its
-            # validation) and so counts the step for the loggers again, as for ModelCheckpoint's
-            # checkpoint saved inside the validation, before the count moved on. Saved with that count,
-            # the resumed run logs each step at its own number instead of one past it.
-            checkpoint["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
-
-
-CheckpointOnSigterm = CheckpointOnInterrupt  # its name in configs written before Ctrl-C saved too
 
 
 class StepProgressBar(TQDMProgressBar):

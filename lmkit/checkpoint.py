@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from lmkit.errors import LmkitError
-from lmkit.parallel.checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
+from lmkit.errors import LmkitError, first_line
+from lmkit.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 from lmkit.record import ModelRecord
 
 
@@ -25,8 +25,7 @@ def read_checkpoint(path: str | Path, *, weights: bool = True) -> dict[str, Any]
         # before Lightning loads it for real
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a bad file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LmkitError(f"checkpoint {path} is corrupt or truncated ({reason[:160]})") from None
+        raise LmkitError(f"checkpoint {path} is corrupt or truncated ({first_line(e)})") from None
 
 
 def check_compatible(path: str | Path, checkpoint: dict[str, Any], record: ModelRecord, tokenizer_json: str) -> None:

@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lmkit.conf import CONF_DIR, check_conf_dir, compose, load_flat
-from lmkit.errors import LmkitError, exit_on_user_error
+from lmkit.errors import LmkitError, exit_on_user_error, first_line
 
 
-# The commands' option types. Their defaults are in conf/<command>.yaml, and only there.
+# The commands' option types (serve's: lmkit.serve.settings.ServeSettings). Their defaults are in
+# conf/<command>.yaml, and only there.
 @dataclass
 class ExportArgs:
     model: str
@@ -77,27 +78,6 @@ class ImportArgs:
     overwrite: bool
 
 
-@dataclass
-class ServeArgs:
-    model: str
-    name: Optional[str]
-    runtime: str
-    device: Optional[str]
-    host: str
-    port: int
-    max_batch_size: int
-    batch_timeout: float
-    workers: int
-    threads: Optional[int]
-    stream_interval: float
-    api_key: Optional[str]
-    max_tokens: int
-    max_tokens_limit: int
-    max_n: int
-    max_prompt_tokens: int
-    log_level: str
-
-
 def parse(schema: type, command: str, args: list[str], groups: tuple[str, ...] = ()) -> tuple[Any, Any]:
     """key=value arguments over `conf/<command>.yaml` (`import-hf`: import_hf.yaml), checked against `schema`'s types.
 
@@ -130,7 +110,7 @@ def parse(schema: type, command: str, args: list[str], groups: tuple[str, ...] =
         options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
                                                       {f.name: cfg[f.name] for f in fields(schema)}))
     except OmegaConfBaseException as e:
-        raise LmkitError(f"lmkit {command}: {str(e).splitlines()[0]}") from None
+        raise LmkitError(f"lmkit {command}: {first_line(e, limit=None)}") from None
     return options, cfg
 
 
@@ -187,7 +167,7 @@ def _export(args: list[str]) -> None:
 
 def _export_peft(model: Any, a: ExportArgs, compression: Any) -> Path:
     from lmkit.lora import is_adapted
-    from lmkit.peft_format import export_peft, hf_source_of_base
+    from lmkit.hf import export_peft, hf_source_of_base
 
     if compression or a.dtype != "fp32":
         raise LmkitError("format=peft writes the adapters in float32 as trained (drop compression/dtype)")
@@ -276,7 +256,7 @@ def _plugins(args: list[str]) -> None:
         try:
             summary = plugin_class(name).summary
         except Exception as e:  # a broken third-party plugin must not hide the others
-            summary = f"(cannot load {entry_point.value}: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            summary = f"(cannot load {entry_point.value}: {first_line(e, limit=None)})"
         print(f"{name:<18} {summary}")
 
 
@@ -315,9 +295,10 @@ def _import_hf(args: list[str]) -> None:
 
 def _serve(args: list[str]) -> None:
     from lmkit.serve import serve
+    from lmkit.serve.settings import ServeSettings  # the server's own record: its keys are written once
 
-    a, _ = parse(ServeArgs, "serve", args)
-    serve(a)
+    settings, _ = parse(ServeSettings, "serve", args)
+    serve(settings)
 
 
 def _train(args: list[str]) -> None:
@@ -356,7 +337,7 @@ def main() -> None:
         print(__doc__.split("\n", 2)[2], end="")
         return
     if args[0] in ("--version", "-V"):
-        from lmkit import __version__
+        from lmkit.version import __version__
 
         print(f"lmkit {__version__}")
         return

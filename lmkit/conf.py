@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lmkit.errors import LmkitError
+from lmkit.errors import LmkitError, first_line
 
 _PACKAGE = Path(__file__).resolve().parent
 # A wheel carries conf/ as lmkit/_conf; a checkout (and an editable install) reads the repository's conf/.
@@ -41,7 +41,7 @@ def compose(config_name: str, overrides: list[str]) -> Any:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             return hydra_compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
-        message = str(e).splitlines()[0]
+        message = first_line(e, limit=None)
         missing = re.search(r"Could not find 'compression/([^']+)'", message)
         if missing:
             from lmkit.plugins import installed
@@ -70,7 +70,7 @@ def load_flat(config_name: str, overrides: list[str]) -> Any:
     except ConfigKeyError as e:
         raise LmkitError(f"unknown key {e.key!r}: the keys are in conf/{config_name}.yaml") from None
     except OmegaConfBaseException as e:
-        raise LmkitError(f"lmkit: {str(e).splitlines()[0]}") from None
+        raise LmkitError(f"lmkit: {first_line(e, limit=None)}") from None
 
 
 def group_option(group: str, option: str) -> dict[str, Any]:
@@ -96,12 +96,23 @@ def check_sweeper(args: list[str]) -> None:
                              "pip install 'lmkit[optuna]'")
 
 
-def check_config_dirs(args: list[str]) -> None:
-    """A user's config folder (`--config-dir DIR`, `-cd=DIR`) must exist: Hydra's own word for it is no error."""
+CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
+
+
+def config_flags(args: list[str]) -> list[tuple[str, str]]:
+    """Hydra's flags on a command line that say where configs come from, as (flag, value) pairs, however they are
+    written (`--config-dir my_conf`, `-cn=name`)."""
+    pairs = []
     for i, arg in enumerate(args):
         name, equals, value = arg.partition("=")
-        if name in ("--config-dir", "-cd"):
-            folder = value if equals else (args[i + 1] if i + 1 < len(args) else "")
-            if not Path(folder).is_dir():
-                raise LmkitError(f"{name} {folder}: no such folder (a folder of your own config groups, e.g. "
-                                 "model/, experiment/)")
+        if name in CONFIG_FLAGS:
+            pairs.append((name, value if equals else (args[i + 1] if i + 1 < len(args) else "")))
+    return pairs
+
+
+def check_config_dirs(args: list[str]) -> None:
+    """A user's config folder (`--config-dir DIR`, `-cd=DIR`) must exist: Hydra's own word for it is no error."""
+    for name, folder in config_flags(args):
+        if name in ("--config-dir", "-cd") and not Path(folder).is_dir():
+            raise LmkitError(f"{name} {folder}: no such folder (a folder of your own config groups, e.g. "
+                             "model/, experiment/)")

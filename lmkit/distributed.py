@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from lmkit.conf import config_flags
 from lmkit.errors import LmkitError
 
 # Environment variables that mean "a launcher already started this process as one of several ranks".
@@ -79,21 +80,6 @@ def check_launch(trainer_cfg: Any) -> None:
                          "MASTER_ADDR/NODE_RANK set): see the README's multi-node section")
 
 
-CONFIG_FLAGS = ("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn")
-
-
-def config_flags(args: list[str]) -> list[str]:
-    """Hydra's flags that say where configs come from (`--config-dir my_conf`, `-cn=name`, ...): a user's own
-    presets must reach the re-launched ranks too."""
-    kept = []
-    for i, arg in enumerate(args):
-        if arg in CONFIG_FLAGS and i + 1 < len(args):
-            kept += [arg, args[i + 1]]
-        elif arg.startswith(tuple(f"{flag}=" for flag in CONFIG_FLAGS)):
-            kept.append(arg)
-    return kept
-
-
 @contextmanager
 def ddp_children_run_this_job() -> Iterator[None]:
     """While training, make Lightning's re-launched ranks run this Hydra job only, into its folder."""
@@ -113,7 +99,9 @@ def ddp_children_run_this_job() -> Iterator[None]:
         hydra_cfg.run.dir = hydra_cfg.runtime.output_dir  # what Lightning appends as hydra.run.dir
     # This job's overrides (a sweep's point, not the sweep), and console-only logging for the children
     # so rank 0 is the only process writing into the run folder.
-    sys.argv = [sys.argv[0], *config_flags(saved_argv[1:]), *hydra_cfg.overrides.task, "hydra/job_logging=stdout"]
+    # (a user's own presets, `--config-dir my_conf`, must reach the re-launched ranks too)
+    flags = [word for pair in config_flags(saved_argv[1:]) for word in pair]
+    sys.argv = [sys.argv[0], *flags, *hydra_cfg.overrides.task, "hydra/job_logging=stdout"]
     try:
         yield
     finally:

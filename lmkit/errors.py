@@ -11,10 +11,11 @@ class LmkitError(Exception):
     """A problem with the user's input (a path, a config value, a file); its message is the whole story."""
 
 
-def first_line(e: BaseException, limit: int = 160) -> str:
+def first_line(e: BaseException, limit: int | None = 160) -> str:
     """An exception's first line, cut to `limit` characters (its type's name when it has no message): the
     reason part of a one-line error about a file some library could not read."""
-    return str(e).splitlines()[0][:limit] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
 
 
 @contextmanager

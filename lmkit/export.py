@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from lmkit.backbones import build_backbone
 from lmkit.checkpoint import read_checkpoint
-from lmkit.parallel.checkpoint import is_sharded_checkpoint
+from lmkit.sharded_checkpoint import is_sharded_checkpoint
 from lmkit.data.tokenizer import tokenizer_from_json
 from lmkit.errors import LmkitError, first_line
 from lmkit.files import atomic_directory

@@ -27,8 +27,15 @@ def machine_memory() -> int | None:
         return None
 
 
-def _processes_per_node(trainer_cfg: Any, gpu: bool) -> int:
-    """Lightning's `devices`: a count, a list of device ids, or "auto" (every GPU, one CPU process)."""
+def on_gpu(trainer_cfg: Any) -> bool:
+    """Whether the trainer config runs on GPUs (`accelerator: auto` on a machine that has one)."""
+    accelerator = str(trainer_cfg.get("accelerator"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def processes_per_node(trainer_cfg: Any) -> int:
+    """How many processes the trainer starts on each node, from Lightning's `devices`: a count, a list of device
+    ids, or "auto" (every GPU, one CPU process)."""
     devices = trainer_cfg.get("devices")
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
@@ -36,15 +43,14 @@ def _processes_per_node(trainer_cfg: Any, gpu: bool) -> int:
         return devices
     if not isinstance(devices, (int, str)):  # a list of ids
         return len(devices)
-    return max(torch.cuda.device_count(), 1) if gpu else 1
+    return max(torch.cuda.device_count(), 1) if on_gpu(trainer_cfg) else 1
 
 
 def check_memory(parameters: int, trainer_cfg: Any, *, sharded: bool, frozen: bool = False) -> None:
     """Refuse `trainer_cfg`'s launch of a model of `parameters` if its weights, gradients and optimizer state alone
     exceed this machine's memory (CPU ranks, together) or one GPU's (each GPU rank)."""
-    gpu = str(trainer_cfg.get("accelerator")) in ("gpu", "cuda") or (
-        str(trainer_cfg.get("accelerator")) == "auto" and torch.cuda.is_available())
-    ranks = _processes_per_node(trainer_cfg, gpu)
+    gpu = on_gpu(trainer_cfg)
+    ranks = processes_per_node(trainer_cfg)
     nodes = int(trainer_cfg.get("num_nodes") or 1)
     split = ranks * nodes if sharded else 1  # FSDP (x TP) splits the state over every rank; DDP replicates it
     per_rank = parameters * (FROZEN_BYTES if frozen else TRAINED_BYTES) / split

@@ -141,7 +141,13 @@ class Plugin:
         """A few words on how this step ran (criterion, pattern, recovery, ...) for the report's rows."""
         return ""
 
+    @property
+    def during_training(self) -> bool:
+        """Whether this plugin works during training (its `callbacks`), which finetune=lora and trainer=fsdp refuse."""
+        return bool(self.settings.get("during_training", False))
+
     def callbacks(self, module: Any) -> list[Any]:
+        """Lightning callbacks that compress while the model trains (`during_training`)."""
         return []
 
     def apply(self, model: InferenceModel, context: CompressContext) -> dict[str, Any]:

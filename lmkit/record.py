@@ -21,6 +21,7 @@ import torch
 
 from lmkit.backbones import BackboneConfig, backbone_config
 from lmkit.errors import LmkitError
+from lmkit.version import __version__
 
 FORMAT_VERSION = 1  # bump when config.json changes in a way an older lmkit cannot read
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -106,8 +107,6 @@ class ModelRecord:
             raise LmkitError(f"{where} is not an lmkit config (no format/format_version)")
         version = config["format_version"]
         if version > FORMAT_VERSION:
-            from lmkit import __version__
-
             raise LmkitError(f"{where} uses artifact format {version}; this lmkit ({__version__}) reads up to "
                              f"{FORMAT_VERSION}: upgrade lmkit")
         model = config.get("model")
@@ -165,8 +164,6 @@ class ModelRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """What `config.json` holds (the versions that wrote it included)."""
-        from lmkit import __version__
-
         return {"format": "lmkit", "format_version": FORMAT_VERSION, "lmkit_version": __version__,
                 "torch_version": torch.__version__.split("+")[0],
                 "model": {"kind": self.kind, **dataclasses.asdict(self.backbone)}, "tokenizer": self.tokenizer,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from lmkit.blockquant import Grid, block_params, quantize_to
+from lmkit.errors import first_line
 
 LAZY_BATCH = 128
 
@@ -51,7 +52,7 @@ def gptq(weight: torch.Tensor, gram: torch.Tensor, grid: Grid, *, damp: float = 
     try:
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     except RuntimeError as e:  # torch.linalg.LinAlgError
-        raise Unfactorizable(f"its damped Hessian is not positive definite ({str(e).splitlines()[0]})") from None
+        raise Unfactorizable(f"its damped Hessian is not positive definite ({first_line(e)})") from None
     codes = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
     step = max(LAZY_BATCH, bs)
     for i1 in range(0, cols, step):

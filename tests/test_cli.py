@@ -253,12 +253,13 @@ def test_log_every_n_steps_zero_and_no_validation_still_finish(make_cfg):
 def test_null_unsets_an_optional_text_option_and_stays_text_elsewhere(monkeypatch):
     """`api_key=null` turns auth off (even over LMKIT_API_KEY) and `device=null` means the CPU, as conf/serve.yaml
     and conf/generate.yaml document; a text option that cannot be unset (prompt) keeps `null` as its text."""
-    from lmkit.cli import GenerateArgs, ServeArgs, parse
+    from lmkit.cli import GenerateArgs, parse
+    from lmkit.serve.settings import ServeSettings
 
     monkeypatch.setenv("LMKIT_API_KEY", "secret")
-    serve, _ = parse(ServeArgs, "serve", ["model=m", "api_key=null", "device=NULL", "name=null"])
+    serve, _ = parse(ServeSettings, "serve", ["model=m", "api_key=null", "device=NULL", "name=null"])
     assert (serve.api_key, serve.device, serve.name) == (None, None, None)
-    serve, _ = parse(ServeArgs, "serve", ["model=m", "device=cuda:1", "name=nullish"])
+    serve, _ = parse(ServeSettings, "serve", ["model=m", "device=cuda:1", "name=nullish"])
     assert (serve.api_key, serve.device, serve.name) == ("secret", "cuda:1", "nullish")
     generate, _ = parse(GenerateArgs, "generate", ["model=m", "prompt=null", "device=null", "dtype=Null"])
     assert (generate.prompt, generate.device, generate.dtype) == ("null", None, None)

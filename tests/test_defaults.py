@@ -96,5 +96,5 @@ def test_every_lmkit_target_agrees_with_its_yaml():
 
     for path in sorted(CONF.rglob("*.yaml")):
         walk(OmegaConf.to_container(OmegaConf.load(path), resolve=False), path)
-    assert {"lmkit.callbacks.TextSampler", "lmkit.callbacks.CheckpointOnInterrupt", "lmkit.callbacks.StepProgressBar",
+    assert {"lmkit.callbacks.TextSampler", "lmkit.interrupts.CheckpointOnInterrupt", "lmkit.callbacks.StepProgressBar",
             "lmkit.loggers.wandb_logger", "lmkit.parallel.strategy.ShardedStrategy"} <= set(checked)

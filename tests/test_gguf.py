@@ -320,7 +320,7 @@ from llama_cpp import llama_cpp as api
 default = api.llama_model_default_params
 
 
-def without_extra_buffers():  # AMX's buffer computes Q4_0 and Q4_1 wrongly (lmkit.deploy.gguf.AMX_NOTE)
+def without_extra_buffers():  # AMX's buffer computes Q4_0 and Q4_1 wrongly (lmkit.deploy.gguf_card.AMX_NOTE)
     params = default()
     if "use_extra_bufts" in dict(type(params)._fields_):
         params.use_extra_bufts = False

@@ -1,4 +1,4 @@
-"""format=hf of grid-quantized models (lmkit.hf_quantized), read back by transformers itself through compressed-tensors
+"""format=hf of grid-quantized models (lmkit.hf.quantized), read back by transformers itself through compressed-tensors
 on the CPU. Tiny random Llama and Qwen2 models (tests.test_hf_llama's), 64 wide so that every width fills blocks of 32.
 """
 
@@ -17,7 +17,7 @@ from lmkit.compress import compress
 from lmkit.errors import LmkitError
 from lmkit.export import load, save
 from lmkit.hf import export_hf, hf_model_type, import_hf
-from lmkit.hf_quantized import pack_int32
+from lmkit.hf.quantized import pack_int32
 from lmkit.inference import InferenceModel
 from lmkit.plugins import CompressContext
 from lmkit.record import ModelRecord

@@ -16,6 +16,7 @@ from lmkit.hf import export_hf, import_hf
 from lmkit.serve import openai
 from lmkit.serve.chat import ChatFormat
 from lmkit.serve.engine import Engine
+from lmkit.serve.settings import Limits
 from tests.test_hf_llama import V, hf_model
 
 # ChatML with a start token, as SmolLM2 and Qwen2 write it (their templates also add a default system message)
@@ -81,7 +82,7 @@ def test_the_chat_template_renders_and_encodes_as_transformers(tmp_path):
     assert chat.prompt(MESSAGES) == expected and expected.startswith("<s><|im_start|>system\n")
     expected_ids = reference(expected, add_special_tokens=False)["input_ids"]
     request = openai.ChatRequest(model="m", messages=MESSAGES)
-    limits = openai.Limits(max_tokens=8, max_tokens_limit=8, max_n=1, max_prompt_tokens=64)
+    limits = Limits(max_tokens=8, max_tokens_limit=8, max_n=1, max_prompt_tokens=64)
     job = openai.prepare(request, model_name="m", tokenizer=model.tokenizer, vocab_size=V, limits=limits,
                          chat_format=chat).job
     assert job.prompts == [expected_ids] and job.stop == []  # the reply ends at <|im_end|>, not at a blank line
@@ -124,4 +125,4 @@ def test_a_template_that_refuses_a_conversation_is_a_400(tmp_path):
     request = openai.ChatRequest(model="m", messages=MESSAGES)
     with pytest.raises(openai.ApiError, match="roles must alternate"):
         openai.prepare(request, model_name="m", tokenizer=model.tokenizer, vocab_size=V,
-                       limits=openai.Limits(8, 8, 1, 64), chat_format=ChatFormat.of(model))
+                       limits=Limits(8, 8, 1, 64), chat_format=ChatFormat.of(model))

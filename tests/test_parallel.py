@@ -18,8 +18,8 @@ import torch
 import lmkit
 from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
-from lmkit.parallel.checkpoint import read_metadata
-from tests.conftest import (TINY, TINY_TRANSFORMER, lmkit_main, run_in_process, run_train_py, run_train_py_each,
+from lmkit.sharded_checkpoint import read_metadata
+from tests.conftest import (TINY, TINY_TRANSFORMER, free_port, lmkit_main, run_in_process, run_train_py, run_train_py_each,
                             sigterm_train_py_when, train_py_args)
 
 pytestmark = pytest.mark.slow
@@ -348,3 +348,80 @@ def test_fsdp_alone_runs_a_llama_block_with_grouped_query_attention():
         torch.testing.assert_close(logits, reference(ids)[0], atol=1e-5, rtol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+LLAMA_MHA = dict(vocab_size=50, n_layer=2, n_head=4, n_kv_head=4, n_embd=16, max_seq_len=8, bias=False,
+                 norm="rmsnorm", mlp="swiglu", mlp_hidden=24, position="rope")
+
+
+def _tensor_parallel_rank(rank: int, port: int, out: str) -> None:
+    """One of two tensor-parallel ranks: the Llama block split over both, its logits and gradients gathered whole."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lmkit.backbones import Transformer, TransformerConfig
+    from lmkit.parallel.parallelize import parallelize
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same weights and batch on both ranks
+        model = Transformer(TransformerConfig(**LLAMA_MHA))
+        parallelize(model, init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel")))
+        ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+        logits, _ = model(ids)
+        logits.logsumexp(-1).mean().backward()
+        split = [n for n, p in model.named_parameters() if isinstance(p, DTensor) and
+                 any(placement.is_shard() for placement in p.grad.placements)]
+        grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save({"logits": logits.detach(), "grads": grads, "split": split}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_splits_a_llama_block_over_two_processes(tmp_path):
+    """Two real processes split RMSNorm/SwiGLU/RoPE blocks (gate and up by columns, the output projections by rows):
+    the logits and every gradient are the one-process model's."""
+    from lmkit.backbones import Transformer, TransformerConfig
+
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(_tensor_parallel_rank, args=(free_port(), str(out)), nprocs=2)
+    torch.manual_seed(0)
+    reference = Transformer(TransformerConfig(**LLAMA_MHA))
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
+    logits, _ = reference(ids)
+    logits.logsumexp(-1).mean().backward()
+    got = torch.load(out, weights_only=True)
+    assert {"transformer.h.0.mlp.gate.weight", "transformer.h.0.mlp.up.weight", "transformer.h.0.mlp.c_proj.weight",
+            "transformer.h.1.attn.c_attn.weight"} <= set(got["split"]), got["split"]
+    torch.testing.assert_close(got["logits"], logits.detach(), atol=1e-5, rtol=1e-5)
+    for name, parameter in reference.named_parameters():
+        torch.testing.assert_close(got["grads"][name], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compile_leaves_parameter_names_and_so_checkpoints_as_they_are():
+    """`model.compile=true` compiles each block in place (no `_orig_mod.` in any name), under FSDP2 and without."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lmkit.backbones import Transformer, TransformerConfig
+    from lmkit.parallel.parallelize import parallelize
+
+    plain = Transformer(TransformerConfig(**LLAMA_MHA)).state_dict().keys()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = Transformer(TransformerConfig(**LLAMA_MHA))
+        parallelize(model, init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel")),
+                    compile=True)
+        assert all(block._compiled_call_impl is not None for block in model.transformer.h)
+        assert model.state_dict().keys() == plain
+    finally:
+        dist.destroy_process_group()
+    from lmkit.lightning_module import LitLanguageModel
+
+    module = LitLanguageModel(model={"kind": "transformer", **{k: v for k, v in LLAMA_MHA.items() if k != "vocab_size"}},
+                              optim={"name": "adamw", "lr": 1e-3}, vocab_size=50, compile=True)
+    module.configure_model()  # one process or DDP: the whole backbone compiled in place
+    assert module.backbone._compiled_call_impl is not None
+    assert module.backbone.state_dict().keys() == plain

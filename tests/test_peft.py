@@ -12,7 +12,7 @@ import torch
 import lmkit
 from lmkit.export import save
 from lmkit.hf import export_hf
-from lmkit.peft_format import export_peft
+from lmkit.hf import export_peft
 from lmkit.train import run
 from tests.conftest import CONF, lmkit_main
 from tests.test_commands import one_error_line
@@ -124,7 +124,7 @@ def test_the_cli_writes_peft_format_and_refuses_a_model_without_adapters(bases, 
 def test_a_base_imported_from_hugging_face_is_named_as_base_model(tmp_path):
     """Fine-tuning an imported model: the adapters apply to the folder it came from, which the config names."""
     from lmkit.hf import import_hf
-    from lmkit.peft_format import hf_source_of_base
+    from lmkit.hf import hf_source_of_base
     from tests.test_hf_llama import hf_model
 
     hf_model(tmp_path / "hf")

@@ -30,7 +30,7 @@ httpx = pytest.importorskip("httpx")
 from omegaconf import OmegaConf  # noqa: E402
 
 from lmkit.backbones import backbone_config, build_backbone  # noqa: E402
-from lmkit.cli import ServeArgs, _serve  # noqa: E402
+from lmkit.cli import _serve  # noqa: E402
 from lmkit.data.tokenizer import CharTokenizer  # noqa: E402
 from lmkit.errors import LmkitError  # noqa: E402
 from lmkit.export import save  # noqa: E402
@@ -38,8 +38,9 @@ from lmkit.inference import InferenceModel  # noqa: E402
 from lmkit.record import ModelRecord  # noqa: E402
 from lmkit.serve.engine import Engine, Job, held_back  # noqa: E402
 from lmkit.serve.chat import ChatFormat  # noqa: E402
-from lmkit.serve.openai import Limits  # noqa: E402
-from lmkit.serve.server import ModelAPI, Settings, OpenAIEndpoints  # noqa: E402
+from lmkit.serve.http import OpenAIEndpoints  # noqa: E402
+from lmkit.serve.settings import ServeSettings  # noqa: E402
+from lmkit.serve.worker import ModelAPI  # noqa: E402
 from litserve.utils import LitAPIStatus  # noqa: E402
 from tests.conftest import CONF, free_port  # noqa: E402
 
@@ -328,7 +329,7 @@ def test_option_errors_are_one_line(model_dir, server, monkeypatch):
 
 
 def test_serve_keys_are_conf_serves():
-    assert [f.name for f in fields(ServeArgs)] == list(OmegaConf.load(CONF / "serve.yaml").keys())
+    assert [f.name for f in fields(ServeSettings)] == list(OmegaConf.load(CONF / "serve.yaml").keys())
 
 
 def test_sigterm_stops_the_server_and_its_processes(server):
@@ -398,9 +399,10 @@ def test_an_onnx_transformer_serves_32_clients_as_generate_and_frees_the_rows_of
 
 def in_process_api(model: InferenceModel) -> ModelAPI:
     """The server's model side, started in this process over `model` (as a worker's `setup` starts it)."""
-    settings = Settings(model="", name=NAME, runtime="torch", device=None, host="127.0.0.1", port=8000,
-                        max_batch_size=8, batch_timeout=0.0, workers=1, api_key=None, limits=Limits(16, 16, 1, 64),
-                        stream_interval=0.0, threads=None, log_level="warning")
+    settings = ServeSettings(model="", name=NAME, runtime="torch", device=None, host="127.0.0.1", port=8000,
+                             max_batch_size=8, batch_timeout=0.0, workers=1, threads=None, stream_interval=0.0,
+                             api_key=None, max_tokens=16, max_tokens_limit=16, max_n=1, max_prompt_tokens=64,
+                             log_level="warning")
     cancels = [queue.Queue()]
     api = ModelAPI(settings, OpenAIEndpoints(settings, model.tokenizer, model.tokenizer.vocab_size, cancels), cancels)
     api.start(model, worker=0)

@@ -1,4 +1,5 @@
-"""Exports for runtimes other than lmkit: ONNX Runtime (onnx.py) and llama.cpp's GGUF (gguf.py).
+"""Exports for runtimes other than lmkit: ONNX Runtime (onnx.py) and llama.cpp's GGUF (gguf.py, with gguf_vocab.py
+and gguf_card.py).
 
 Each runtime is an optional extra, imported only when asked for. This package imports nothing heavy.
 """

@@ -16,14 +16,8 @@
 Each architecture is one weight-name map (`ARCHITECTURES`), litgpt-style, plus three switches: whether
 the fused q/k/v rows are split, whether q/k are permuted, whether absent biases are written as zeros.
 
-The tokenizer is written as llama.cpp's byte-level BPE (`tokenizer.ggml.model=gpt2`) with the split llama.cpp names
-`tokenizer.ggml.pre`, recognised from the tokenizer's pre_tokenizer JSON (`PRE_TOKENIZERS`): GPT-2's ByteLevel (lmkit's
-own BPE, GPT-2) -> `gpt-2`, Llama 3's Split regex -> `llama-bpe`, Qwen2's -> `qwen2`, SmolLM2's single digits before
-ByteLevel -> `smollm`. Added tokens marked special are CONTROL, other added ones USER_DEFINED, embedding rows past the
-tokenizer `[PAD<id>]` UNUSED, as llama.cpp's converter writes them. An imported model's `record.tokens` gives the
-start token, the end token (the first of `eos_token_ids`; later ones llama.cpp would not know by their text as eot and
-eom) and the chat template; add_bos/add_eos say what the tokenizer's post-processor adds. A tokenizer lmkit trained
-states none of these: `<|endoftext|>`, where the vocabulary has one, is both start and end, as in GPT-2.
+The tokenizer is written as llama.cpp's byte-level BPE with its start and end tokens and chat template
+(lmkit.deploy.gguf_vocab); a README.md model card goes beside the file (lmkit.deploy.gguf_card).
 
 A model quantized on llama.cpp's own grids (lmkit.blockquant: `compression=int4 compression.int4.quant_type=sym`
 or `asym`, `compression=int8 compression.int8.quant_type=sym`, blocks of 32) is written as it is: every grid matrix
@@ -43,19 +37,16 @@ on 64 tokens (0.17-0.25% of the logits' norm, logits up to 7.5) for GPT-2- and L
 trained 100 steps (the GPT-2 one's exact GELU included), GPTQ onto Q4_0, Q4_1 and Q8_0, where llama.cpp's own
 q4_0 of the float model is 0.10-0.14 away; 0.041-0.060 (1.0-1.8%) for tests/test_gguf.py's random-weight models
 (bound 0.15), where the export against the model rounded to nearest, or the float model's q4_0, is 0.38-0.85 away.
-On an Intel Xeon with AMX, llama.cpp's AMX buffer (its default there) computes Q4_0 and Q4_1 wrongly (`AMX_NOTE`):
-the figures above are with the model loaded without extra buffer types, as the tests load it.
+On an Intel Xeon with AMX, llama.cpp's AMX buffer (its default there) computes Q4_0 and Q4_1 wrongly
+(gguf_card.AMX_NOTE): the figures above are with the model loaded without extra buffer types, as the tests load it.
 
 What cannot be said exactly is refused with one line: per-layer head counts or MLP widths (structured
 pruning), quantized weights off llama.cpp's grids (NF4/FP4, LLM.int8, dynamic_int8, a block size other than 32:
-each refusal names the setting that writes a grid llama.cpp has), a character vocabulary
-(llama.cpp's byte-level BPE needs merges: use tokenizer=bpe), a model without a tokenizer, any other
-pre-tokenizer or a normalizer (Qwen2's NFC aside, with a warning: llama.cpp does not normalize), BPE options llama.cpp
-lacks, a post-processor adding tokens other than the start and end tokens, a block mixing
-GPT-2's and Llama's parts (layernorm with swiglu, rmsnorm with gelu), Llama-family settings on GPT-2's block
-(grouped-query attention, head_dim, qkv_bias, rope scaling), and in Llama's block biases beyond q/k/v
-(llama.cpp's llama loads them, but no reader here can check that file), learned or sinusoidal positions,
-Llama 3 scaling or a head_dim other than n_embd/n_head under qwen2.
+each refusal names the setting that writes a grid llama.cpp has), a tokenizer llama.cpp cannot reproduce
+(gguf_vocab says which), a block mixing GPT-2's and Llama's parts (layernorm with swiglu, rmsnorm with gelu),
+Llama-family settings on GPT-2's block (grouped-query attention, head_dim, qkv_bias, rope scaling), and in Llama's
+block biases beyond q/k/v (llama.cpp's llama loads them, but no reader here can check that file), learned or
+sinusoidal positions, Llama 3 scaling or a head_dim other than n_embd/n_head under qwen2.
 A bias lmkit leaves out of GPT-2's block (`model.bias=false`) is written as zeros, which gpt2 and
 starcoder2 require and which changes nothing.
 
@@ -84,6 +75,8 @@ from lmkit.backbones import TransformerConfig
 from lmkit.backbones.transformer import rope_frequencies
 from lmkit.blockquant import BlockQuantEmbedding, BlockQuantLinear, BlockQuantWeight
 from lmkit.deploy import require
+from lmkit.deploy.gguf_card import model_card
+from lmkit.deploy.gguf_vocab import Vocabulary, vocabulary, write_vocabulary
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory, check_free
 from lmkit.inference import InferenceModel
@@ -91,31 +84,6 @@ from lmkit.inference import InferenceModel
 TYPES = ("f32", "f16", "q8_0", "q4_0")
 QUANT_BLOCK = 32  # q8_0 and q4_0 pack each row (a matrix's input dimension) in blocks of 32 values
 SAMPLE_TOKENS = 64  # tokens of the fixed sample on which the GELU approximation is measured
-# llama.cpp's tokenizer.ggml.token_type values
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
-# Measured with llama-cpp-python 0.3.16 on an Intel Xeon with AMX, which repacks Q4_0/Q4_1/Q8_0 matrices into its AMX
-# buffer by default: Q8_0 right, Q4_0 and Q4_1 logits off by 40-100% of their norm (any file, lmkit's or gguf-py's
-# quantization of the float model); right once the model loads without extra buffer types.
-AMX_NOTE = ("llama.cpp's AMX kernels (Intel Xeon with AMX) have computed Q4_0 and Q4_1 wrongly "
-            "(ggml-org/llama.cpp#16315; measured with llama-cpp-python 0.3.16): there, load the model with "
-            "use_extra_bufts=false (llama_model_params)")
-
-# The Hugging Face pre-tokenizers llama.cpp reimplements, as the steps `pre_tokenizer_steps` spells, named as its
-# converter writes them (tokenizer.ggml.pre). The converter recognises a tokenizer by hashing how it splits a fixed
-# text; lmkit reads the pre_tokenizer JSON instead (no download). The regexes are those of the hub's tokenizer.json
-# files, which llama.cpp's src/llama-vocab.cpp quotes beside its own rewrites of them.
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-                r"|\s+(?!\S)|\s+")
-QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
-PRE_TOKENIZERS = {
-    ("ByteLevel",): "gpt-2",  # GPT-2's split inside ByteLevel: lmkit's own BPE, GPT-2
-    (f"Split({LLAMA3_SPLIT}, Isolated)", "ByteLevel(use_regex=False)"): "llama-bpe",  # Llama 3
-    (f"Split({QWEN2_SPLIT}, Isolated)", "ByteLevel(use_regex=False)"): "qwen2",  # Qwen2, Qwen2.5
-    ("Digits(individual_digits=True)", "ByteLevel"): "smollm",  # SmolLM, SmolLM2 (and StarCoder's split)
-}
-IGNORES_MERGES = ("llama-bpe",)  # llama.cpp takes a whole word found in the vocabulary as one token (ignore_merges)
-# Token texts llama.cpp ends generation at whatever the file says (src/llama-vocab.cpp, the oldest list it has had)
-LLAMA_CPP_END_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>")
 
 
 @dataclass(frozen=True)
@@ -159,25 +127,6 @@ ARCHITECTURES = {
     "llama": Architecture("llama", _LLAMA, split_qkv=True, permute_qk=True),
     "qwen2": Architecture("qwen2", {**_LLAMA, "h.N.attn.c_attn.bias": "blk.N.attn_qkv.bias"}, split_qkv=True),
 }
-
-
-@dataclass
-class Vocabulary:
-    """A tokenizer as llama.cpp's `gpt2` (byte-level BPE) tokenizer model spells it, with its special tokens."""
-
-    tokens: list[str]  # in id order, spelled in GPT-2's byte alphabet
-    merges: list[str]  # "left right", best first
-    types: list[int]
-    pre: str = "gpt-2"  # tokenizer.ggml.pre: the split llama.cpp applies before the merges
-    bos: int | None = None  # the token that starts a text
-    eos: int | None = None  # the token that ends one
-    eot: int | None = None  # further end tokens llama.cpp would not know by their text (end of turn, of message)
-    eom: int | None = None
-    unwritten_ends: list[int] = field(default_factory=list)  # end tokens beyond those three: llama.cpp runs past them
-    add_bos: bool = False  # whether the tokenizer's post-processor puts `bos` before every text
-    add_eos: bool = False  # and `eos` after it
-    chat_template: str | None = None
-    notes: list[str] = field(default_factory=list)  # what llama.cpp tokenizes differently, one line each
 
 
 @dataclass
@@ -325,127 +274,6 @@ def grid_quantization(steps: list[dict[str, Any]]) -> str:
         raise LmkitError(f"format=gguf: {what} stores weights in a form llama.cpp has no type for; use "
                          f"{alternative}, or export the float checkpoint with gguf.type=q8_0 or q4_0")
     return ""
-
-
-def vocabulary(model: InferenceModel) -> Vocabulary:
-    """The model's tokenizer as llama.cpp's byte-level BPE, tokenizing text exactly as lmkit does, with the start and
-    end tokens and chat template of `model.record.tokens`, or one line why not."""
-    if not model.has_tokenizer:
-        raise LmkitError("format=gguf needs the model's tokenizer (llama.cpp reads text); this model takes token "
-                         "ids only")
-    tokenizer = model.tokenizer
-    if tokenizer.kind == "char":
-        # llama.cpp tokenizes bytes through byte-level BPE, which needs a merges list: one character per
-        # token has none, gguf writes no empty list, and a merge of its own would need a token (and an
-        # embedding row) the model does not have. (A SentencePiece vocabulary might keep one token per
-        # character in llama.cpp; transformers' GGUF reader rebuilds those with its own space handling,
-        # so it is untried.)
-        raise LmkitError("format=gguf writes llama.cpp's byte-level BPE tokenizer; this model has a character "
-                         "vocabulary, which it cannot express: train with tokenizer=bpe")
-    vocab = _bpe_vocabulary(json.loads(tokenizer.to_json()), model.record.backbone.vocab_size)
-    _add_special_tokens(vocab, model.record.tokens, *_framing(tokenizer.tokenizer))
-    return vocab
-
-
-def pre_tokenizer_steps(pre: dict[str, Any] | None) -> tuple[str, ...]:
-    """A `tokenizers` pre-tokenizer (its JSON) as the steps that decide where text splits, one string each, to
-    match against PRE_TOKENIZERS and to name in a refusal (trim_offsets, which moves offsets only, left out)."""
-    if not pre:
-        return ()
-    kind = pre.get("type")
-    if kind == "Sequence":
-        return tuple(step for part in pre.get("pretokenizers", []) for step in pre_tokenizer_steps(part))
-    if kind == "ByteLevel":
-        options = [f"{k}={v}" for k, v, default in (("add_prefix_space", pre.get("add_prefix_space", False), False),
-                                                    ("use_regex", pre.get("use_regex", True), True)) if v != default]
-        return (f"ByteLevel({', '.join(options)})" if options else "ByteLevel",)
-    if kind == "Split":
-        pattern = pre.get("pattern") or {}
-        spelled = pattern["Regex"] if "Regex" in pattern else json.dumps(pattern.get("String"))
-        return (f"Split({spelled}, {pre.get('behavior')}{', invert=True' if pre.get('invert') else ''})",)
-    if kind == "Digits":
-        return (f"Digits(individual_digits={pre.get('individual_digits', False)})",)
-    return (kind or json.dumps(pre),)
-
-
-def _bpe_vocabulary(spec: dict[str, Any], vocab_size: int) -> Vocabulary:
-    """A `tokenizers` byte-level BPE (lmkit's, GPT-2's, Llama 3's, Qwen2's, SmolLM2's) as llama.cpp's `gpt2`
-    tokenizer model with the split PRE_TOKENIZERS names."""
-    bpe = spec.get("model") or {}
-    if bpe.get("type") != "BPE":
-        raise LmkitError(f"format=gguf writes llama.cpp's byte-level BPE; this tokenizer's model is "
-                         f"{bpe.get('type')!r}")
-    steps = pre_tokenizer_steps(spec.get("pre_tokenizer"))
-    pre = PRE_TOKENIZERS.get(steps)
-    if pre is None:
-        raise LmkitError(f"format=gguf writes the byte-level splits llama.cpp names gpt-2 (GPT-2, lmkit), llama-bpe "
-                         f"(Llama 3), qwen2 (Qwen2) and smollm (SmolLM2); this tokenizer splits with "
-                         f"{' + '.join(steps) or 'no pre-tokenizer'}")
-    options = [k for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "byte_fallback") if bpe.get(k)]
-    if options:
-        raise LmkitError(f"format=gguf: this tokenizer's BPE sets {options[0]}={bpe[options[0]]!r}, which llama.cpp "
-                         f"lacks")
-    if bool(bpe.get("ignore_merges")) != (pre in IGNORES_MERGES):
-        raise LmkitError(f"format=gguf: this tokenizer's BPE has ignore_merges={bool(bpe.get('ignore_merges'))}, but "
-                         f"llama.cpp's {pre} split always runs with ignore_merges={pre in IGNORES_MERGES}")
-    vocab = Vocabulary(*_token_list(spec, vocab_size), pre=pre)
-    normalizer = (spec.get("normalizer") or {}).get("type")
-    if normalizer == "NFC":  # Qwen2's: the identity on text already in NFC, which most text is
-        vocab.notes.append("the tokenizer NFC-normalizes text and llama.cpp does not: text not in NFC (decomposed "
-                           "accents, for one) encodes to other ids")
-    elif normalizer is not None:
-        raise LmkitError(f"format=gguf: llama.cpp's byte-level BPE normalizes nothing; this tokenizer has a "
-                         f"{normalizer} normalizer")
-    return vocab
-
-
-def _token_list(spec: dict[str, Any], vocab_size: int) -> tuple[list[str], list[str], list[int]]:
-    """(tokens, merges, types) in id order over the model's vocab_size rows: added tokens marked special as CONTROL
-    and other added ones as USER_DEFINED, ids the tokenizer leaves unused as `[PAD<id>]` UNUSED (both as llama.cpp's
-    converter does: Qwen2.5's embedding has more rows than its tokenizer has tokens)."""
-    bpe = spec["model"]
-    ids = {**bpe["vocab"], **{t["content"]: t["id"] for t in spec.get("added_tokens", [])}}
-    if max(ids.values()) >= vocab_size:
-        raise LmkitError(f"format=gguf: the tokenizer has id {max(ids.values())}, past the model's {vocab_size} "
-                         f"embedding rows")
-    by_id = {i: t for t, i in ids.items()}
-    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-    special = {t["content"]: bool(t.get("special")) for t in spec.get("added_tokens", [])}
-    types = [UNUSED if i not in by_id else NORMAL if t not in special else CONTROL if special[t] else USER_DEFINED
-             for i, t in enumerate(tokens)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in bpe.get("merges", [])]
-    return tokens, merges, types
-
-
-def _framing(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The ids a `tokenizers.Tokenizer`'s post-processor puts before and after every text (lmkit's encode adds
-    them)."""
-    bare = tokenizer.encode("a", add_special_tokens=False).ids
-    full = tokenizer.encode("a").ids
-    at = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
-    return full[:at], full[at + len(bare):]
-
-
-def _add_special_tokens(vocab: Vocabulary, tokens: dict[str, Any], before: list[int], after: list[int]) -> None:
-    """Fill `vocab`'s start, end and chat-template fields from a model's `record.tokens` (see lmkit.record.TOKENS)
-    and what its post-processor adds, or one line why llama.cpp could not add the same."""
-    if not tokens:  # a tokenizer lmkit trained states nothing; GPT-2's vocabulary ends texts with <|endoftext|>
-        vocab.bos = vocab.eos = vocab.tokens.index("<|endoftext|>") if "<|endoftext|>" in vocab.tokens else None
-    else:
-        vocab.bos = tokens.get("bos_token_id")
-        ends = tokens.get("eos_token_ids") or []
-        vocab.eos = ends[0] if ends else None
-        # llama.cpp stops at eos, eot, eom and at tokens it knows by their text: the others take eot and eom
-        unknown = [i for i in ends[1:] if vocab.tokens[i] not in LLAMA_CPP_END_TEXTS]
-        vocab.eot, vocab.eom = (unknown + [None, None])[:2]
-        vocab.unwritten_ends = unknown[2:]
-        vocab.chat_template = tokens.get("chat_template")
-    for where, added, token, key in (("before", before, vocab.bos, "bos_token_id"),
-                                     ("after", after, vocab.eos, "eos_token_ids[0]")):
-        if added and added != [token]:
-            raise LmkitError(f"format=gguf: the tokenizer's post-processor puts ids {added} {where} every text, and "
-                             f"llama.cpp can add only the model's {key} ({token}) there")
-    vocab.add_bos, vocab.add_eos = bool(before), bool(after)
 
 
 def gelu_gap(model: InferenceModel) -> tuple[float, float]:
@@ -650,7 +478,7 @@ def _write(gguf: Any, path: Path, arch: Architecture, model: InferenceModel, cfg
     if type in ("q8_0", "q4_0", "q4_1"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_string("lmkit.record", json.dumps(model.record.to_dict()))  # provenance travels inside the file
-    _write_vocabulary(writer, vocab)
+    write_vocabulary(writer, vocab)
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     # a grid model's float tensors (an embedding kept float by embeddings=false, ...) are written as lmkit holds
     # them: rounding them onto the file's type here would ship a model lmkit never evaluated
@@ -662,72 +490,3 @@ def _write(gguf: Any, path: Path, arch: Architecture, model: InferenceModel, cfg
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def _write_vocabulary(writer: Any, vocab: Vocabulary) -> None:
-    """The tokenizer's keys, as llama.cpp's converter writes them (gguf-py's SpecialVocab)."""
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.types)
-    writer.add_token_merges(vocab.merges)
-    for token, add in ((vocab.bos, writer.add_bos_token_id), (vocab.eos, writer.add_eos_token_id),
-                       (vocab.eot, writer.add_eot_token_id), (vocab.eom, writer.add_eom_token_id)):
-        if token is not None:
-            add(token)
-    # always written: llama.cpp's llama-bpe split would otherwise add a start token on its own
-    writer.add_add_bos_token(vocab.add_bos)
-    writer.add_add_eos_token(vocab.add_eos)
-    if vocab.chat_template is not None:
-        writer.add_chat_template(vocab.chat_template)
-
-
-def model_card(model: InferenceModel, architecture: str, type: str, size: int, vocab: Vocabulary,
-               gelu_note: str, grid_note: str = "") -> str:
-    record = model.record
-    shape = ", ".join(f"{k}={v}" for k, v in record.model_settings.items() if k != "kind")
-    notes = "".join(f"\n- {note}" for note in [grid_note, *vocab.notes, gelu_note] if note)
-    if type in ("q4_0", "q4_1"):
-        notes += f"\n- {AMX_NOTE}"
-    cfg = record.backbone
-    # transformers' GGUF reader maps gpt2's context_length and feed_forward_length to keys GPT2Config
-    # does not read, so those two must be given (its defaults are 1024 and 4 * n_embd).
-    hf_options = f", n_positions={cfg.max_seq_len}, n_inner={cfg.ffn(0)}" if architecture == "gpt2" else ""
-    hf_load = f"model = AutoModelForCausalLM.from_pretrained(\"DIR\", gguf_file=\"model.gguf\"{hf_options})\n"
-    if cfg.rope_scaling is not None:
-        # llama.cpp reads the scaling from the file; transformers' GGUF reader drops it and would run unscaled
-        notes += (f"\n- rope scaling `{cfg.rope_scaling['rope_type']}`: llama.cpp reads it from the file; "
-                  "transformers' GGUF reader drops it, so set it back on the config (below)")
-        hf_load = ("config = AutoConfig.from_pretrained(\"DIR\", gguf_file=\"model.gguf\")\n"
-                   f"config.rope_parameters = {{**config.rope_parameters, **{cfg.rope_scaling!r}}}\n"
-                   "model = AutoModelForCausalLM.from_pretrained(\"DIR\", gguf_file=\"model.gguf\", config=config)\n")
-    return (f"# lmkit {record.kind} language model (GGUF, llama.cpp)\n\n"
-            f"- file: model.gguf, {size:,} bytes, {type}\n- llama.cpp architecture: `{architecture}`\n"
-            f"- shape: {shape}\n- tokenizer: {record.tokenizer}, as byte-level BPE ({len(vocab.tokens)} tokens, "
-            f"{len(vocab.merges)} merges, split `{vocab.pre}`)\n{_token_lines(vocab)}{notes}\n"
-            f"- trained on: {json.dumps(record.data)}\n- source: {json.dumps(record.source)}\n\n"
-            "The lmkit record (config.json's content) is in the file's metadata as `lmkit.record`.\n\n"
-            "## Use\n\n```python\nfrom llama_cpp import Llama\n\nllm = Llama(\"model.gguf\")\n"
-            "print(llm(\"ROMEO:\", max_tokens=200, temperature=0.8, top_k=50)[\"choices\"][0][\"text\"])\n```\n\n"
-            "```python\nfrom transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer\n\n"
-            f"{hf_load}"
-            "tokenizer = AutoTokenizer.from_pretrained(\"DIR\", gguf_file=\"model.gguf\")\n```\n")
-
-
-def _token_lines(vocab: Vocabulary) -> str:
-    """The model card's lines on the start and end tokens and the chat template."""
-    def named(token: int | None) -> str:
-        return f"`{vocab.tokens[token]}` (id {token})"
-
-    if vocab.eos is None:
-        end = ("none known: llama.cpp then takes id 11 "
-               f"(`{vocab.tokens[11] if len(vocab.tokens) > 11 else '?'}`) as one; pass `--ignore-eos` (llama.cpp's "
-               "tools) or stop by length")
-    else:
-        also = [named(t) for t in (vocab.eot, vocab.eom) if t is not None]
-        end = named(vocab.eos) + (f", also {' and '.join(also)} (as eot/eom)" if also else "")
-        if vocab.unwritten_ends:
-            end += f"; llama.cpp has no key for the model's other end tokens {vocab.unwritten_ends}"
-    start = "none" if vocab.bos is None else named(vocab.bos) + (", added before every text" if vocab.add_bos else "")
-    template = "the model's own (`tokenizer.chat_template`)" if vocab.chat_template else "none"
-    return f"- start of text: {start}\n- end of text: {end}\n- chat template: {template}"

@@ -26,7 +26,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lmkit.errors import LmkitError, first_line
-from lmkit.parallel.checkpoint import MODEL_PREFIX, checked_reader, is_sharded_checkpoint, read_sharded_checkpoint
+from lmkit.sharded_checkpoint import MODEL_PREFIX, checked_reader, is_sharded_checkpoint, read_sharded_checkpoint
 from lmkit.record import ModelRecord
 
 Fill = Callable[[str, torch.Tensor], None]  # (parameter name, its whole tensor to fill in place)

@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lmkit.backbones import BackboneConfig
 from lmkit.errors import LmkitError, first_line
-from lmkit.parallel.checkpoint import META, checked_reader, is_sharded_checkpoint
+from lmkit.sharded_checkpoint import META, checked_reader, is_sharded_checkpoint
 from lmkit.parallel.parallelize import check_tensor_parallel
 
 
@@ -50,16 +50,6 @@ class ShardedStrategy(ModelParallelStrategy):
     @property
     def tensor_parallel_size(self) -> int:
         return self._tensor_parallel_size
-
-    def check(self, backbone_config: BackboneConfig, world_size: int) -> None:
-        """Refuse, before any process starts, what cannot be split: one line each."""
-        T = self.tensor_parallel_size
-        if world_size % T:
-            raise LmkitError(f"trainer.strategy.tensor_parallel_size={T} does not divide the {world_size} processes "
-                             "(trainer.devices x trainer.num_nodes)")
-        problem = check_tensor_parallel(backbone_config, T)
-        if problem:
-            raise LmkitError(problem)
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes // self.tensor_parallel_size
@@ -204,3 +194,14 @@ def _distribute_like(full: Any, like: Any) -> Any:
         placed = distribute_tensor(full.to(like.dtype), stored.device_mesh, stored.placements)
         return restore_layout(placed, like)
     return full
+
+
+def check_split(backbone_config: BackboneConfig, tensor_parallel_size: int, world_size: int) -> None:
+    """Refuse, before any process starts, what `world_size` processes cannot split: one line each."""
+    T = tensor_parallel_size
+    if world_size % T:
+        raise LmkitError(f"trainer.strategy.tensor_parallel_size={T} does not divide the {world_size} processes "
+                         "(trainer.devices x trainer.num_nodes)")
+    problem = check_tensor_parallel(backbone_config, T)
+    if problem:
+        raise LmkitError(problem)

@@ -21,6 +21,7 @@ from lmkit.errors import LmkitError
 from lmkit.generate import SEEDS
 from lmkit.serve.chat import ChatFormat, TemplateRefusal
 from lmkit.serve.engine import Job
+from lmkit.serve.settings import Limits
 
 MAX_STOPS = 4  # as OpenAI
 MAX_PROMPTS = 2048  # prompts in one request, as OpenAI
@@ -102,16 +103,6 @@ FIELDS = {name for model in (CompletionRequest, ChatRequest, Message, TextPart, 
 UNSUPPORTED = {"logprobs": (None, False, 0), "echo": (False,), "best_of": (None, 1), "presence_penalty": (0,),
                "frequency_penalty": (0,), "logit_bias": (None, {}), "suffix": (None, ""), "tools": (None, []),
                "response_format": (None, {"type": "text"})}
-
-@dataclass
-class Limits:
-    """The server's caps and defaults (conf/serve.yaml)."""
-
-    max_tokens: int  # when a request gives none
-    max_tokens_limit: int
-    max_n: int
-    max_prompt_tokens: int  # a longer prompt is refused before it reaches a worker
-
 
 @dataclass
 class Prepared:

@@ -1,7 +1,8 @@
-"""What every Hugging Face family lmkit converts shares on disk: the tokenizer it brings (with its start and end
-tokens and chat template), and the folder (`model.safetensors`, `config.json`, `tokenizer.json`,
-`tokenizer_config.json`, `generation_config.json`) that `from_pretrained` reads. The per-family weight maps
-live in `lmkit.hf` (GPT-2) and `lmkit.hf_llama` (Llama, Qwen2); both import this, neither imports the other's."""
+"""What every Hugging Face folder lmkit reads or writes shares, whatever the family: the weights (one file, shards,
+or a pickle), the tokenizer it brings (with its start and end tokens and chat template), the JSON files
+(`config.json`, `tokenizer_config.json`, `generation_config.json`) and the atomic write of the whole folder that
+`from_pretrained` reads. The family modules (`lmkit.hf.gpt2`, `lmkit.hf.llama`) map names and convert tensors; the
+files are this module's."""
 
 from __future__ import annotations
 
@@ -11,16 +12,44 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
+from lmkit.backbones import TransformerConfig
 from lmkit.data.tokenizer import BPETokenizer, Tokenizer, byte_level
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
 
+# lmkit's tensors with a row per token: `pad_vocab_to` rounds them up (for fast matmuls), HF's vocab_size does not
+VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
 
-def read_hf_tokenizer(src: Path) -> Tokenizer | None:
+
+def read_weights(src: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, or the shards model.safetensors.index.json names, or (`save_pretrained` with
+    safe_serialization=False) pytorch_model.bin, read without unpickling anything but tensors."""
+    index = src / "model.safetensors.index.json"
+    if (src / "model.safetensors").is_file():
+        return load_file(src / "model.safetensors")
+    if index.is_file():
+        weights = {}
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            if not (src / shard).is_file():
+                raise LmkitError(f"src={src}: model.safetensors.index.json names {shard}, which is missing")
+            weights.update(load_file(src / shard))
+        return weights
+    if (src / "pytorch_model.bin").is_file():
+        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise LmkitError(f"src={src} has none of model.safetensors, model.safetensors.index.json, pytorch_model.bin")
+
+
+def without_padding(state: dict[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
+    """`state` without the rows that pad the vocabulary (`VOCAB_ROWS`), which config.json's vocab_size leaves out.
+    Only row slicing: a quantized layer's rows (`lmkit.hf.quantized.GridRows`) are cut the same way."""
+    return {name: value[: cfg.vocab_size] if name in VOCAB_ROWS else value for name, value in state.items()}
+
+
+def read_tokenizer(src: Path) -> Tokenizer | None:
     """The byte-level BPE tokenizer of a Hugging Face folder (tokenizer.json, or vocab.json + merges.txt), or None."""
     from tokenizers import Tokenizer as HFTokenizer, models
 
@@ -34,15 +63,15 @@ def read_hf_tokenizer(src: Path) -> Tokenizer | None:
 
 def imported_model(src: Path, backbone: nn.Module, hf_config: dict[str, Any]) -> InferenceModel:
     """A loaded Hugging Face backbone with the tokenizer (and its conventions) its folder brings, and its record."""
-    tokenizer = read_hf_tokenizer(src)
+    tokenizer = read_tokenizer(src)
     cfg = backbone.config
     record = ModelRecord(backbone=cfg, tokenizer=tokenizer.kind if tokenizer else None,
-                         tokens=read_hf_tokens(src, tokenizer, cfg.vocab_size),
+                         tokens=read_tokens(src, tokenizer, cfg.vocab_size),
                          source={"hf": str(src.resolve()), "architectures": hf_config.get("architectures")})
     return InferenceModel(backbone.eval(), tokenizer, record)
 
 
-def read_hf_tokens(src: Path, tokenizer: Tokenizer | None, vocab_size: int) -> dict[str, Any]:
+def read_tokens(src: Path, tokenizer: Tokenizer | None, vocab_size: int) -> dict[str, Any]:
     """The tokenizer's conventions a Hugging Face folder states (`lmkit.record.TOKENS`): the start and end ids from
     generation_config.json, else config.json, plus tokenizer_config.json's `eos_token`; the chat template from
     chat_template.jinja (transformers 5) or tokenizer_config.json. Ids outside the vocabulary are left out: a model
@@ -82,9 +111,9 @@ def _json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def hf_json_files(model: InferenceModel, hf_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def json_files(model: InferenceModel, hf_config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """config.json with the start and end ids; generation_config.json with them too, when there are any; and for a
-    BPE tokenizer, tokenizer_config.json naming them and holding the chat template: what `read_hf_tokens` reads."""
+    BPE tokenizer, tokenizer_config.json naming them and holding the chat template: what `read_tokens` reads."""
     tokens = model.record.tokens
     ids = {k: v for k, v in (("bos_token_id", tokens.get("bos_token_id")),
                              ("eos_token_id", tokens.get("eos_token_ids"))) if v is not None}
@@ -100,11 +129,11 @@ def hf_json_files(model: InferenceModel, hf_config: dict[str, Any]) -> dict[str,
     return files
 
 
-def write_hf_folder(out: Path, tensors: dict[str, torch.Tensor], hf_config: dict[str, Any], model: InferenceModel,
-                    overwrite: bool = False) -> Path:
-    """Write a `save_pretrained`-style folder atomically: the weights, the JSON files of `hf_json_files` and (for
+def write_folder(out: Path, tensors: dict[str, torch.Tensor], hf_config: dict[str, Any], model: InferenceModel,
+                 overwrite: bool = False) -> Path:
+    """Write a `save_pretrained`-style folder atomically: the weights, the JSON files of `json_files` and (for
     BPE) tokenizer.json."""
-    files = hf_json_files(model, hf_config)
+    files = json_files(model, hf_config)
     with atomic_directory(Path(out), overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, content in files.items():

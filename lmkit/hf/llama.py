@@ -2,53 +2,36 @@
 
 One weight-name map, litgpt-style: HF's per-layer names against lmkit's, where q, k and v are HF's
 three tensors and lmkit's one fused `attn.c_attn` ([q | k | v] rows). HF's Llama rope is rotate-half
-over the whole head, lmkit's layout, so no row is permuted. `transformers` is not needed: the files
-are read and written directly (config.json, single or sharded safetensors).
+over the whole head, lmkit's layout, so no row is permuted. The projections' names are also the
+modules of a PEFT adapter (`lmkit.hf.peft`).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.errors import LmkitError
-from lmkit.hf_files import imported_model, write_hf_folder
+from lmkit.hf.folder import imported_model, read_weights, without_padding, write_folder
 from lmkit.inference import InferenceModel
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type -> HF class
-QKV = ("q_proj", "k_proj", "v_proj")
-# Per layer: HF name (after model.layers.N.) -> lmkit name (after transformer.h.N.); q/k/v are fused apart.
-LAYER_MAP = {
-    "input_layernorm.weight": "ln_1.weight",
-    "self_attn.o_proj.weight": "attn.c_proj.weight", "self_attn.o_proj.bias": "attn.c_proj.bias",
-    "post_attention_layernorm.weight": "ln_2.weight",
-    "mlp.gate_proj.weight": "mlp.gate.weight", "mlp.gate_proj.bias": "mlp.gate.bias",
-    "mlp.up_proj.weight": "mlp.up.weight", "mlp.up_proj.bias": "mlp.up.bias",
-    "mlp.down_proj.weight": "mlp.c_proj.weight", "mlp.down_proj.bias": "mlp.c_proj.bias",
-}
-GLOBAL_MAP = {"model.embed_tokens.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight",
+LAYER = "model.layers.{}"  # a layer's prefix in HF (lmkit's: transformer.h.N)
+EMBEDDING = "model.embed_tokens"
+# lmkit module (after transformer.h.N.) -> HF module (after LAYER): the projections, with a weight and maybe a bias
+MODULES = {"attn.c_proj": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
+           "mlp.c_proj": "mlp.down_proj"}
+QKV = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"}  # the parts of lmkit's attn.c_attn
+CONV1D = False  # HF's projections are nn.Linear, as lmkit's (PEFT's fan_in_fan_out)
+NORMS = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm"}  # RMSNorm: a weight only
+# Per layer: HF name (after LAYER) -> lmkit name (after transformer.h.N.); q/k/v are fused apart (`qkv_names`).
+LAYER_MAP = {**{f"{hf}.weight": f"{ours}.weight" for ours, hf in NORMS.items()},
+             **{f"{hf}.{kind}": f"{ours}.{kind}" for ours, hf in MODULES.items() for kind in ("weight", "bias")}}
+GLOBAL_MAP = {f"{EMBEDDING}.weight": "transformer.wte.weight", "model.norm.weight": "transformer.ln_f.weight",
               "lm_head.weight": "lm_head.weight"}
-
-
-def read_weights(src: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, or the shards model.safetensors.index.json names."""
-    index = src / "model.safetensors.index.json"
-    if (src / "model.safetensors").is_file():
-        return load_file(src / "model.safetensors")
-    if not index.is_file():
-        raise LmkitError(f"src={src} has neither model.safetensors nor model.safetensors.index.json")
-    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    weights = {}
-    for shard in shards:
-        if not (src / shard).is_file():
-            raise LmkitError(f"src={src}: model.safetensors.index.json names {shard}, which is missing")
-        weights.update(load_file(src / shard))
-    return weights
 
 
 def rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -107,18 +90,19 @@ def hf_names(cfg: TransformerConfig) -> dict[str, str]:
         for hf, ours in LAYER_MAP.items():
             if hf.endswith(".bias") and not cfg.bias:
                 continue
-            names[f"model.layers.{i}.{hf}"] = f"transformer.h.{i}.{ours}"
+            names[f"{LAYER.format(i)}.{hf}"] = f"transformer.h.{i}.{ours}"
     return names
 
 
 def qkv_names(cfg: TransformerConfig, layer: int) -> list[tuple[list[str], str]]:
     """([HF q, k, v names], lmkit's fused name) for the weight and, where present, the bias of `layer`."""
     kinds = ("weight", "bias") if cfg.attn_bias else ("weight",)
-    return [([f"model.layers.{layer}.self_attn.{p}.{kind}" for p in QKV], f"transformer.h.{layer}.attn.c_attn.{kind}")
+    prefix = LAYER.format(layer)
+    return [([f"{prefix}.{hf}.{kind}" for hf in QKV.values()], f"transformer.h.{layer}.attn.c_attn.{kind}")
             for kind in kinds]
 
 
-def import_llama(src: Path, hf: dict[str, Any]) -> InferenceModel:
+def import_folder(src: Path, hf: dict[str, Any]) -> InferenceModel:
     """A `LlamaForCausalLM` or `Qwen2ForCausalLM` directory -> an `InferenceModel` on lmkit's Transformer."""
     cfg = hf_to_config(hf)
     model = Transformer(cfg)
@@ -169,21 +153,18 @@ def llama_model_type(cfg: TransformerConfig) -> str:
     return model_type
 
 
-def export_llama(model: InferenceModel, out: Path, overwrite: bool = False) -> Path:
+def export_folder(model: InferenceModel, out: Path, overwrite: bool = False) -> Path:
     """Write a Llama-shaped lmkit model as `LlamaForCausalLM` (or `Qwen2ForCausalLM` when only q/k/v have biases)."""
     cfg = model.backbone.config
     hf_config = llama_config(cfg)
     tensors = {k: v.contiguous().float() for k, v in llama_tensors(model.backbone.state_dict(), cfg).items()}
-    return write_hf_folder(Path(out), tensors, hf_config, model, overwrite)
+    return write_folder(Path(out), tensors, hf_config, model, overwrite)
 
 
 def llama_tensors(state: dict[str, Any], cfg: TransformerConfig) -> dict[str, Any]:
     """lmkit's state under HF's names: q/k/v split out of c_attn, the vocabulary's padding rows dropped. The values
-    only need row slicing and `split`, so a quantized layer's rows (lmkit.hf_quantized) travel the same way."""
-    state = dict(state)
-    state["transformer.wte.weight"] = state["transformer.wte.weight"][: cfg.vocab_size]  # drop padding rows
-    if not cfg.tie_weights:
-        state["lm_head.weight"] = state["lm_head.weight"][: cfg.vocab_size]
+    only need row slicing and `split`, so a quantized layer's rows (lmkit.hf.quantized) travel the same way."""
+    state = without_padding(state, cfg)
     tensors = {hf: state[ours] for hf, ours in hf_names(cfg).items()}
     q, kv = cfg.n_head * cfg.head_size, cfg.n_head // cfg.kv_group * cfg.head_size
     for layer in range(cfg.n_layer):

@@ -42,11 +42,13 @@ import torch.nn as nn
 
 from lmkit.blockquant import BlockQuantEmbedding, BlockQuantLinear, BlockQuantWeight, Grid, dequantize
 from lmkit.errors import LmkitError
-from lmkit.hf_files import write_hf_folder
+from lmkit.hf.folder import write_folder
+from lmkit.hf.llama import EMBEDDING, llama_config, llama_tensors
 from lmkit.inference import InferenceModel
+from lmkit.plugins import plugin_class
 
 FORMAT = "pack-quantized"
-DEQUANTIZED = ("model.embed_tokens.weight",)  # grid tensors written as their values: see the module's docstring
+DEQUANTIZED = (f"{EMBEDDING}.weight",)  # grid tensors written as their values: see the module's docstring
 WORKS = "compression=int4 or int8 with quant_type=sym"
 # What writes the layout instead, for each quantizer whose own weights it cannot hold
 SYM_SETTING = {"int4": "compression.int4.quant_type=sym", "int8": "compression.int8.quant_type=sym",
@@ -60,7 +62,7 @@ WHY = {"asym": "stores q * d + m with a float minimum per block, which compresse
 
 @dataclass(frozen=True)
 class GridRows:
-    """A grid matrix's codes and scales, sliced by rows as `lmkit.hf_llama.llama_tensors` slices float tensors
+    """A grid matrix's codes and scales, sliced by rows as `lmkit.hf.llama.llama_tensors` slices float tensors
     (whole rows move, so each row keeps its blocks)."""
 
     codes: torch.Tensor
@@ -107,8 +109,6 @@ def grid_steps(steps: list[dict[str, Any]]) -> bool:
 
 def _settings(step: dict[str, Any]) -> dict[str, Any]:
     """A step's settings over its plugin's defaults (a record may leave a default out), for a known plugin."""
-    from lmkit.plugins import plugin_class
-
     try:
         defaults = plugin_class(step["plugin"]).defaults
     except LmkitError:  # a plugin not installed here: its record is all there is
@@ -176,8 +176,6 @@ def quantization_config(groups: dict[Grid, list[str]]) -> dict[str, Any]:
 
 def export_quantized(model: InferenceModel, out: Path, overwrite: bool = False) -> Path:
     """Write a grid-quantized Llama-shaped lmkit model as a compressed-tensors `LlamaForCausalLM` (or Qwen2)."""
-    from lmkit.hf_llama import llama_config, llama_tensors
-
     cfg = model.backbone.config
     hf_config = llama_config(cfg)
     tensors: dict[str, torch.Tensor] = {}
@@ -192,4 +190,4 @@ def export_quantized(model: InferenceModel, out: Path, overwrite: bool = False) 
         else:
             tensors[name] = value.contiguous().float()
     hf_config["quantization_config"] = quantization_config(groups)
-    return write_hf_folder(Path(out), tensors, hf_config, model, overwrite)
+    return write_folder(Path(out), tensors, hf_config, model, overwrite)

@@ -2,8 +2,9 @@
 `format=hf` export (`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_dir), peft_dir)`; vLLM and
 HF's own loaders read the same two files).
 
-The folder holds `adapter_config.json` and `adapter_model.safetensors` (keys `base_model.model.<HF module>.lora_A.weight`
-(r, in) and `.lora_B.weight` (out, r)), written with json and safetensors: lmkit does not import peft.
+The folder holds `adapter_config.json` and `adapter_model.safetensors` (keys
+`base_model.model.<HF module>.lora_A.weight` (r, in) and `.lora_B.weight` (out, r)), written with json and
+safetensors: lmkit does not import peft. The HF module names are the family modules' (`MODULES`, `QKV`).
 
 How lmkit's adapters become PEFT's, exactly (PEFT computes `base(x) + lora_alpha / r * B @ A @ x`, as lmkit does):
 - Llama and Qwen2 split the fused q/k/v projection as lmkit's adapters are split: each part's pair is the adapter of
@@ -29,26 +30,21 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
 from lmkit.lora import LoRALinear, TrainableTokens, is_adapted
+from lmkit.record import ModelRecord
 
 log = logging.getLogger("lmkit")
 
 KEY_PREFIX = "base_model.model."  # where PeftModel keeps the model it wraps
-# lmkit module name (after transformer.h.N.) -> HF module name (after the HF layer's prefix), per family. GPT-2's
-# names are lmkit's; the parent is kept where the short name is ambiguous (attn.c_proj against mlp.c_proj), since
-# PEFT matches a target_modules entry against the end of each module's name.
-GPT2_MODULES = {"attn.c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "mlp.c_fc": "mlp.c_fc",
-                "mlp.c_proj": "mlp.c_proj"}
-LLAMA_MODULES = {"attn.c_proj": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
-                 "mlp.c_proj": "mlp.down_proj"}
-LLAMA_QKV = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj"}
 
 
 @dataclass(frozen=True)
@@ -68,18 +64,18 @@ class PeftAdapter:
 def export_peft(model: Any, out: str | Path, *, base_model: str | None = None, overwrite: bool = False) -> Path:
     """Write the adapters of `model` (an InferenceModel loaded from a LoRA checkpoint) as a PEFT LoRA folder at
     `out`, for its base's `format=hf` export; `base_model` is written as base_model_name_or_path."""
-    from lmkit.hf import hf_model_type
+    from lmkit.hf import FAMILIES, hf_model_type  # the door, which imports this module to re-export export_peft
 
     if not is_adapted(model.backbone):
         raise LmkitError("format=peft writes LoRA adapters; this model has none (give a finetune=lora checkpoint, "
                          "or export it with format=hf)")
-    model_type = hf_model_type(model)  # the base's format=hf export must exist for the adapters to apply to
-    adapters = peft_adapters(model.backbone, model_type)
+    family = FAMILIES[hf_model_type(model)]  # the base's format=hf export must exist for the adapters to apply to
+    adapters = peft_adapters(model.backbone, family)
     if any(type(m.base) is not torch.nn.Linear for m in _lora_modules(model.backbone).values()):
         log.warning("format=peft: these adapters were trained on a quantized base (QLoRA); on the float base that "
                     "format=hf writes they compute the float base plus the same updates, as a merge does")
-    config = adapter_config(adapters, model_type, dropout=_dropout(model.backbone), base_model=base_model)
-    embedding_config, tensors = embedding_entries(model.backbone, model_type)
+    config = adapter_config(adapters, family, dropout=_dropout(model.backbone), base_model=base_model)
+    embedding_config, tensors = embedding_entries(model.backbone, family)
     config.update(embedding_config)
     for adapter in adapters:
         tensors[f"{KEY_PREFIX}{adapter.module}.lora_A.weight"] = adapter.a.contiguous()
@@ -91,8 +87,9 @@ def export_peft(model: Any, out: str | Path, *, base_model: str | None = None, o
     return out
 
 
-def peft_adapters(backbone: torch.nn.Module, model_type: str) -> list[PeftAdapter]:
-    """lmkit's adapters as PEFT's, under the module names of the base's format=hf export."""
+def peft_adapters(backbone: torch.nn.Module, family: ModuleType) -> list[PeftAdapter]:
+    """lmkit's adapters as PEFT's, under the module names of the base's format=hf export: `family` (lmkit.hf.gpt2 or
+    lmkit.hf.llama) maps lmkit's projections to HF's (MODULES) and, where HF splits q/k/v, their parts (QKV)."""
     cfg = backbone.config
     adapters = []
     for name, module in _lora_modules(backbone).items():
@@ -100,20 +97,20 @@ def peft_adapters(backbone: torch.nn.Module, model_type: str) -> list[PeftAdapte
             adapters.append(_single(module, "lm_head", rows=cfg.vocab_size))
             continue
         layer, local = _split_layer_name(name)
-        if model_type == "gpt2":
-            hf_name = f"transformer.h.{layer}.{GPT2_MODULES[local]}"
-            adapters.append(_fused(module, hf_name) if local == "attn.c_attn" else _single(module, hf_name))
+        prefix = family.LAYER.format(layer)
+        if local == "attn.c_attn" and family.QKV:
+            adapters.extend(_split(module, prefix, family.QKV))
         elif local == "attn.c_attn":
-            adapters.extend(_split(module, layer))
+            adapters.append(_fused(module, f"{prefix}.{family.MODULES[local]}"))
         else:
-            adapters.append(_single(module, f"model.layers.{layer}.{LLAMA_MODULES[local]}"))
+            adapters.append(_single(module, f"{prefix}.{family.MODULES[local]}"))
     return adapters
 
 
-def embedding_entries(backbone: torch.nn.Module, model_type: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def embedding_entries(backbone: torch.nn.Module, family: ModuleType) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The trained rows of the token embedding in PEFT's terms (see the module's docstring): adapter_config.json's
     entries, and the tensors (under KEY_PREFIX)."""
-    hf = "transformer.wte" if model_type == "gpt2" else "model.embed_tokens"
+    hf = family.EMBEDDING
     embedding = backbone.transformer.wte
     vocab = backbone.config.vocab_size  # (format=hf drops the rows that pad a vocabulary)
     if isinstance(embedding, TrainableTokens):
@@ -128,7 +125,7 @@ def embedding_entries(backbone: torch.nn.Module, model_type: str) -> tuple[dict[
     return {"trainable_token_indices": ids}, {key: rows.contiguous()}
 
 
-def adapter_config(adapters: list[PeftAdapter], model_type: str, *, dropout: float,
+def adapter_config(adapters: list[PeftAdapter], family: ModuleType, *, dropout: float,
                    base_model: str | None) -> dict[str, Any]:
     """adapter_config.json: the most common rank and alpha as `r` and `lora_alpha`, any other module's (GPT-2's
     fused c_attn) in `rank_pattern` / `alpha_pattern`, keyed by the target_modules entry."""
@@ -139,7 +136,7 @@ def adapter_config(adapters: list[PeftAdapter], model_type: str, *, dropout: flo
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": targets, "bias": "none",
-        "fan_in_fan_out": model_type == "gpt2",  # GPT-2's Conv1D stores its weight (in, out)
+        "fan_in_fan_out": family.CONV1D,  # GPT-2's Conv1D stores its weight (in, out)
         "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "modules_to_save": None, "trainable_token_indices": None,
         "layers_to_transform": None,
@@ -157,7 +154,9 @@ def _split_layer_name(name: str) -> tuple[int, str]:
 
 
 def _target(module: str) -> str:
-    """The target_modules entry of an HF module: its name within the layer (lm_head: itself)."""
+    """The target_modules entry of an HF module: its name within the layer (lm_head: itself). The parent is kept as
+    the short name is ambiguous (attn.c_proj against mlp.c_proj), and PEFT matches an entry against the end of each
+    module's name."""
     parts = module.split(".")
     return ".".join(parts[-2:]) if len(parts) > 1 else module
 
@@ -171,9 +170,9 @@ def _single(module: LoRALinear, hf_name: str, rows: int | None = None) -> PeftAd
     return PeftAdapter(hf_name, a, b[:rows], _alpha(module))
 
 
-def _split(module: LoRALinear, layer: int) -> list[PeftAdapter]:
+def _split(module: LoRALinear, prefix: str, qkv: dict[str, str]) -> list[PeftAdapter]:
     """Llama's q_proj, k_proj, v_proj: one adapter per adapted part, as lmkit holds them."""
-    return [PeftAdapter(f"model.layers.{layer}.{LLAMA_QKV[part]}", module.lora_a[part].detach().float(),
+    return [PeftAdapter(f"{prefix}.{qkv[part]}", module.lora_a[part].detach().float(),
                         module.lora_b[part].detach().float(), _alpha(module)) for part in module.lora_a]
 
 
@@ -204,9 +203,6 @@ def hf_source_of_base(checkpoint_path: str | Path) -> str | None:
     """The Hugging Face folder a LoRA checkpoint's base was imported from (`lmkit import-hf`), or None: that folder is
     the model the adapters apply to, so it is the base_model_name_or_path to write. A base trained in lmkit has no
     such folder until `format=hf` writes one, wherever the user chooses."""
-    from lmkit.checkpoint import read_checkpoint
-    from lmkit.record import ModelRecord
-
     base = read_checkpoint(checkpoint_path, weights=False).get("lmkit", {}).get("lora_base") or {}
     if not base.get("path") or not (Path(base["path"]) / "config.json").is_file():
         return None
