@@ -77,7 +77,7 @@ def check_launch(trainer_cfg: Any) -> None:
     nodes = int(trainer_cfg.get("num_nodes") or 1)
     if nodes > 1 and not any(k in os.environ for k in CLUSTER_ENV) and "NODE_RANK" not in os.environ:
         raise LmkitError(f"trainer.num_nodes={nodes} needs a launcher on every node (torchrun, srun, or "
-                         "MASTER_ADDR/NODE_RANK set): see the README's multi-node section")
+                         "MASTER_ADDR/NODE_RANK set): see docs/distributed.md, multi-node")
 
 
 @contextmanager

@@ -21,7 +21,7 @@ checkpoints carry, so that a resumed run scores against the model it started fro
 while training. Or on the fly (`live`): one more forward pass on every training and evaluation batch, through the
 base with its adapters off (finetune=lora: no copy) or a frozen copy of init_from's model (finetune=full). The
 precomputed reference is the default: one forward pass per pair once, against one per pair per visit (cheaper from
-about one epoch on, measured by bench/dpo.py; README, "Preference tuning"), and no second model held.
+about one epoch on, measured by bench/dpo.py; docs/fine-tuning.md, "Preference tuning"), and no second model held.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from lmkit.errors import LmkitError
 from lmkit.files import check_writable
 from lmkit.lora import LoRASettings, lora_settings
 from lmkit.memory_check import processes_per_node
-from lmkit.sharded_checkpoint import is_sharded_checkpoint
+from lmkit.sharded_checkpoint import is_sharded_checkpoint, recover_interrupted_save
 from lmkit.plugins import Plugin, recipe
 from lmkit.preference import DPOSettings, check_reference, objective_settings
 from lmkit.backbones import BackboneConfig
@@ -192,12 +192,14 @@ def _resume_checkpoint(resume: bool | str | None, output_dir: Path, sharded: boo
         return None
     if resume is True:
         last = output_dir / "checkpoints" / "last.ckpt"
+        recover_interrupted_save(last)  # (a sharded save killed between its renames has put last.ckpt aside)
         if not last.exists():
             log.info("resume=true but %s does not exist yet: starting fresh", last)
             return None
         path = last
     else:
         path = Path(str(resume)).expanduser()
+        recover_interrupted_save(path)
     if is_sharded_checkpoint(path) and not sharded:
         raise LmkitError(f"resume={path} is a sharded checkpoint folder: resume it with trainer=fsdp, or start from "
                          f"its weights with init_from={path}")

@@ -10,6 +10,7 @@ torch's checkpoint-metadata classes: loading never runs code named by a file.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import warnings
 from pathlib import Path
@@ -25,6 +26,29 @@ MODEL_PREFIX = "state_dict."  # how torch.distributed.checkpoint flattens Lightn
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / METADATA).is_file()
+
+
+def save_siblings(path: Path) -> tuple[Path, Path]:
+    """Where a save of the folder `path` is written before it is renamed into place, and where the previous
+    checkpoint steps aside meanwhile (lmkit.parallel.strategy.ShardedStrategy.save_checkpoint)."""
+    return path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+
+
+def recover_interrupted_save(path: Path) -> None:
+    """Put a checkpoint back at `path` if a save was killed (SIGKILL, a lost node) between its two renames.
+
+    A save writes every rank's shards into the temporary sibling; only once all have written does rank zero move
+    the previous checkpoint aside and the new one into place. Killed while writing, `path` still holds the previous
+    checkpoint; killed between the renames, `path` is missing, the previous one is the `.old` sibling and the new
+    one, complete, the `.tmp` sibling: the new one goes back (the previous one if the new one is not whole).
+    """
+    tmp, old = save_siblings(path)
+    if path.exists() or not old.exists():
+        return
+    try:
+        os.replace(tmp if is_sharded_checkpoint(tmp) and (tmp / META).is_file() else old, path)
+    except FileNotFoundError:  # another rank of the same launch put it back first
+        pass
 
 
 _DCP = "torch.distributed.checkpoint"

@@ -57,8 +57,8 @@ def run(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     datamodule = build(plan.data, tokenizer=plan.tokenizer, cache_dir=cfg.paths.cache_dir, seed=cfg.seed,
                        _convert_="all", **({"model_tokens": plan.init.tokens if plan.init else {}} if plan.chat else {}))
     module = build_module(plan, datamodule, cfg.trainer)
+    ckpt_path = resume_checkpoint(plan, module)  # (before the trainer, whose checkpoint callback makes its folder)
     trainer = build_trainer(cfg, plan, module)
-    ckpt_path = resume_checkpoint(plan, module)
 
     # SIGTERM and Ctrl-C: every rank stops after the same step, saves last.ckpt, exits 143 or 130
     with (ddp_children_run_this_job(), known_warnings(plan.output_dir, resuming=ckpt_path is not None),

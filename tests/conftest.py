@@ -49,6 +49,42 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"ckpt": Path(metrics["last_ckpt"]), "cache": tmp / "cache", "tmp": tmp, "metrics": metrics}
 
 
+@pytest.fixture(scope="session")
+def bases(trained, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Base models saved as lmkit folders, read (never written) by the LoRA and PEFT tests: GPT-2's block (`trained`),
+    a Llama block (random, tests.helpers.LORA_LLAMA) and an LSTM; all with the embedded corpus's char tokenizer."""
+    import dataclasses
+
+    import torch
+
+    import lmkit
+    from lmkit.backbones import LSTMConfig, build_backbone
+    from lmkit.export import save
+    from lmkit.inference import InferenceModel
+    from lmkit.record import ModelRecord
+    from tests.helpers import LORA_LLAMA
+
+    tmp = tmp_path_factory.mktemp("bases")
+    gpt = lmkit.load(trained["ckpt"])
+    save(gpt, tmp / "gpt")
+    torch.manual_seed(0)
+    vocab_size = gpt.record.backbone.vocab_size
+    for name, cfg in (("llama", dataclasses.replace(LORA_LLAMA, vocab_size=vocab_size)),
+                      ("lstm", LSTMConfig(vocab_size=vocab_size, n_layer=1, n_embd=16))):
+        save(InferenceModel(build_backbone(cfg).eval(), gpt.tokenizer, ModelRecord(backbone=cfg, tokenizer="char")),
+             tmp / name)
+    return {"gpt": tmp / "gpt", "llama": tmp / "llama", "lstm": tmp / "lstm", "cache": trained["cache"]}
+
+
+@pytest.fixture(scope="session")
+def bpe():
+    """A byte-level BPE of 300 tokens trained on tests.helpers.TEXT (the GGUF tests' tokenizer)."""
+    from lmkit.data.tokenizer import BPETokenizer
+    from tests.helpers import TEXT
+
+    return BPETokenizer.train([TEXT * 3], vocab_size=300)
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path, cache_dir: Path):
     def make(*overrides: str, output_dir: Path | None = None) -> DictConfig:

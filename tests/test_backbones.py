@@ -278,15 +278,20 @@ def test_grouped_query_attention_shares_each_kv_head_with_its_group():
     torch.testing.assert_close(gqa(ids)[0], full(ids)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_rms_norm_is_computed_in_fp32_then_the_gain():
+def test_rms_norm_is_llamas_in_fp32_then_the_gain():
+    """The reference is transformers' LlamaRMSNorm: normalised in fp32, cast back, then the gain (in bf16 too)."""
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     from lmkit.backbones.transformer import RMSNorm
 
-    norm = RMSNorm(8, eps=1e-5)
+    ours, theirs = RMSNorm(8, eps=1e-5), llama.LlamaRMSNorm(8, eps=1e-5)
     with torch.no_grad():
-        norm.weight.copy_(torch.arange(8.0))
-    x = torch.randn(3, 8).to(torch.bfloat16)
-    expected = norm.weight * (x.float() / x.float().pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()).to(torch.bfloat16)
-    torch.testing.assert_close(norm(x), expected)
+        ours.weight.copy_(torch.arange(8.0))
+        theirs.weight.copy_(torch.arange(8.0))
+    x = torch.randn(3, 8) * 30
+    for weights, inputs in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),  # (bf16-mixed)
+                            (torch.bfloat16, torch.bfloat16)):
+        ours, theirs = ours.to(weights), theirs.to(weights)
+        torch.testing.assert_close(ours(x.to(inputs)), theirs(x.to(inputs)), atol=0, rtol=0)
     assert not any(name.endswith("bias") for name, _ in transformer(**LLAMA).named_parameters())
 
 

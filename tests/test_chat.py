@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,16 +16,15 @@ import transformers
 
 from lmkit.backbones import build_backbone
 from lmkit.data.chat import IGNORE, DEFAULT_CHAT_TEMPLATE, render_chat, resolve_template
-from lmkit.data.chat_datamodule import ChatDataModule, ChatTrainBatches, Rows, pack
+from lmkit.data.chat_datamodule import ChatTrainBatches, Rows, pack
 from lmkit.data.tokenizer import BPETokenizer
 from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.hf import import_hf
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
-from tests.test_cli import assert_clean_error
-from tests.test_hf_llama import hf_model
 from tests.conftest import run_train_py, run_train_py_each, train_py_args
+from tests.helpers import KEY, NAME, Server, assert_clean_error, hf_model
 
 WORDS = ["the", "moon", "and", "sword", "rose", "crown"]
 # Qwen2-Instruct's template (a default system message, ChatML turns), its assistant text inside transformers'
@@ -340,7 +340,6 @@ def test_a_model_fine_tuned_on_chat_exports_and_serves_held_out_answers(models, 
     from lmkit.serve.chat import ChatFormat
     from lmkit.train import run
     from tests.conftest import free_port
-    from tests.test_serve import KEY, NAME, Server
 
     prompts = sorted({" ".join(p) for p in itertools.product(WORDS, repeat=2)} |
                      {" ".join(p) for p in itertools.product(WORDS, repeat=3)})
@@ -359,12 +358,18 @@ def test_a_model_fine_tuned_on_chat_exports_and_serves_held_out_answers(models, 
     reply_start = int(np.flatnonzero(rendered.labels != IGNORE)[0])
     # what the server renders for the question is what training rendered before a reply
     assert model.tokenizer.encode(ChatFormat.of(model).prompt(question)) == rendered.ids[:reply_start].tolist()
-    server = Server(out, free_port())
+    server = Server(out, free_port(), "workers=2")  # two model processes behind one endpoint
     try:
         server.wait_ready()
+        assert len(server.inference_workers()) == 2
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-        answers = [client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": p}],
-                                                  max_tokens=12, temperature=0).choices[0] for p in held_out]
+
+        def ask(question: str):
+            return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": question}],
+                                                  max_tokens=12, temperature=0).choices[0]
+
+        with ThreadPoolExecutor(4) as pool:  # concurrent, so both workers take requests
+            answers = list(pool.map(ask, held_out))
     finally:
         server.stop()
     right = [a.message.content == " ".join(reversed(p.split())) and a.finish_reason == "stop"

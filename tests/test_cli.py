@@ -10,6 +10,7 @@ import pytest
 
 from lmkit.train import run
 from tests.conftest import TINY, run_train_py, run_train_py_each, train_py_args
+from tests.helpers import assert_clean_error
 
 TINY_RUN = ["model=lstm", *TINY, "trainer.max_steps=20", "trainer.val_check_interval=10"]
 
@@ -51,16 +52,6 @@ def test_experiments_fast_dev_run_as_a_sweep(tmp_path, cache_dir):
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == len(experiments)
     assert all((job / "metrics.json").exists() for job in jobs)
-
-
-def assert_clean_error(result, *fragments: str, run_dir: Path) -> None:
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
 
 
 @pytest.fixture(scope="module")

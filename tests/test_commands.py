@@ -11,6 +11,7 @@ import torch
 import lmkit
 from lmkit.train import run
 from tests.conftest import TINY, lmkit_main
+from tests.helpers import CHARS, hf_model, one_error_line, tiny_lm
 
 transformers = pytest.importorskip("transformers")
 LMKIT = str(Path(sys.executable).parent / "lmkit")
@@ -20,14 +21,6 @@ def lmkit_cmd(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comp
     import os
 
     return subprocess.run([LMKIT, *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})})
-
-
-def one_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.stderr[-2000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_export_generate_eval_from_a_checkpoint(trained, tmp_path):
@@ -94,7 +87,6 @@ def test_fine_tune_from_an_imported_model(family, tmp_path, make_cfg, tiny_corpu
     from lmkit.evaluate import evaluate
     from lmkit.export import save
     from lmkit.hf import import_hf
-    from tests.test_hf_llama import hf_model
 
     tok = BPETokenizer.train([tiny_corpus.read_text()], vocab_size=300)
     torch.manual_seed(0)
@@ -128,7 +120,6 @@ def test_bad_model_inputs_give_one_line(case, tmp_path):
     import-hf` in a process of their own are test_prompt_characters_the_tokenizer_lacks's and test_hf_llama.py's."""
     art = tmp_path / "art"
     if case != "neither":
-        from tests.test_inference import tiny_lm
         from lmkit.export import save
 
         save(tiny_lm(), art)
@@ -158,7 +149,6 @@ def test_bad_model_inputs_give_one_line(case, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a machine without a GPU")
 def test_a_device_this_machine_lacks_is_one_line(tmp_path):
     from lmkit.export import save
-    from tests.test_inference import tiny_lm
 
     save(tiny_lm(), tmp_path / "art")
     for command in ("generate", "eval"):
@@ -170,7 +160,6 @@ def test_a_device_this_machine_lacks_is_one_line(tmp_path):
 def test_prompt_characters_the_tokenizer_lacks(tmp_path):
     from lmkit.export import save
     from tests.helpers import decode_by_hand
-    from tests.test_inference import tiny_lm
 
     save(tiny_lm(), tmp_path / "art")
     result = lmkit_cmd("generate", f"model={tmp_path / 'art'}", "prompt=naïve€", cwd=tmp_path)
@@ -186,7 +175,6 @@ def test_eval_never_instantiates_a_class_path_from_the_model_file(tmp_path, tiny
     """A stranger's config.json may name any `_target_`: lmkit eval must not call it."""
     from lmkit.export import save
     from tests.conftest import ROOT
-    from tests.test_inference import CHARS, tiny_lm
 
     marker = tmp_path / "pwned"
     model = tiny_lm()

@@ -30,6 +30,7 @@ from lmkit.builtin_plugins.int4 import Int4Weight, nibbles, unnibble
 from lmkit.builtin_plugins.prune import targets, wanda_scores
 from tests.conftest import TINY, TINY_TRANSFORMER, lmkit_main, run_train_py
 from tests.helpers import decode_by_hand
+from tests.helpers import lively, tiny_lm
 
 RECIPES = {
     "int8": {"int8": {}},
@@ -527,7 +528,6 @@ def llama_with_dead_units(dead_units: list[list[int]], dead_groups: list[int]):
     """A tiny Llama block model (4 query heads, 2 kv heads, SwiGLU width 24), every weight random, whose
     `dead_units` (per layer) and kv group `dead_groups[layer]` write nothing: their down-projection columns,
     and the output-projection columns of the group's 2 query heads, are zero."""
-    from tests.test_inference import lively, tiny_lm
 
     model = lively(tiny_lm(norm="rmsnorm", mlp="swiglu", n_head=4, n_kv_head=2, n_embd=32, mlp_hidden=24,
                            position="rope", bias=False))

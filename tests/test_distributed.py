@@ -28,13 +28,25 @@ def step_losses(log_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(fh) if r.get("train_loss")}
 
 
-def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch(tmp_path, cache_dir):
+def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch_and_resumes(tmp_path, cache_dir):
+    """Two ranks at batch 4 stop at step 6, then resume=true takes them to 12: the same 12 losses, evaluation and
+    weights as one process at batch 8 straight through (weights, AdamW moments, schedule and each rank's place in
+    the data restored)."""
     ddp, single = tmp_path / "ddp", tmp_path / "single"
-    result = run_train_py(*SMALL, *DDP2, "data.batch_size=4", "data.eval_batch_size=4", run_dir=ddp, cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_in_process(*SMALL, "data.batch_size=8", "data.eval_batch_size=8", run_dir=single, cache_dir=cache_dir)
+    common = [o for o in SMALL if not o.startswith("trainer.max_steps")] + [
+        "optim.decay_steps=100", "trainer.log_every_n_steps=1"]  # (a schedule that does not depend on max_steps)
+    halves = [*common, *DDP2, "data.batch_size=4", "data.eval_batch_size=4"]
+    for steps, resume in ((6, []), (12, ["resume=true"])):
+        result = run_train_py(*halves, f"trainer.max_steps={steps}", *resume, run_dir=ddp, cache_dir=cache_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from" in result.stderr + result.stdout
+    run_in_process(*common, "trainer.max_steps=12", "data.batch_size=8", "data.eval_batch_size=8", run_dir=single,
+                   cache_dir=cache_dir)
     a, b = metrics(ddp), metrics(single)
-    assert (a["world_size"], b["world_size"]) == (2, 1)
+    assert (a["world_size"], b["world_size"], a["steps"]) == (2, 1, 12)
+    losses = step_losses(ddp)  # (the resumed run goes on in the same metrics.csv)
+    assert sorted(losses) == list(range(12))
+    assert [losses[s] for s in range(12)] == pytest.approx([step_losses(single)[s] for s in range(12)], abs=1e-4)
     for key in ("train_loss", "val_loss", "test_loss"):
         assert a[key] == pytest.approx(b[key], abs=1e-4), key
     wa = torch.load(a["last_ckpt"], weights_only=True)["state_dict"]

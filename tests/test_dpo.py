@@ -22,8 +22,7 @@ from lmkit.inference import InferenceModel
 from lmkit.preference import dpo_loss, sequence_logps
 from lmkit.record import ModelRecord
 from tests.conftest import lmkit_main, run_train_py, run_train_py_each, train_py_args
-from tests.test_cli import assert_clean_error
-from tests.test_parallel import logged
+from tests.helpers import assert_clean_error, logged
 
 WORDS = ["the", "moon", "and", "sword", "rose", "crown"]
 TINY_DPO = ["data=preference", "finetune.objective=dpo", "data.seq_len=48", "data.batch_size=8",

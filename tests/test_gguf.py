@@ -13,38 +13,16 @@ import torch
 from omegaconf import OmegaConf
 
 from lmkit.backbones import backbone_config, build_backbone
-from lmkit.data.tokenizer import BPETokenizer, CharTokenizer
+from lmkit.data.tokenizer import CharTokenizer
 from lmkit.deploy.gguf import export_gguf
 from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
+from tests.helpers import TEXT, greedy_tokens, lively_bpe_transformer
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
-
-TEXT = ("ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
-        "JULIET:\nO Romeo, Romeo! wherefore art thou Romeo? Deny thy father and refuse thy name; 42 times.\n")
-
-
-@pytest.fixture(scope="module")
-def bpe() -> BPETokenizer:
-    return BPETokenizer.train([TEXT * 3], vocab_size=300)
-
-
-def tiny_lm(tokenizer, **options) -> InferenceModel:
-    """Every weight drawn from N(0, 0.3), biases and norms included: the default init hides mapping bugs."""
-    torch.manual_seed(0)
-    settings = {**dict(n_layer=2, n_head=2, n_embd=32, max_seq_len=32, gelu="tanh"), **options}
-    record = ModelRecord(backbone=backbone_config("transformer", tokenizer.vocab_size, **settings),
-                         tokenizer=tokenizer.kind)
-    model = InferenceModel(build_backbone(record.backbone).eval(), tokenizer, record)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model
-
 
 def hf_model(out: Path, model: InferenceModel):
     cfg = model.record.backbone
@@ -69,7 +47,7 @@ def compare(model: InferenceModel, out: Path) -> tuple[float, float]:
     (dict(position="rope", bias=False, n_head=4), "starcoder2"),
 ])
 def test_f32_logits_match_transformers_gguf_loader(bpe, tmp_path, options, architecture):
-    model = tiny_lm(bpe, **options)
+    model = lively_bpe_transformer(bpe, **options)
     exported = export_gguf(model, tmp_path / "gguf")
     assert exported.architecture == architecture and not exported.warnings
     assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["README.md", "model.gguf"]
@@ -78,7 +56,7 @@ def test_f32_logits_match_transformers_gguf_loader(bpe, tmp_path, options, archi
 
 
 def test_types_shrink_the_file_within_their_tolerance(bpe, tmp_path):
-    model = tiny_lm(bpe, n_embd=64)
+    model = lively_bpe_transformer(bpe, n_embd=64)
     sizes, errors = {}, {}
     for type in ("f32", "f16", "q8_0", "q4_0"):
         export_gguf(model, tmp_path / type, type=type)
@@ -90,7 +68,7 @@ def test_types_shrink_the_file_within_their_tolerance(bpe, tmp_path):
 
 
 def test_tokenizer_reads_back_as_lmkit_tokenizes(bpe, tmp_path):
-    model = tiny_lm(bpe)
+    model = lively_bpe_transformer(bpe)
     export_gguf(model, tmp_path / "gguf")
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf")
     for text in (TEXT, "  two spaces, tabs\tand unseen words: zyxwv 1234567"):
@@ -100,10 +78,10 @@ def test_tokenizer_reads_back_as_lmkit_tokenizes(bpe, tmp_path):
 
 
 def test_exact_gelu_exports_with_a_measured_warning(bpe, tmp_path):
-    model = tiny_lm(bpe, gelu="none")
+    model = lively_bpe_transformer(bpe, gelu="none")
     exported = export_gguf(model, tmp_path / "gguf")
     assert len(exported.warnings) == 1 and "model.gelu=tanh" in exported.warnings[0]
-    tanh = tiny_lm(bpe, gelu="tanh")  # the same weights, the approximation llama.cpp and transformers compute
+    tanh = lively_bpe_transformer(bpe, gelu="tanh")  # the same weights, the approximation llama.cpp and transformers compute
     assert compare(tanh, tmp_path / "gguf")[0] < 1e-4
     assert compare(model, tmp_path / "gguf")[0] > 1e-5  # the gap the warning measures is real
     assert "exact GELU" in (tmp_path / "gguf" / "README.md").read_text()
@@ -125,28 +103,28 @@ def _with_compression(model: InferenceModel, plugin: str, windows: torch.Tensor 
 
 
 @pytest.mark.parametrize("make, options, message", [
-    (lambda tok: tiny_lm(tok, n_embd=48, n_head=2), dict(type="q4_0"), "model.n_embd=48 is not a multiple of 32"),
-    (lambda tok: tiny_lm(tok, n_embd=48, n_head=2), dict(type="q8_0"), "model.n_embd=48 is not a multiple of 32"),
-    (lambda tok: tiny_lm(tok), dict(type="q5_k"), "gguf.type='q5_k' is not one of"),
-    (lambda tok: tiny_lm(tok, layer_heads=[2, 1]), {}, "n_head heads in every layer"),
-    (lambda tok: tiny_lm(tok, layer_ffn=[64, 32]), {}, "one MLP width in every layer"),
+    (lambda tok: lively_bpe_transformer(tok, n_embd=48, n_head=2), dict(type="q4_0"), "model.n_embd=48 is not a multiple of 32"),
+    (lambda tok: lively_bpe_transformer(tok, n_embd=48, n_head=2), dict(type="q8_0"), "model.n_embd=48 is not a multiple of 32"),
+    (lambda tok: lively_bpe_transformer(tok), dict(type="q5_k"), "gguf.type='q5_k' is not one of"),
+    (lambda tok: lively_bpe_transformer(tok, layer_heads=[2, 1]), {}, "n_head heads in every layer"),
+    (lambda tok: lively_bpe_transformer(tok, layer_ffn=[64, 32]), {}, "one MLP width in every layer"),
     # quantized off llama.cpp's grids: each line names the setting that writes one it has
-    (lambda tok: _with_compression(tiny_lm(tok), "dynamic_int8"), {},
+    (lambda tok: _with_compression(lively_bpe_transformer(tok), "dynamic_int8"), {},
      "compression=dynamic_int8 stores weights in a form llama.cpp has no type for; use compression=int8 "
      "compression.int8.quant_type=sym"),
-    (lambda tok: _with_compression(tiny_lm(tok), "int4", quant_type="nf4"), {},
+    (lambda tok: _with_compression(lively_bpe_transformer(tok), "int4", quant_type="nf4"), {},
      "compression.int4.quant_type=nf4 stores weights in a form llama.cpp has no type for; use "
      "compression.int4.quant_type=sym"),
-    (lambda tok: _with_compression(tiny_lm(tok), "int4", quant_type="fp4"), {}, "use compression.int4.quant_type=sym"),
-    (lambda tok: _with_compression(tiny_lm(tok), "int8", quant_type="llm_int8"), {},
+    (lambda tok: _with_compression(lively_bpe_transformer(tok), "int4", quant_type="fp4"), {}, "use compression.int4.quant_type=sym"),
+    (lambda tok: _with_compression(lively_bpe_transformer(tok), "int8", quant_type="llm_int8"), {},
      "compression.int8.quant_type=llm_int8 stores weights in a form llama.cpp has no type for; use "
      "compression.int8.quant_type=sym"),
-    (lambda tok: _with_compression(tiny_lm(tok, n_embd=64), "int4", quant_type="sym", blocksize=64), {},
+    (lambda tok: _with_compression(lively_bpe_transformer(tok, n_embd=64), "int4", quant_type="sym", blocksize=64), {},
      "compression.int4.blocksize=64 has no llama.cpp type"),
-    (lambda tok: _with_compression(tiny_lm(tok), "int8", quant_type="sym"), dict(type="q8_0"),
+    (lambda tok: _with_compression(lively_bpe_transformer(tok), "int8", quant_type="sym"), dict(type="q8_0"),
      "on llama.cpp's grid already (int8 sym), which is written as it is; gguf.type=q8_0 would quantize it a second"),
-    (lambda tok: tiny_lm(CharTokenizer("abc \n")), {}, "train with tokenizer=bpe"),
-    (lambda tok: tiny_lm(tok, n_kv_head=1, position="rope"), {},  # Llama-family refusals: tests/test_gguf_llama.py
+    (lambda tok: lively_bpe_transformer(CharTokenizer("abc \n")), {}, "train with tokenizer=bpe"),
+    (lambda tok: lively_bpe_transformer(tok, n_kv_head=1, position="rope"), {},  # Llama-family refusals: tests/test_gguf_llama.py
      "without Llama-family settings; this model has model.n_kv_head=1"),
 ])
 def test_what_gguf_cannot_express_is_one_line_and_nothing_written(bpe, tmp_path, make, options, message):
@@ -157,7 +135,7 @@ def test_what_gguf_cannot_express_is_one_line_and_nothing_written(bpe, tmp_path,
 
 
 def test_pruned_weights_export_dense(bpe, tmp_path):
-    model = _with_compression(tiny_lm(bpe), "prune", criterion="magnitude", finetune_steps=0)  # dense, with zeros
+    model = _with_compression(lively_bpe_transformer(bpe), "prune", criterion="magnitude", finetune_steps=0)  # dense, with zeros
     assert (model.backbone.transformer.h[0].mlp.c_fc.weight == 0).float().mean() > 0.3
     export_gguf(model, tmp_path / "gguf")
     assert compare(model, tmp_path / "gguf")[0] < 1e-4
@@ -176,7 +154,7 @@ def lmkit_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_exports_gguf_and_refuses_an_lstm_in_one_line(bpe, tmp_path):
-    model = tiny_lm(bpe)
+    model = lively_bpe_transformer(bpe)
     save(model, tmp_path / "model")
     done = lmkit_cli(f"model={tmp_path / 'model'}", f"out={tmp_path / 'gguf'}", "format=gguf", "gguf.type=q8_0")
     assert done.returncode == 0, done.stderr
@@ -193,30 +171,13 @@ def test_cli_exports_gguf_and_refuses_an_lstm_in_one_line(bpe, tmp_path):
 
 def test_llama_cpp_generates_lmkit_greedy_tokens(bpe, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")  # pip install 'lmkit[llama]' (compiles llama.cpp)
-    model = tiny_lm(bpe, position="learned")
+    model = lively_bpe_transformer(bpe, position="learned")
     export_gguf(model, tmp_path / "gguf")
     llm = llama_cpp.Llama(str(tmp_path / "gguf" / "model.gguf"), n_ctx=32, logits_all=True, verbose=False)
     prompt = bpe.encode("ROMEO:\nBut, soft!")
     assert llm.tokenize("ROMEO:\nBut, soft!".encode(), add_bos=False, special=False) == prompt
     ours, theirs = greedy_tokens(model, llm, prompt)
     assert theirs == ours
-
-
-def greedy_tokens(model, llm, prompt: list[int], steps: int = 12) -> tuple[list[int], list[int]]:
-    """`steps` greedy tokens after `prompt` from lmkit's model and from llama.cpp's, each decoded by hand (neither
-    stops at an end token). `llm` must keep every position's logits (logits_all=True): llama-cpp-python 0.3.16's
-    eval fills `scores` only then."""
-    ours, ids = [], list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            ours.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-            ids.append(ours[-1])
-    theirs = []
-    llm.eval(prompt)
-    for _ in range(steps):
-        theirs.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([theirs[-1]])
-    return ours, theirs
 
 
 # --- models on llama.cpp's grids (lmkit.blockquant), written as they are --------------------------------------------
@@ -253,7 +214,7 @@ def grid_exports(bpe, tmp_path_factory) -> dict:
     out = {}
     for block, options in GRID_BLOCKS.items():
         for type, (plugin, quant_type) in GRIDS.items():
-            model = calibrated(tiny_lm(bpe, **options), plugin, quant_type)
+            model = calibrated(lively_bpe_transformer(bpe, **options), plugin, quant_type)
             out[block, type] = model, export_gguf(model, root / f"{block}-{type}")
     return out
 
@@ -356,7 +317,7 @@ def llama_cpp_grid_logits(bpe, grid_exports, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("llama_cpp")
     paths = {key: exported.path / "model.gguf" for key, (_, exported) in grid_exports.items()}
     for block, options in GRID_BLOCKS.items():
-        export_gguf(tiny_lm(bpe, **options), root / block, type="q4_0")
+        export_gguf(lively_bpe_transformer(bpe, **options), root / block, type="q4_0")
         paths[block, "float q4_0"] = root / block / "model.gguf"
     return dict(zip(paths, llama_cpp_logits(list(paths.values()), bpe.encode(TEXT)[:32], root / "logits.npz")))
 
@@ -384,7 +345,7 @@ def test_the_logits_bound_tells_requantized_and_other_codes_apart(bpe, grid_expo
     nearest, both exceed it."""
     gptq, _ = grid_exports[block, "q4_0"]
     assert np.abs(llama_cpp_grid_logits[block, "float q4_0"] - exact_logits(gptq)).max() > LOGITS_BOUND
-    rtn = calibrated(tiny_lm(bpe, **GRID_BLOCKS[block]), "int4", "sym", method="rtn")
+    rtn = calibrated(lively_bpe_transformer(bpe, **GRID_BLOCKS[block]), "int4", "sym", method="rtn")
     assert np.abs(llama_cpp_grid_logits[block, "q4_0"] - exact_logits(rtn)).max() > LOGITS_BOUND
 
 
@@ -399,7 +360,7 @@ def test_cli_writes_a_saved_grid_model_as_it_is_and_refuses_in_one_line(bpe, gri
     assert [(t.name, t.tensor_type) for t in reloaded] == [(t.name, t.tensor_type) for t in in_memory]
     assert all(np.array_equal(a.data, b.data) for a, b in zip(reloaded, in_memory))
 
-    _with_compression(nf4 := tiny_lm(bpe), "int4", quant_type="nf4")
+    _with_compression(nf4 := lively_bpe_transformer(bpe), "int4", quant_type="nf4")
     save(nf4, tmp_path / "nf4")
     for name, extra in (("model", "gguf.type=q4_0"), ("nf4", "gguf.type=f32")):
         refused = lmkit_main("export", f"model={tmp_path / name}", f"out={tmp_path / 'refused'}", "format=gguf", extra)
@@ -413,7 +374,7 @@ def test_cli_writes_a_saved_grid_model_as_it_is_and_refuses_in_one_line(bpe, gri
 def test_a_grid_models_float_embedding_is_written_as_lmkit_holds_it(bpe, block, tmp_path):
     """embeddings=false keeps the token embedding (and a tied head) in float in lmkit: the file must too, not
     rounded onto the file's own type."""
-    model = _with_compression(tiny_lm(bpe, **GRID_BLOCKS[block]), "int4", quant_type="sym", embeddings=False)
+    model = _with_compression(lively_bpe_transformer(bpe, **GRID_BLOCKS[block]), "int4", quant_type="sym", embeddings=False)
     export_gguf(model, tmp_path / "gguf")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf")).tensors}
     assert types["token_embd.weight"] == "F32" and types["blk.0.ffn_down.weight"] == "Q4_0"

@@ -18,8 +18,7 @@ from lmkit.deploy.gguf import export_gguf
 from lmkit.errors import LmkitError
 from lmkit.hf import import_hf
 from lmkit.inference import InferenceModel
-from tests.test_gguf import TEXT, bpe, greedy_tokens, tiny_lm  # noqa: F401 (bpe is a fixture)
-from tests.test_hf_llama import LLAMA3, hf_model
+from tests.helpers import LLAMA3, TEXT, greedy_tokens, hf_model, lively_bpe_transformer
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -187,7 +186,7 @@ def test_tokenizer_reads_back_for_llama(bpe, tmp_path):
 
 
 def _scaling_llama_cpp_lacks(tok):
-    model = tiny_lm(tok, norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
+    model = lively_bpe_transformer(tok, norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
     # TransformerConfig admits linear and llama3 only; a future type must still be refused, not mislabelled
     model.record.backbone.rope_scaling = {"rope_type": "yarn", "factor": 4.0}
     return model
@@ -195,23 +194,23 @@ def _scaling_llama_cpp_lacks(tok):
 
 LLAMA_BLOCK = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
 REFUSED = {
-    "layernorm_swiglu": (lambda tok: tiny_lm(tok, mlp="swiglu", position="rope"),
+    "layernorm_swiglu": (lambda tok: lively_bpe_transformer(tok, mlp="swiglu", position="rope"),
                          "model.norm='layernorm' with model.mlp='swiglu'"),
-    "rmsnorm_gelu": (lambda tok: tiny_lm(tok, norm="rmsnorm", position="rope"),
+    "rmsnorm_gelu": (lambda tok: lively_bpe_transformer(tok, norm="rmsnorm", position="rope"),
                      "model.norm='rmsnorm' with model.mlp='gelu'"),
-    "mlp_biases": (lambda tok: tiny_lm(tok, norm="rmsnorm", mlp="swiglu", position="rope", bias=True),
+    "mlp_biases": (lambda tok: lively_bpe_transformer(tok, norm="rmsnorm", mlp="swiglu", position="rope", bias=True),
                    "model.bias=True puts biases on the attention output and the MLP"),
-    "learned_positions": (lambda tok: tiny_lm(tok, **{**LLAMA_BLOCK, "position": "learned"}),
+    "learned_positions": (lambda tok: lively_bpe_transformer(tok, **{**LLAMA_BLOCK, "position": "learned"}),
                           "model.position='learned'"),
-    "gqa_on_gpt2_block": (lambda tok: tiny_lm(tok, n_head=4, n_kv_head=2, position="rope"), "model.n_kv_head=2"),
-    "qwen2_llama3": (lambda tok: tiny_lm(tok, **LLAMA_BLOCK, qkv_bias=True, rope_base=5e5,
+    "gqa_on_gpt2_block": (lambda tok: lively_bpe_transformer(tok, n_head=4, n_kv_head=2, position="rope"), "model.n_kv_head=2"),
+    "qwen2_llama3": (lambda tok: lively_bpe_transformer(tok, **LLAMA_BLOCK, qkv_bias=True, rope_base=5e5,
                                          rope_scaling={"rope_type": "llama3", **{k: v for k, v in LLAMA3.items()
                                                                                  if k != "rope_type"}}),
                      "rope_type='llama3' with model.qkv_bias=True"),
-    "qwen2_head_dim": (lambda tok: tiny_lm(tok, **LLAMA_BLOCK, qkv_bias=True, head_dim=8),
+    "qwen2_head_dim": (lambda tok: lively_bpe_transformer(tok, **LLAMA_BLOCK, qkv_bias=True, head_dim=8),
                        "model.head_dim=8 with model.qkv_bias=True"),
     "rope_scaling_type": (_scaling_llama_cpp_lacks, "model.rope_scaling.rope_type='yarn'"),
-    "pruned_heads": (lambda tok: tiny_lm(tok, **LLAMA_BLOCK, n_head=4, n_kv_head=2, layer_heads=[4, 2]),
+    "pruned_heads": (lambda tok: lively_bpe_transformer(tok, **LLAMA_BLOCK, n_head=4, n_kv_head=2, layer_heads=[4, 2]),
                      "n_head heads in every layer"),
 }
 
@@ -259,7 +258,7 @@ def read_field(path, key: str):
 def test_special_tokens_and_chat_template_read_back_as_the_original(adds_bos, tmp_path):
     from tokenizers import Tokenizer, processors
 
-    from tests.test_hf_tokens import MESSAGES, PROMPT, TEMPLATE, chat_model_folder
+    from tests.helpers import MESSAGES, PROMPT, TEMPLATE, chat_model_folder
 
     _, tok = chat_model_folder(tmp_path / "hf")
     if adds_bos:  # a post-processor that starts every text with <s>, as Llama 3's starts it with <|begin_of_text|>
@@ -298,7 +297,7 @@ def test_special_tokens_and_chat_template_read_back_as_the_original(adds_bos, tm
 
 
 def test_end_tokens_llama_cpp_cannot_name_by_text_become_eot_and_eom(tmp_path):
-    from tests.test_hf_tokens import chat_model_folder
+    from tests.helpers import chat_model_folder
 
     _, tok = chat_model_folder(tmp_path / "hf")
     model = import_hf(tmp_path / "hf")
@@ -400,7 +399,7 @@ def test_hub_pre_tokenizers_export_under_llama_cpp_names(name, tmp_path):
 ])
 def test_tokenizers_llama_cpp_cannot_split_are_one_line(make, fragment, tmp_path):
     with pytest.raises(LmkitError) as error:
-        export_gguf(tiny_lm(make(), **LLAMA_BLOCK), tmp_path / "gguf")
+        export_gguf(lively_bpe_transformer(make(), **LLAMA_BLOCK), tmp_path / "gguf")
     assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
     assert not list(tmp_path.iterdir())
 

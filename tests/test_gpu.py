@@ -48,6 +48,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 import lmkit  # noqa: E402
 from lmkit.train import run  # noqa: E402
 from tests.conftest import CONF, TINY, TINY_TRANSFORMER, free_port, run_train_py  # noqa: E402
+from tests.helpers import lively, tiny_lm  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -286,26 +287,6 @@ def test_the_2_4_pattern_runs_on_torchs_semi_structured_kernels(artifacts):
 
 # --- serving -------------------------------------------------------------------------------------------------------
 
-CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def tiny_model():
-    """tests/test_serve.py's: every weight drawn from N(0, 0.3), so a row reading another row's state shows."""
-    from lmkit.backbones import backbone_config, build_backbone
-    from lmkit.data.tokenizer import CharTokenizer
-    from lmkit.inference import InferenceModel
-    from lmkit.record import ModelRecord
-
-    torch.manual_seed(0)
-    rec = ModelRecord(backbone=backbone_config("lstm", len(CHARS), n_layer=2, n_embd=16), tokenizer="char")
-    model = InferenceModel(build_backbone(rec.backbone).eval(), CharTokenizer(CHARS), rec)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model
-
-
 def lmkit_command() -> list[str]:
     script = Path(sys.executable).parent / "lmkit"
     if script.exists():
@@ -318,7 +299,7 @@ def test_lmkit_serve_on_the_gpu_answers_32_clients_as_the_model_alone(tmp_path, 
 
     from lmkit.export import save
 
-    model_dir = save(tiny_model(), tmp_path / "tiny")
+    model_dir = save(lively(tiny_lm("lstm")), tmp_path / "tiny")  # (test_serve.py's model)
     alone = lmkit.load(model_dir, device=DEVICE)
     prompts = ["A", "ROMEO:", "Be it so, my lord", "O"]
     want = {p: alone.generate(p, max_new_tokens=20, temperature=0)[len(p):] for p in prompts}

@@ -17,37 +17,8 @@ from lmkit.errors import LmkitError
 from lmkit.export import load, save
 from lmkit.hf import export_hf, import_hf
 from tests.conftest import lmkit_main
-from tests.test_commands import one_error_line
+from tests.helpers import IDS, LLAMA3, V, hf_model, logits, one_error_line
 
-V = 300  # a byte-level BPE needs 256 tokens at least
-SHAPE = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
-             initializer_range=0.2)  # weights large enough that a wrong rope or norm shows above 1e-4
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16}
-
-
-def hf_model(path, family: str = "llama", **options) -> transformers.PreTrainedModel:
-    """A random-weight model saved at `path` (its biases and norms randomised too, so a dropped one shows)."""
-    torch.manual_seed(0)
-    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]
-    model = model_cls(config_cls(**{**SHAPE, **options})).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.normal_(0.5 if "norm" in name else 0.0, 0.2)
-    model.save_pretrained(path)
-    return model
-
-
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(ids)
-    return out.logits if hasattr(out, "logits") else out[0]
-
-
-IDS = torch.randint(0, V, (2, 40), generator=torch.Generator().manual_seed(1))
 CASES = {
     "llama_gqa_tied": ("llama", dict(tie_word_embeddings=True)),
     "llama_gqa_untied": ("llama", dict(tie_word_embeddings=False)),

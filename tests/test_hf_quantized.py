@@ -21,7 +21,7 @@ from lmkit.hf.quantized import pack_int32
 from lmkit.inference import InferenceModel
 from lmkit.plugins import CompressContext
 from lmkit.record import ModelRecord
-from tests.test_hf_llama import IDS, V, hf_model, logits
+from tests.helpers import IDS, V, hf_model, logits
 
 compressed_tensors = pytest.importorskip("compressed_tensors")  # transformers' reader of the layout
 

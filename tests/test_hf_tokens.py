@@ -9,7 +9,6 @@ import pytest
 import torch
 import transformers
 
-from lmkit.data.tokenizer import BPETokenizer
 from lmkit.errors import LmkitError
 from lmkit.export import load, save
 from lmkit.hf import export_hf, import_hf
@@ -17,29 +16,7 @@ from lmkit.serve import openai
 from lmkit.serve.chat import ChatFormat
 from lmkit.serve.engine import Engine
 from lmkit.serve.settings import Limits
-from tests.test_hf_llama import V, hf_model
-
-# ChatML with a start token, as SmolLM2 and Qwen2 write it (their templates also add a default system message)
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-            "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the moon and the rose"}]
-PROMPT = "the moon and"
-
-
-def chat_model_folder(path, eos_id: int | None = None):
-    """A random Llama saved with a byte-level BPE that has ChatML's special tokens, tokenizer_config.json naming
-    <|im_end|> as end of sequence with TEMPLATE, and (given `eos_id`) generation_config.json ending at `eos_id`."""
-    tok = BPETokenizer.train(["the moon and the sword and the rose " * 20], vocab_size=V - 8)
-    tok.tokenizer.add_special_tokens(["<s>", "<|im_start|>", "<|im_end|>"])
-    hf = hf_model(path, bos_token_id=tok.tokenizer.token_to_id("<s>"), eos_token_id=None)
-    (path / "tokenizer.json").write_text(tok.tokenizer.to_str())
-    (path / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "<|im_end|>",
-        "chat_template": TEMPLATE}))
-    if eos_id is not None:
-        (path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}))
-    return hf, tok
-
+from tests.helpers import MESSAGES, PROMPT, V, chat_model_folder
 
 def free_run(hf, ids: list[int]) -> list[int]:
     """transformers' 12 greedy tokens after `ids`, with no end token."""

@@ -8,37 +8,14 @@ import pytest
 import torch
 
 import lmkit
-from lmkit.backbones import backbone_config, build_backbone
-from lmkit.record import ModelRecord
-from lmkit.data.tokenizer import BPETokenizer, CharTokenizer
+from lmkit.data.tokenizer import BPETokenizer
 from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.generate import generate, sample_next
 from lmkit.hf import export_hf, import_hf
-from lmkit.inference import InferenceModel
-from tests.helpers import decode_by_hand
+from tests.helpers import CHARS, decode_by_hand, lively, tiny_lm
 
 transformers = pytest.importorskip("transformers")
-
-CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def tiny_lm(kind: str = "transformer", **options) -> InferenceModel:
-    torch.manual_seed(0)
-    defaults = dict(n_layer=2, n_head=2, n_embd=16, max_seq_len=32) if kind == "transformer" else dict(n_layer=2, n_embd=16)
-    record = ModelRecord(backbone=backbone_config(kind, len(CHARS), **{**defaults, **options}), tokenizer="char")
-    return InferenceModel(build_backbone(record.backbone).eval(), CharTokenizer(CHARS), record)
-
-
-def lively(model: InferenceModel, std: float = 0.3) -> InferenceModel:
-    """Every weight drawn from N(0, std): at the default init a tiny model's next token barely depends on the
-    context, and then a decoding loop that looks at the wrong context still gives the right text."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
-    return model
-
 
 def random_gpt2(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=97, seed=0):
     torch.manual_seed(seed)

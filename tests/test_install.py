@@ -44,9 +44,9 @@ def in_venv(venv: Path, *cmd: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_every_config_group_is_a_package_of_the_wheel():
     """Else setuptools warns, at every install, about a folder it would carry as data only."""
-    import tomllib
+    from setuptools.config.pyprojecttoml import read_configuration  # (tomllib is 3.11+; lmkit runs on 3.10)
 
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    packages = read_configuration(ROOT / "pyproject.toml")["tool"]["setuptools"]["packages"]
     groups = {f"lmkit._conf.{d.name}" for d in (ROOT / "conf").iterdir() if d.is_dir()}
     assert groups <= set(packages), sorted(groups - set(packages))
 
@@ -71,5 +71,9 @@ def test_a_wheel_trains_on_two_ranks_and_generates_from_an_empty_folder(installe
     metrics = json.loads(next(empty.rglob("metrics.json")).read_text())
     assert metrics["steps"] == 5 and metrics["world_size"] == 2
     result = in_venv(installed, "lmkit", "generate", f"model={metrics['last_ckpt']}", "prompt=ROMEO:",
-                     "max_new_tokens=20", cwd=empty)
-    assert result.returncode == 0 and result.stdout.startswith("ROMEO:"), result.stderr[-2000:]
+                     "max_new_tokens=20", "seed=3", cwd=empty)
+    assert result.returncode == 0, result.stderr[-2000:]
+    import lmkit  # (the checkout's: the same code, so the same text)
+
+    expected = lmkit.load(metrics["last_ckpt"]).generate("ROMEO:", max_new_tokens=20, seed=3)
+    assert result.stdout.strip() == expected.strip() and len(expected) > len("ROMEO:") + 10

@@ -18,7 +18,7 @@ from lmkit.errors import LmkitError
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
 from tests.conftest import lmkit_main
-from tests.test_commands import one_error_line
+from tests.helpers import one_error_line
 
 ort = pytest.importorskip("onnxruntime")
 from lmkit.deploy.onnx import export_onnx  # noqa: E402 (after the skip: it needs onnx installed)
@@ -356,9 +356,14 @@ def test_cli_exports_a_pruned_int8_model_that_generate_and_eval_run(trained, tmp
     assert from_onnx.returncode == 0, from_onnx.stderr[-2000:]
     model = lmkit.load(out)
     assert from_onnx.stdout.strip() == model.generate("ROMEO:", max_new_tokens=40, temperature=0).strip()
+    # its perplexity is the dense model's times what pruning cost in torch (report.json), and int8's rounding little
     evaluated = lmkit_main("eval", f"model={out}", "max_windows=4", env=env)
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert 1 < json.loads(evaluated.stdout)["perplexity"] < 80
+    dense = lmkit_main("eval", f"model={trained['ckpt']}", "max_windows=4", env=env)
+    assert evaluated.returncode == 0 and dense.returncode == 0, evaluated.stderr[-2000:] + dense.stderr[-2000:]
+    ratio = json.loads(evaluated.stdout)["perplexity"] / json.loads(dense.stdout)["perplexity"]
+    pruning = json.loads((out / "report.json").read_text())["after_vs_before"]["perplexity"]
+    print("ONNX_PPL_RATIO", ratio, pruning)
+    assert ratio == pytest.approx(pruning, rel=0.05), (ratio, pruning)
 
     # the refusals through `lmkit`'s main in this process (one-line refusals of `lmkit export` in a process of their
     # own: test_commands.py's)

@@ -5,7 +5,6 @@ gradient norms step by step (clipping engages at every step: the norms are above
 the same weights at the end, read back from the sharded folder without any training process.
 """
 
-import csv
 import json
 import pickle
 import shutil
@@ -19,8 +18,9 @@ import lmkit
 from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.sharded_checkpoint import read_metadata
-from tests.conftest import (TINY, TINY_TRANSFORMER, free_port, lmkit_main, run_in_process, run_train_py, run_train_py_each,
-                            sigterm_train_py_when, train_py_args)
+from tests.conftest import (TINY, TINY_TRANSFORMER, free_port, lmkit_main, run_in_process, run_train_py,
+                            run_train_py_each, sigterm_train_py_when, train_py_args)
+from tests.helpers import FSDP2, HALF, logged
 
 pytestmark = pytest.mark.slow
 
@@ -30,21 +30,12 @@ pytestmark = pytest.mark.slow
 SAMPLE = ["callbacks.text_sampler.max_new_tokens=16"]
 COMMON = ["model=transformer", *TINY_TRANSFORMER, "optim.warmup_steps=5", "optim.decay_steps=100",
           "trainer.log_every_n_steps=1", "trainer.val_check_interval=10", *SAMPLE]
-FSDP2 = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2"]
-HALF = ["data.batch_size=4", "data.eval_batch_size=8"]  # per rank: two ranks make the single run's batch of 8
 
 
 def train(*overrides: str, run_dir: Path, cache_dir: Path) -> dict:
     result = run_train_py(*COMMON, *overrides, run_dir=run_dir, cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-def logged(run_dir: Path, key: str = "train_loss") -> list[float]:
-    """`key` at each step, in order (a resumed run logging into `run_dir` continues the same file's steps)."""
-    with open(run_dir / "metrics.csv") as fh:
-        rows = {int(r["step"]): float(r[key]) for r in csv.DictReader(fh) if r.get(key)}
-    return [rows[s] for s in sorted(rows)]
 
 
 def weights(checkpoint: str | Path) -> dict[str, torch.Tensor]:
@@ -199,6 +190,37 @@ def test_reading_a_sharded_folder_never_runs_code_and_names_a_missing_shard(fsdp
     result = lmkit_main("eval", f"model={folder}")  # in this process: code it ran would run here
     assert result.returncode == 2 and ".metadata is not checkpoint metadata (builtins.exec" in result.stderr
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_save_killed_at_any_point_leaves_a_whole_checkpoint_to_resume(fsdp, tmp_path):
+    """ShardedStrategy.save_checkpoint's states on disk wherever a SIGKILL stops it: every rank's shards written
+    into .last.ckpt.tmp, then the previous last.ckpt moved to .last.ckpt.old, then the new one renamed into place.
+    resume=true finds a whole checkpoint in each: the previous one, or the new one once every rank has written."""
+    from lmkit.preflight import _resume_checkpoint
+
+    saved = fsdp / "checkpoints" / "last.ckpt"
+    checkpoints = tmp_path / "run" / "checkpoints"
+    last, tmp, old = checkpoints / "last.ckpt", checkpoints / ".last.ckpt.tmp", checkpoints / ".last.ckpt.old"
+
+    def resume_after_a_kill(*, shards_written: bool, previous_moved_aside: bool) -> bool:
+        """Resume from the state the kill left; whether it resumes from the new checkpoint."""
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.copytree(saved, old if previous_moved_aside else last)
+        shutil.copytree(saved, tmp)
+        (tmp / "new").touch()  # (the two folders hold the same tensors: this tells them apart)
+        if not shards_written:  # killed while the ranks wrote: neither the index nor Lightning's meta.pt yet
+            (tmp / ".metadata").unlink()
+            (tmp / "meta.pt").unlink()
+        assert _resume_checkpoint(True, tmp_path / "run", sharded=True) == last
+        assert_same_weights(weights(last), weights(saved))  # whole: every shard there, read back
+        return (last / "new").exists()
+
+    assert not resume_after_a_kill(shards_written=False, previous_moved_aside=False)  # the previous one, untouched
+    assert not resume_after_a_kill(shards_written=True, previous_moved_aside=False)  # (renames not reached)
+    assert resume_after_a_kill(shards_written=True, previous_moved_aside=True)  # between the renames: the new one
+    assert not tmp.exists() and old.exists()  # (the next save clears the previous one)
+    # A new folder that is not whole never stands beside a previous one moved aside; if it did, the previous returns
+    assert not resume_after_a_kill(shards_written=False, previous_moved_aside=True)
 
 
 def test_a_dotted_name_in_metadata_cannot_reach_an_unrestricted_unpickler(tmp_path):

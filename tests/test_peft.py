@@ -15,8 +15,7 @@ from lmkit.hf import export_hf
 from lmkit.hf import export_peft
 from lmkit.train import run
 from tests.conftest import CONF, lmkit_main
-from tests.test_commands import one_error_line
-from tests.test_lora import FINETUNE, bases  # noqa: F401 (bases: a fixture)
+from tests.helpers import FINETUNE, hf_model, one_error_line
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -125,7 +124,6 @@ def test_a_base_imported_from_hugging_face_is_named_as_base_model(tmp_path):
     """Fine-tuning an imported model: the adapters apply to the folder it came from, which the config names."""
     from lmkit.hf import import_hf
     from lmkit.hf import hf_source_of_base
-    from tests.test_hf_llama import hf_model
 
     hf_model(tmp_path / "hf")
     save(import_hf(tmp_path / "hf"), tmp_path / "base")

@@ -29,13 +29,10 @@ httpx = pytest.importorskip("httpx")
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from lmkit.backbones import backbone_config, build_backbone  # noqa: E402
 from lmkit.cli import _serve  # noqa: E402
-from lmkit.data.tokenizer import CharTokenizer  # noqa: E402
 from lmkit.errors import LmkitError  # noqa: E402
 from lmkit.export import save  # noqa: E402
 from lmkit.inference import InferenceModel  # noqa: E402
-from lmkit.record import ModelRecord  # noqa: E402
 from lmkit.serve.engine import Engine, Job, held_back  # noqa: E402
 from lmkit.serve.chat import ChatFormat  # noqa: E402
 from lmkit.serve.http import OpenAIEndpoints  # noqa: E402
@@ -43,25 +40,8 @@ from lmkit.serve.settings import ServeSettings  # noqa: E402
 from lmkit.serve.worker import ModelAPI  # noqa: E402
 from litserve.utils import LitAPIStatus  # noqa: E402
 from tests.conftest import CONF, free_port  # noqa: E402
+from tests.helpers import CHARS, KEY, LMKIT, NAME, Server, lively, tiny_lm  # noqa: E402
 
-CHARS = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-KEY = "test-key"
-NAME = "tiny"
-LMKIT = Path(sys.executable).parent / "lmkit"
-
-
-def tiny_model(kind: str = "lstm", **options) -> InferenceModel:
-    """Every weight drawn from N(0, 0.3): at the default init a tiny model's next token barely depends on
-    its context, and a batching bug (a row reading another row's state) would go unseen."""
-    torch.manual_seed(0)
-    shape = dict(n_layer=2, n_embd=16, **({"n_head": 2, "max_seq_len": 32} if kind == "transformer" else {}))
-    record = ModelRecord(backbone=backbone_config(kind, len(CHARS), **{**shape, **options}), tokenizer="char")
-    model = InferenceModel(build_backbone(record.backbone).eval(), CharTokenizer(CHARS), record)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -74,45 +54,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-class Server:
-    def __init__(self, model_dir: Path, port: int, *options: str) -> None:
-        self.port, self.lines = port, []
-        env = {**os.environ, "LMKIT_API_KEY": KEY}
-        self.proc = subprocess.Popen([str(LMKIT), "serve", f"model={model_dir}", f"port={port}", f"name={NAME}",
-                                      *options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                     start_new_session=True)  # its own process group: teardown can end all of it
-        threading.Thread(target=self._drain, daemon=True).start()  # a full pipe would block the server
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(f"lmkit serve: {NAME} at http://127.0.0.1:{self.port}/v1" in x for x in self.lines):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError("lmkit serve did not start:\n" + "".join(self.lines))
-            time.sleep(0.1)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save(tiny_model(), tmp_path_factory.mktemp("serve") / NAME)
+    return save(lively(tiny_lm("lstm")), tmp_path_factory.mktemp("serve") / NAME)
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +298,7 @@ def test_an_onnx_transformer_serves_32_clients_as_generate_and_frees_the_rows_of
     import lmkit
     from lmkit.deploy.onnx import export_onnx
 
-    onnx_dir = export_onnx(tiny_model("transformer"), tmp_path / NAME)
+    onnx_dir = export_onnx(lively(tiny_lm("transformer")), tmp_path / NAME)
     with pytest.raises(LmkitError, match="is an ONNX export: serve it with runtime=onnx"):
         _serve([f"model={onnx_dir}"])
     model = lmkit.load(onnx_dir)
@@ -430,7 +374,7 @@ def test_a_request_added_while_a_failed_step_resets_is_answered_or_kept():
     and gone from the engine, or kept and served, never both (LitServe forgets an answered request, and the
     engine's later news for it would fail LitServe's loop and every request in it). The interleaving is
     forced, not hoped for: a profile hook adds the request just as the failing step's `Engine.reset` returns."""
-    model = tiny_model()
+    model = lively(tiny_lm("lstm"))
     api = in_process_api(model)
     api.add_request("bad", Job([[len(CHARS)]], n=1, max_tokens=3, temperature=0))  # no such token: the step raises
     late = threading.Thread(target=api.add_request, args=("late", Job([model.encode("A")], n=1, max_tokens=3,
@@ -471,7 +415,7 @@ def test_engine_rows_joining_and_leaving_decode_as_generate(kind, runtime, tmp_p
     """Requests of different lengths join a running batch and leave it; a 16-token Transformer re-primes
     its context several times. Each request's text equals InferenceModel.generate's (greedy and seeded),
     with torch and with onnxruntime (an ONNX Transformer's rows padded through its past_mask)."""
-    model = tiny_model(kind, **({"max_seq_len": 16} if kind == "transformer" else {}))
+    model = lively(tiny_lm(kind, **({"max_seq_len": 16} if kind == "transformer" else {})))
     if runtime == "onnx":
         pytest.importorskip("onnxruntime")
         import lmkit
@@ -503,7 +447,7 @@ def test_engine_rows_joining_and_leaving_decode_as_generate(kind, runtime, tmp_p
 def test_engine_a_row_that_stops_rides_along_and_its_sibling_draws_as_in_generate():
     """n=2 with a stop sequence: a row that stops early stays in the batch, unused, so the other row of its
     prompt draws exactly what `generate(num_samples=2, seed)` draws for it; each text is generate's, cut."""
-    model = tiny_model("transformer", max_seq_len=16)
+    model = lively(tiny_lm("transformer", max_seq_len=16))
     want = [t[len("ROMEO:"):] for t in model.generate("ROMEO:", max_new_tokens=40, temperature=0.9, num_samples=2,
                                                       seed=5)]
     stop = next(want[0][i:i + 2] for i in range(1, 30) if want[0][i:i + 2] not in want[1][:30])
@@ -540,7 +484,7 @@ def test_engine_a_group_done_at_once_on_a_full_context_leaves_without_being_fed(
     first token hits) holds a full cache: fed one more token, the backbone would raise and the server answer
     every request with a 500. It leaves at once; the requests beside it decode as generate does. At
     max_seq_len=3 a re-primed context (the latest 3/4) is full as well: a group finishing there leaves too."""
-    model = tiny_model("transformer", max_seq_len=max_seq_len)
+    model = lively(tiny_lm("transformer", max_seq_len=max_seq_len))
     long = "Be it so, my lord, and more than that: O"  # 40 tokens
     first = model.generate(long, max_new_tokens=1, temperature=0)[len(long):]
     # "done at re-prime" ends on the token drawn right after its context (and "other"'s, beside it) is re-primed

@@ -7,7 +7,6 @@ batch: the same losses step by step, so the shards held what one process's whole
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -20,26 +19,10 @@ from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.parallel.materialize import initial_values, materialize, read_pretrained, shared_parameters
 from lmkit.record import ModelRecord
-from tests.conftest import TINY, lmkit_main, run_in_process, run_train_py, run_train_py_each, train_py_args
-from tests.test_parallel import FSDP2, HALF, logged
+from tests.conftest import lmkit_main, run_train_py_each, train_py_args
+from tests.helpers import FSDP2, HALF, SHORT_FINETUNE, finetune, finetune_here, logged
 
 pytestmark = pytest.mark.slow
-
-# A fine-tune of the session's trained model (its shape and tokenizer come with init_from), every step logged.
-COMMON = [*(o for o in TINY if not o.startswith("model.")), "trainer.max_steps=4", "trainer.log_every_n_steps=1",
-          "trainer.val_check_interval=4", "optim.warmup_steps=1", "optim.decay_steps=100", "callbacks.text_sampler=null"]
-
-
-def train(*overrides: str, run_dir: Path, cache_dir: Path) -> dict:
-    result = run_train_py(*COMMON, *overrides, run_dir=run_dir, cache_dir=cache_dir)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
-def train_here(*overrides: str, run_dir: Path, cache_dir: Path) -> dict:
-    """`train`'s one-process run, in this process."""
-    return run_in_process(*COMMON, *overrides, run_dir=run_dir, cache_dir=cache_dir)
-
 
 @pytest.fixture(scope="module")
 def base(trained, tmp_path_factory) -> Path:
@@ -68,9 +51,9 @@ def test_a_meta_built_model_materialises_to_the_weights_one_process_draws():
 
 def test_init_from_under_fsdp_starts_and_ends_where_one_process_does(base, trained, tmp_path):
     one = tmp_path / "one"
-    train_here(f"init_from={base}", run_dir=one, cache_dir=trained["cache"])
+    finetune_here(f"init_from={base}", run_dir=one, cache_dir=trained["cache"])
     two = tmp_path / "fsdp"
-    metrics = train(*FSDP2, *HALF, f"init_from={base}", run_dir=two, cache_dir=trained["cache"])
+    metrics = finetune(*FSDP2, *HALF, f"init_from={base}", run_dir=two, cache_dir=trained["cache"])
     assert metrics["world_size"] == 2
     assert logged(two) == pytest.approx(logged(one), rel=1e-5)
     # the first loss is the pretrained model's, not a random one's (a random one starts near ln(vocab), 4.2)
@@ -80,12 +63,12 @@ def test_init_from_under_fsdp_starts_and_ends_where_one_process_does(base, train
 def test_lora_under_fsdp_trains_sharded_adapters_equal_to_one_process(trained, tmp_path):
     lora = ["finetune=lora", "finetune.dropout=0", f"init_from={trained['ckpt']}", "trainer.val_check_interval=2"]
     one = tmp_path / "one"
-    a = train_here(*lora, "trainer.max_steps=6", run_dir=one, cache_dir=trained["cache"])
+    a = finetune_here(*lora, "trainer.max_steps=6", run_dir=one, cache_dir=trained["cache"])
     two = tmp_path / "fsdp"
-    train(*FSDP2, *HALF, *lora, run_dir=two, cache_dir=trained["cache"])  # 4 steps, then resumed to 6
+    finetune(*FSDP2, *HALF, *lora, run_dir=two, cache_dir=trained["cache"])  # 4 steps, then resumed to 6
     first = logged(two)
     (two / "metrics.csv").unlink()  # the resumed run's own steps only
-    b = train(*FSDP2, *HALF, *lora, "trainer.max_steps=6", "resume=true", run_dir=two, cache_dir=trained["cache"])
+    b = finetune(*FSDP2, *HALF, *lora, "trainer.max_steps=6", "resume=true", run_dir=two, cache_dir=trained["cache"])
     assert first + logged(two) == pytest.approx(logged(one), rel=1e-5)
     assert len(logged(one)) == 6 and a["last_ckpt"].endswith("last.ckpt")
     assert read_checkpoint(a["last_ckpt"])["global_step"] == read_checkpoint(b["last_ckpt"])["global_step"] == 6
@@ -118,7 +101,7 @@ def test_init_from_files_that_do_not_fit_the_model_is_one_line(base, tmp_path):
 def test_qlora_and_lora_with_tensor_parallel_under_fsdp_are_refused_in_one_line(trained, tmp_path):
     cases = {"finetune.base=int4 (QLoRA) under trainer=fsdp": ["finetune.base=int4"],
              "adapters are not split over": ["trainer.strategy.tensor_parallel_size=2"]}
-    lora = [*COMMON, *FSDP2, "finetune=lora", f"init_from={trained['ckpt']}"]
+    lora = [*SHORT_FINETUNE, *FSDP2, "finetune=lora", f"init_from={trained['ckpt']}"]
     results = run_train_py_each({message: train_py_args(*lora, *extra, run_dir=tmp_path / f"run{i}",
                                                         cache_dir=trained["cache"])
                                  for i, (message, extra) in enumerate(cases.items())}, cwd=tmp_path)

@@ -312,7 +312,7 @@ def model_card(config: dict[str, Any], size: int) -> str:
             "Output k+1 feeds input k+1 on the next call; an empty cache (past length 0, or zero state) starts.\n\n"
             "## Use\n\n```python\nimport lmkit\n\nmodel = lmkit.load(\"PATH\")  # onnxruntime underneath\n"
             "print(model.generate(\"ROMEO:\", max_new_tokens=200, temperature=0.8, top_k=50))\n```\n\n"
-            "or with onnxruntime, numpy and tokenizers alone: see lmkit's README, \"ONNX Runtime\".\n")
+            "or with onnxruntime, numpy and tokenizers alone: see lmkit's docs/deployment.md, \"ONNX Runtime\".\n")
 
 
 @contextlib.contextmanager

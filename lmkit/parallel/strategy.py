@@ -27,8 +27,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from lmkit.backbones import BackboneConfig
 from lmkit.errors import LmkitError, first_line
-from lmkit.sharded_checkpoint import META, checked_reader, is_sharded_checkpoint
 from lmkit.parallel.parallelize import check_tensor_parallel
+from lmkit.sharded_checkpoint import META, checked_reader, is_sharded_checkpoint, save_siblings
 
 
 class ShardedStrategy(ModelParallelStrategy):
@@ -79,17 +79,17 @@ class ShardedStrategy(ModelParallelStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        # Into a temporary sibling, renamed into place once every rank has written its file: an interrupted
-        # save leaves the previous checkpoint, never a folder with some ranks' shards missing.
+        # Into a temporary sibling, renamed into place once every rank has written its file: a save killed at any
+        # point leaves a whole checkpoint (the previous one, or the new one, which resume puts back in place),
+        # never a folder with some ranks' shards missing.
         path = Path(self.broadcast(str(filepath)))
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp, old = save_siblings(path)  # (killed between the renames below: recover_interrupted_save)
         if self.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)
         self.barrier()
         super().save_checkpoint(checkpoint, tmp, storage_options)
         self.barrier()
         if self.is_global_zero:
-            old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             if path.exists():  # (a folder cannot be renamed over a folder: the old one steps aside first)
                 os.replace(path, old)
