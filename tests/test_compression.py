@@ -51,12 +51,16 @@ RECIPES = {
 GRID_PAIRS = [("transformer", "int4-gptq-awq"), ("llama", "int4-gptq-awq"), ("lstm", "int4-gptq-awq"),
               ("transformer", "int4-asym"), ("lstm", "int8-sym-gptq"), ("llama", "int8-sym-gptq"),
               ("transformer", "prune+int4-sym")]
-# (largest bytes ratio, largest perplexity ratio) against the dense model, on 48-wide models trained
-# 300 steps; the bounds are loose for tiny layers (scales and biases weigh more) but far from no-op.
-BOUNDS = {"int8": (0.35, 1.01), "dynamic_int8": (0.35, 1.02), "prune": (0.80, 1.10),
-          "prune_structured": (0.85, 1.35), "prune+int8": (0.25, 1.10), "int4": (0.22, 1.06),
-          "prune+int4": (0.17, 1.25), "prune-2:4": (0.80, 1.15), "int4-gptq-awq": (0.24, 1.06),
-          "int4-asym": (0.26, 1.06), "int8-sym-gptq": (0.33, 1.01), "prune+int4-sym": (0.24, 1.25)}
+# (largest bytes ratio, largest perplexity ratio) against the dense model, on the 48-wide models trained 300 steps
+# here: the largest ratio measured over the kinds plus 1-1.5 points of perplexity (2 points of bytes). Measured
+# (lstm / transformer / llama): int8 1.0002/0.9999/1.0002, int4 1.027/1.0012/1.0072, prune 1.016/0.997/1.001,
+# prune_structured 1.012/1.005/1.021, prune+int4 1.064/1.018, prune-2:4 1.060/1.008, int4-gptq-awq
+# 1.0003/0.9999/1.0005. Run again with one thread instead of two (another summation order, as another CPU's
+# kernels have), none moved by more than 0.0002. (The README's figures are bench/compression.py's larger models.)
+BOUNDS = {"int8": (0.29, 1.01), "dynamic_int8": (0.29, 1.01), "prune": (0.645, 1.03),
+          "prune_structured": (0.77, 1.035), "prune+int8": (0.225, 1.03), "int4": (0.18, 1.04),
+          "prune+int4": (0.16, 1.08), "prune-2:4": (0.645, 1.075), "int4-gptq-awq": (0.23, 1.015),
+          "int4-asym": (0.26, 1.01), "int8-sym-gptq": (0.315, 1.01), "prune+int4-sym": (0.21, 1.025)}
 KINDS = ("lstm", "transformer", "llama")
 # Every recipe on GPT-2's block and the LSTM; each plugin once on the Llama block (its combinations take the same
 # code paths, and 2:4 on it is in the criteria test): the suite has a time budget.

@@ -170,11 +170,12 @@ def test_quantized_types_load_and_agree(bpe, tmp_path):
         sizes[type] = (tmp_path / type / "model.gguf").stat().st_size
         results[type] = compare(model, read_back(tmp_path / type))
     assert sizes["q4_0"] < sizes["q8_0"] < sizes["f32"]
-    # SHAPE's weights (std 0.2) are far larger than a trained model's, so quantization moves the logits a lot:
-    # measured 2.0% (q8_0) and 24% (q4_0) norm-relative, top-1 agreement 96% and 63%
+    # SHAPE's weights (std 0.2) are far larger than a trained model's, so rounding moves the logits a lot. Measured,
+    # norm-relative and top-1 agreement: q8_0 1.74% and 97.9%, q4_0 25.9% and 62.5% (one thread or two alike; an
+    # earlier transformers on another CPU: 2.0%/96%, 24%/63%). Unrelated logits are ~140% apart and agree ~1/300.
     assert results["f32"][0] < 1e-4
-    assert results["q8_0"][1] < 0.04 and results["q8_0"][2] > 0.9, results
-    assert results["q8_0"][1] < results["q4_0"][1] < 0.4 and results["q4_0"][2] > 0.5, results
+    assert results["q8_0"][1] < 0.025 and results["q8_0"][2] > 0.93, results
+    assert 0.2 < results["q4_0"][1] < 0.3 and results["q4_0"][2] > 0.55, results
 
 
 def test_tokenizer_reads_back_for_llama(bpe, tmp_path):

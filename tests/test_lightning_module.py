@@ -1,5 +1,3 @@
-import math
-
 import pytest
 import torch
 from torchmetrics.text import Perplexity
@@ -24,10 +22,15 @@ def test_perplexity_equals_torchmetrics_perplexity():
     torch.testing.assert_close(ours, reference.compute(), rtol=1e-5, atol=1e-5)
 
 
-def test_warmup_then_cosine_to_the_floor():
+def test_warmup_then_cosine_to_the_floor_as_transformers_schedules_it():
+    """Warm-up from lr/warmup_steps to lr, then transformers' cosine with a floor (get_cosine_with_min_lr_schedule_
+    with_warmup), held at the floor past the horizon."""
+    transformers = pytest.importorskip("transformers")
     f = warmup_cosine(warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    theirs = transformers.get_cosine_with_min_lr_schedule_with_warmup(optimizer, 10, 110, min_lr_rate=0.1).lr_lambdas[0]
+    assert [f(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert [f(s) for s in range(10, 111)] == pytest.approx([theirs(s) for s in range(10, 111)])
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
     assert warmup_cosine(10, None, 0.1)(500) == 1.0  # no horizon: constant after warm-up
 

@@ -136,8 +136,7 @@ def test_qlora_trains_on_an_int4_base_and_compresses_after(bases, make_cfg, capl
     with torch.no_grad():
         trained = objects["module"](IDS)
         error = float((exported(IDS) - trained).norm() / trained.norm())
-    print("QLORA_INT4_ERROR", error)
-    assert error < 0.5, error
+    assert error < 0.06, error  # measured 0.034 (norm-relative); a model other than the trained one is ~1
 
 
 @pytest.mark.parametrize("overrides, message", [

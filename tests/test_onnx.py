@@ -362,8 +362,7 @@ def test_cli_exports_a_pruned_int8_model_that_generate_and_eval_run(trained, tmp
     assert evaluated.returncode == 0 and dense.returncode == 0, evaluated.stderr[-2000:] + dense.stderr[-2000:]
     ratio = json.loads(evaluated.stdout)["perplexity"] / json.loads(dense.stdout)["perplexity"]
     pruning = json.loads((out / "report.json").read_text())["after_vs_before"]["perplexity"]
-    print("ONNX_PPL_RATIO", ratio, pruning)
-    assert ratio == pytest.approx(pruning, rel=0.05), (ratio, pruning)
+    assert ratio == pytest.approx(pruning, rel=0.02), (ratio, pruning)  # measured 0.9999 against 1.0002
 
     # the refusals through `lmkit`'s main in this process (one-line refusals of `lmkit export` in a process of their
     # own: test_commands.py's)
