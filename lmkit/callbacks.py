@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol  # (private; tested with lightning 2.6.6)
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -22,8 +22,7 @@ from lmkit.distributed import data_parallel
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_write, cannot_write, check_writable
 from lmkit.generate import generate
-# (configs written before lmkit.interrupts name these here)
-from lmkit.interrupts import CheckpointOnInterrupt, CheckpointOnSigterm  # noqa: F401
+from lmkit.interrupts import CheckpointOnInterrupt
 from lmkit.lightning_module import logging_step
 
 log = logging.getLogger("lmkit")
@@ -231,3 +230,7 @@ def use_atomic_checkpoints(trainer: L.Trainer) -> None:
     for folder in sorted(folders):
         if _is_local_file_protocol(folder):
             check_writable(Path(folder))
+
+
+# Configs written before lmkit.interrupts name the callback here, and by its name from before Ctrl-C saved too
+CheckpointOnSigterm = CheckpointOnInterrupt

@@ -35,10 +35,12 @@ def on_gpu(trainer_cfg: Any) -> bool:
 
 def processes_per_node(trainer_cfg: Any) -> int:
     """How many processes the trainer starts on each node, from Lightning's `devices`: a count, a list of device
-    ids, or "auto" (every GPU, one CPU process)."""
+    ids ("0,1" too), or "auto" / -1 (every GPU, one CPU process)."""
     devices = trainer_cfg.get("devices")
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:  # Lightning's "0,1" (and "1,": the GPU with id 1)
+        return len([d for d in devices.split(",") if d.strip()])
     if isinstance(devices, int) and devices > 0:
         return devices
     if not isinstance(devices, (int, str)):  # a list of ids

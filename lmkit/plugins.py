@@ -143,7 +143,9 @@ class Plugin:
 
     @property
     def during_training(self) -> bool:
-        """Whether this plugin works during training (its `callbacks`), which finetune=lora and trainer=fsdp refuse."""
+        """Whether this plugin works during training (its `callbacks`), which finetune=lora and trainer=fsdp refuse
+        before the run starts (lmkit.preflight): a plugin whose `callbacks` return any must say so here (its
+        `during_training` setting by default)."""
         return bool(self.settings.get("during_training", False))
 
     def callbacks(self, module: Any) -> list[Any]:

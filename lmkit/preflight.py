@@ -2,7 +2,8 @@
 
 A mistake in the config is one line within a second, not a traceback after minutes of tokenizing and building. What
 this reads is the config itself and, for `init_from`, the pretrained model's description without its weights
-(lmkit.parallel.materialize.describe_pretrained). Checks that need what the run builds stay with what they check:
+(lmkit.parallel.materialize.describe_pretrained); the one thing it changes on disk is a sharded checkpoint that a
+killed save left aside, put back for `resume` (lmkit.sharded_checkpoint.recover_interrupted_save). Checks that need what the run builds stay with what they check:
 the memory estimate needs the tokenizer's vocabulary, a plugin's `check_model` the built model, and `resume`'s
 compatibility the checkpoint against that model (lmkit.train).
 """
@@ -17,16 +18,17 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from lmkit.backbones import BackboneConfig
+from lmkit.distributed import check_launch
 from lmkit.errors import LmkitError
 from lmkit.files import check_writable
 from lmkit.lora import LoRASettings, lora_settings
 from lmkit.memory_check import processes_per_node
-from lmkit.sharded_checkpoint import is_sharded_checkpoint, recover_interrupted_save
+from lmkit.parallel.strategy import ShardedStrategy, check_split, checked_tensor_parallel_size
 from lmkit.plugins import Plugin, recipe
 from lmkit.preference import DPOSettings, check_reference, objective_settings
-from lmkit.backbones import BackboneConfig
-from lmkit.distributed import check_launch
 from lmkit.record import ModelRecord
+from lmkit.sharded_checkpoint import is_sharded_checkpoint, recover_interrupted_save
 
 log = logging.getLogger("lmkit")
 
@@ -112,8 +114,6 @@ def _check_strategy(trainer: DictConfig) -> bool:
     from hydra.utils import get_class
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from lmkit.parallel.strategy import ShardedStrategy
-
     strategy = trainer.get("strategy")
     if isinstance(strategy, str) and strategy.startswith("fsdp"):
         cls: type | None = FSDPStrategy
@@ -152,7 +152,7 @@ def _check_parallel(plan: RunPlan, backbone: BackboneConfig, trainer: DictConfig
     """What the processes the trainer starts cannot split, or cannot do together."""
     processes = processes_per_node(trainer) * int(trainer.get("num_nodes") or 1)
     strategy = trainer.get("strategy")
-    tensor_parallel = int(strategy.get("tensor_parallel_size", 1)) if plan.sharded else 1
+    tensor_parallel = checked_tensor_parallel_size(strategy.get("tensor_parallel_size", 1)) if plan.sharded else 1
     during_training = next((plugin.name for plugin in plan.plugins if plugin.during_training), None)
     lora = plan.lora
     if lora is not None and during_training:  # (they would prune the frozen base, under the adapters)
@@ -167,8 +167,6 @@ def _check_parallel(plan: RunPlan, backbone: BackboneConfig, trainer: DictConfig
         if lora is not None and lora.trainable_tokens:
             raise LmkitError("finetune.trainable_tokens under trainer=fsdp: named rows are not sharded yet; use "
                              "finetune.train_embeddings=true (every row, sharded with the embedding) or trainer=ddp")
-        from lmkit.parallel.strategy import check_split  # (imports torch.distributed: only where it splits)
-
         check_split(backbone, tensor_parallel, processes)
         if lora is not None and tensor_parallel > 1:
             raise LmkitError(f"finetune=lora with trainer.strategy.tensor_parallel_size={tensor_parallel}: adapters "

@@ -47,8 +47,9 @@ def recover_interrupted_save(path: Path) -> None:
         return
     try:
         os.replace(tmp if is_sharded_checkpoint(tmp) and (tmp / META).is_file() else old, path)
-    except FileNotFoundError:  # another rank of the same launch put it back first
-        pass
+    except OSError:  # (gone, or `path` a folder again: another rank of the same launch put it back first)
+        if not path.exists():
+            raise
 
 
 _DCP = "torch.distributed.checkpoint"

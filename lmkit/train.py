@@ -1,8 +1,9 @@
 """`run(cfg)`: build data, model, callbacks, loggers and trainer from a composed config; fit; evaluate.
 
 A pure function of the config (no globals, no chdir), so tests and sweeps call it as they like. Every refusal the
-config decides comes first, from one function (lmkit.preflight.check_run); then the builders below, each for one
-thing. `main` (the one `@hydra.main` around `run`, behind a check of the command line) is what `train.py` and
+config alone decides comes first, from one function (lmkit.preflight.check_run); then the builders below, each for
+one thing, with the few checks that need what they build (the memory estimate, a plugin's check of the model,
+resume's match with the model). `main` (the one `@hydra.main` around `run`, behind a check of the command line) is what `train.py` and
 `lmkit train` both call.
 """
 
@@ -33,7 +34,7 @@ from lmkit.distributed import ddp_children_run_this_job, die_with_launcher
 from lmkit.errors import LmkitError, exit_on_user_error, first_line
 from lmkit.files import atomic_write_text
 from lmkit.inference import InferenceModel
-from lmkit.interrupts import stop_on_interrupts
+from lmkit.interrupts import sigterm_exits_143, stop_on_interrupts
 from lmkit.lightning_module import LitLanguageModel
 from lmkit.lora import attach, fingerprint_of, merged
 from lmkit.memory_check import check_memory
@@ -154,7 +155,12 @@ def build_trainer(cfg: DictConfig, plan: RunPlan, module: LitLanguageModel) -> L
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
     if cfg.trainer.get("enable_progress_bar") is False:  # the flag wins over the bar in the callbacks group
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    callbacks += [hook for plugin in plan.plugins for hook in plugin.callbacks(module)]
+    for plugin in plan.plugins:
+        hooks = plugin.callbacks(module)
+        if hooks and not plugin.during_training:  # (its refusals under lora and fsdp were decided on that flag)
+            raise LmkitError(f"compression.{plugin.name}: a plugin with training callbacks must say so with "
+                             "during_training (lmkit.plugins.Plugin.during_training)")
+        callbacks += hooks
     loggers = [build(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None and "_target_" in lg]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     use_atomic_checkpoints(trainer)  # a full disk: one line, and the previous checkpoint stays whole
@@ -226,7 +232,7 @@ def main() -> None:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")
 def _main(cfg: DictConfig) -> float | None:
-    with exit_on_user_error():
+    with exit_on_user_error(), sigterm_exits_143():
         metrics, _ = run(cfg)
         # A sweeper (hparams_search=optuna) optimises the value returned here.
         name = cfg.get("optimized_metric") or "val_loss"

@@ -222,10 +222,21 @@ def test_backbone_config_names_unknown_options():
         backbone_config("transformer", vocab_size=V, n_embd=30, n_head=4)
 
 
-def test_backbones_import_only_torch():
-    code = ("import sys, lmkit.backbones; "
-            "bad = [m for m in ('lightning', 'hydra', 'omegaconf') if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_backbones_artifacts_deploy_and_serve_import_no_training_stack():
+    """DESIGN's boundaries: what builds, loads, exports and serves a model needs neither Lightning nor Hydra."""
+    modules = ["lmkit.backbones", "lmkit.export", "lmkit.inference", "lmkit.hf", "lmkit.deploy.gguf",
+               "lmkit.deploy.onnx", "lmkit.serve.settings", "lmkit.serve.worker", "lmkit.serve.http",
+               "lmkit.serve.server"]
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    try:\n"
+            "        importlib.import_module(name)\n"
+            "    except ImportError as e:  # (an optional runtime this machine lacks: litserve, onnx)\n"
+            "        print('skipped', name, e)\n"
+            "bad = [m for m in ('lightning', 'pytorch_lightning', 'hydra', 'omegaconf') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_padded_vocabulary_stays_inside_the_model():

@@ -36,7 +36,8 @@ def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch_and_resum
     common = [o for o in SMALL if not o.startswith("trainer.max_steps")] + [
         "optim.decay_steps=100", "trainer.log_every_n_steps=1"]  # (a schedule that does not depend on max_steps)
     halves = [*common, *DDP2, "data.batch_size=4", "data.eval_batch_size=4"]
-    for steps, resume in ((6, []), (12, ["resume=true"])):
+    # the resumed run logs into a folder of its own (its metrics.csv holds its steps only)
+    for steps, resume in ((6, []), (12, ["resume=true", "logger.csv.version=resumed"])):
         result = run_train_py(*halves, f"trainer.max_steps={steps}", *resume, run_dir=ddp, cache_dir=cache_dir)
         assert result.returncode == 0, result.stderr[-3000:]
     assert "Resuming from" in result.stderr + result.stdout
@@ -44,8 +45,8 @@ def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch_and_resum
                    cache_dir=cache_dir)
     a, b = metrics(ddp), metrics(single)
     assert (a["world_size"], b["world_size"], a["steps"]) == (2, 1, 12)
-    losses = step_losses(ddp)  # (the resumed run goes on in the same metrics.csv)
-    assert sorted(losses) == list(range(12))
+    losses = {**step_losses(ddp), **step_losses(ddp / "resumed")}
+    assert sorted(step_losses(ddp / "resumed")) == list(range(6, 12)) and sorted(losses) == list(range(12))
     assert [losses[s] for s in range(12)] == pytest.approx([step_losses(single)[s] for s in range(12)], abs=1e-4)
     for key in ("train_loss", "val_loss", "test_loss"):
         assert a[key] == pytest.approx(b[key], abs=1e-4), key

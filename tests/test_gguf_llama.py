@@ -1,6 +1,6 @@
 """GGUF export of the Llama family (llama.cpp's `llama` and `qwen2`), checked by readers other than lmkit.
 
-Tiny random-weight `LlamaForCausalLM` / `Qwen2ForCausalLM` models (tests/test_hf_llama.py's `hf_model`) are
+Tiny random-weight `LlamaForCausalLM` / `Qwen2ForCausalLM` models (tests/helpers.py's `hf_model`) are
 imported with lmkit, exported, and read back by transformers' GGUF loader, which un-permutes llama's q/k rows as
 llama.cpp's converter permuted them. That loader drops rope scaling, so scaled models are compared with the
 scaling restored on its config, and the `rope_freqs` tensor is checked apart against llama.cpp's own formula and
@@ -23,7 +23,7 @@ from tests.helpers import LLAMA3, TEXT, greedy_tokens, hf_model, lively_bpe_tran
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-CASES = {  # family, LlamaConfig / Qwen2Config options (over test_hf_llama's SHAPE: 2 layers x 32, 4 heads, 2 kv heads)
+CASES = {  # family, LlamaConfig / Qwen2Config options (over tests.helpers' SHAPE: 2 layers x 32, 4 heads, 2 kv heads)
     "llama_gqa_tied": ("llama", dict(tie_word_embeddings=True)),
     "llama_untied": ("llama", dict(tie_word_embeddings=False, num_key_value_heads=4)),
     "llama_head_dim_mqa": ("llama", dict(head_dim=16, num_key_value_heads=1)),

@@ -1,5 +1,5 @@
 """format=hf of grid-quantized models (lmkit.hf.quantized), read back by transformers itself through compressed-tensors
-on the CPU. Tiny random Llama and Qwen2 models (tests.test_hf_llama's), 64 wide so that every width fills blocks of 32.
+on the CPU. Tiny random Llama and Qwen2 models (tests.helpers.hf_model's), 64 wide so that every width fills blocks of 32.
 """
 
 from __future__ import annotations

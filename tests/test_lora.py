@@ -36,8 +36,10 @@ def test_an_adapted_model_starts_as_its_base_and_merges_into_the_dense_model_it_
     model = lmkit.load(bases[family])
     if base != "float":
         quantize_base(model, base)
+    torch.manual_seed(0)  # (the adapters' A and the B drawn below: the bounds below are for this draw)
     with torch.no_grad():
         before = model(IDS)
+        embedding = model.backbone.transformer.wte(torch.arange(model.record.backbone.vocab_size))
         adapt(model.backbone, EVERY_TARGET)
         torch.testing.assert_close(model(IDS), before, atol=0, rtol=0)  # B starts at zero
         adapters = [m for m in model.backbone.modules() if isinstance(m, LoRALinear)]
@@ -50,7 +52,8 @@ def test_an_adapted_model_starts_as_its_base_and_merges_into_the_dense_model_it_
         assert (adapted - before).abs().max() > 0.1
         dense = merged(model)
         if base == "int8":  # LLM.int8 also rounds the activations, which a dense merge no longer does: a few
-            # logits move by up to 0.04 (seen), the rest by its rounding alone
+            # logits move by up to 0.04, the rest by its rounding alone (max / mean over the draws of seeds 0-3:
+            # gpt 0.008-0.016 / 0.0011-0.0018, llama 0.007-0.037 / 0.0007-0.0014; seed 0 is the first of each)
             error = (dense(IDS) - adapted).abs()
             assert error.max() < 0.05 and error.mean() < 2e-3, (error.max(), error.mean())
         else:  # bitsandbytes' 4-bit matmul sums in another order than a dense one (up to 2.6e-5 seen)
@@ -60,9 +63,10 @@ def test_an_adapted_model_starts_as_its_base_and_merges_into_the_dense_model_it_
     assert all(p.dtype == torch.float32 for p in dense.backbone.parameters())  # dequantized, not re-quantized
     # the head's adapter unties a tied head rather than move the embedding with it: the embedding is the base's
     assert dense.record.backbone.tie_weights is False if model.record.backbone.tie_weights else True
-    embedding = lmkit.load(bases[family]).backbone.transformer.wte.weight
-    torch.testing.assert_close(dense.backbone.transformer.wte.weight, embedding, atol=0, rtol=0)
-    assert (dense.backbone.lm_head.weight - embedding).abs().max() > 0.01  # while the head moved
+    with torch.no_grad():  # (every row looked up: a quantized base's embedding dequantizes as it does)
+        merged_embedding = dense.backbone.transformer.wte(torch.arange(model.record.backbone.vocab_size))
+    torch.testing.assert_close(merged_embedding, embedding, atol=0, rtol=0)
+    assert (dense.backbone.lm_head.weight[:len(embedding)] - embedding).abs().max() > 0.01  # while the head moved
 
 
 def test_a_4bit_base_passes_gradients_without_keeping_a_float_weight(bases):

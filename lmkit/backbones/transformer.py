@@ -102,6 +102,10 @@ class TransformerConfig:
                              ("mlp", ("gelu", "swiglu"))):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"model.{key}={getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        for key in ("n_layer", "n_head", "n_embd"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{key}={value!r} must be a positive integer")
         if self.head_dim is None and self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}")
         for key in ("head_dim", "n_kv_head", "mlp_hidden"):

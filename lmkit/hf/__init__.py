@@ -66,7 +66,7 @@ def hf_model_type(model: InferenceModel, quantized: bool = False) -> str:
             raise LmkitError("format=hf writes dense weights; this model is compressed (export it as format=lmkit)")
         on_grid = grid_steps(model.record.compression)
     if not isinstance(cfg, TransformerConfig):
-        raise LmkitError(f"format=hf writes GPT-2 models; this model is a {model.record.kind}")
+        raise LmkitError(f"format=hf writes Transformers (GPT-2, Llama, Qwen2); this model is a {model.record.kind}")
     if llama.is_llama_shaped(cfg):
         return llama.llama_model_type(cfg)
     unsupported = gpt2.unsupported(cfg)
@@ -80,8 +80,9 @@ def hf_model_type(model: InferenceModel, quantized: bool = False) -> str:
 
 
 def export_hf(model: InferenceModel, out: str | Path, overwrite: bool = False) -> Path:
-    """Write a GPT-2-shaped lmkit model where `transformers.GPT2LMHeadModel.from_pretrained` loads it; a Llama or
-    Qwen2 one, dense or on lmkit's int4/int8 sym grids (compressed-tensors' layout: lmkit.hf.quantized)."""
+    """Write an lmkit Transformer where transformers' `from_pretrained` loads it: GPT-2-shaped as GPT2LMHeadModel;
+    Llama- or Qwen2-shaped as their classes, dense or on lmkit's int4/int8 sym grids (compressed-tensors' layout:
+    lmkit.hf.quantized)."""
     family = FAMILIES[hf_model_type(model, quantized=True)]
     if family is llama and has_grid_layers(model.backbone):  # compressed-tensors' layout: Llama and Qwen2 only
         return export_quantized(model, Path(out), overwrite)

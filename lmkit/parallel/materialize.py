@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,18 +108,6 @@ def initial_values(model: nn.Module, pretrained: PretrainedTensors | None = None
         raise LookupError(f"no initial value for {name}")
 
     return fill
-
-
-@dataclass
-class Pretrained:
-    """An `init_from` model described without building it (its tensors: `read_pretrained`)."""
-
-    record: ModelRecord
-    tokenizer: Any
-
-    @property
-    def has_tokenizer(self) -> bool:
-        return self.tokenizer is not None
 
 
 class SafetensorsFile:
@@ -248,5 +235,5 @@ def read_pretrained(path: str | Path, backbone: nn.Module) -> PretrainedTensors:
     return tensors
 
 
-__all__ = ["Pretrained", "PretrainedTensors", "describe_pretrained", "fill_part", "initial_values", "is_on_meta",
+__all__ = ["PretrainedTensors", "describe_pretrained", "fill_part", "initial_values", "is_on_meta",
            "materialize", "read_pretrained", "reset_meta_buffers", "shared_parameters"]

@@ -9,6 +9,10 @@ What it adds to Lightning's strategy, each for a measured reason:
   gradient reduction) instead of autocast around fp32 parameters;
 - checkpoint folders are written whole or not at all (a temporary sibling renamed into place), store the
   fused q/k/v rows in GPT-2's layout, and are read back with lmkit's checked, code-free reader.
+
+A subclass reads its parent's state: `_tensor_parallel_size`, `_data_parallel_size`,
+`_save_distributed_checkpoint` and fabric's `_rekey_optimizer_state_if_needed` are Lightning's private names, tested
+with lightning 2.6.6 (pyproject allows >=2.4,<3; tests/test_parallel.py is what breaks first if a release moves them).
 """
 
 from __future__ import annotations
@@ -38,9 +42,7 @@ class ShardedStrategy(ModelParallelStrategy):
 
     def __init__(self, tensor_parallel_size: int = 1, save_distributed_checkpoint: bool = True,
                  process_group_backend: str | None = None, timeout: timedelta | None = timedelta(minutes=10)) -> None:
-        if not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
-            raise LmkitError(f"trainer.strategy.tensor_parallel_size={tensor_parallel_size!r} must be a positive "
-                             "integer")
+        checked_tensor_parallel_size(tensor_parallel_size)
         # the data-parallel size is set in setup_environment, once the world size is known
         super().__init__(data_parallel_size="auto", tensor_parallel_size=tensor_parallel_size,
                          save_distributed_checkpoint=save_distributed_checkpoint,
@@ -194,6 +196,13 @@ def _distribute_like(full: Any, like: Any) -> Any:
         placed = distribute_tensor(full.to(like.dtype), stored.device_mesh, stored.placements)
         return restore_layout(placed, like)
     return full
+
+
+def checked_tensor_parallel_size(value: Any) -> int:
+    """`trainer.strategy.tensor_parallel_size`, refused in one line unless it is a positive integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise LmkitError(f"trainer.strategy.tensor_parallel_size={value!r} must be a positive integer")
+    return value
 
 
 def check_split(backbone_config: BackboneConfig, tensor_parallel_size: int, world_size: int) -> None:

@@ -2,7 +2,8 @@
 
     settings.py  the options (ServeSettings: the command line's record, which the server reads) and their checks
     engine.py    continuous batching over the loaded-model interface (torch and lmkit.generate only)
-    openai.py    OpenAI's request/response schema, its checks, the chat template, error JSON
+    openai.py    OpenAI's request/response schema, its checks, error JSON
+    chat.py      a conversation as a prompt: the model's own chat template, or a scene for a model trained on plays
     worker.py    the inference worker process: the LitAPI over an Engine, on LitServe's continuous batching loop
     http.py      the HTTP processes: the OpenAI endpoints, the API key, errors as OpenAI's JSON
     server.py    the main process: LitServe started over both, stopped on a signal
