@@ -14,7 +14,7 @@ from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.errors import LmkitError
 from lmkit.record import ModelRecord
 from lmkit.train import run
-from tests.conftest import TINY, TINY_TRANSFORMER, run_train_py, run_train_py_each, train_py_args
+from tests.helpers import TINY, TINY_TRANSFORMER, run_train_py, run_train_py_each, train_py_args
 
 # Two blocks (K=2 checkpoints the second only), dropout on: its masks must be drawn again, identically, in the
 # recomputation. Every step logged.

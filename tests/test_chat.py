@@ -23,8 +23,8 @@ from lmkit.export import save
 from lmkit.hf import import_hf
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
-from tests.conftest import run_train_py, run_train_py_each, train_py_args
-from tests.helpers import KEY, NAME, Server, assert_clean_error, hf_model
+from tests.helpers import (KEY, NAME, Server, assert_clean_error, hf_model, run_train_py, run_train_py_each,
+                           train_py_args)
 
 WORDS = ["the", "moon", "and", "sword", "rose", "crown"]
 # Qwen2-Instruct's template (a default system message, ChatML turns), its assistant text inside transformers'
@@ -339,7 +339,7 @@ def test_a_model_fine_tuned_on_chat_exports_and_serves_held_out_answers(models, 
     import lmkit
     from lmkit.serve.chat import ChatFormat
     from lmkit.train import run
-    from tests.conftest import free_port
+    from tests.helpers import free_port
 
     prompts = sorted({" ".join(p) for p in itertools.product(WORDS, repeat=2)} |
                      {" ".join(p) for p in itertools.product(WORDS, repeat=3)})

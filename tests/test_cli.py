@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmkit.train import run
-from tests.conftest import TINY, run_train_py, run_train_py_each, train_py_args
-from tests.helpers import assert_clean_error
+from tests.helpers import TINY, assert_clean_error, run_train_py, run_train_py_each, train_py_args
 
 TINY_RUN = ["model=lstm", *TINY, "trainer.max_steps=20", "trainer.val_check_interval=10"]
 
@@ -59,7 +58,7 @@ def lstm_checkpoint(tmp_path_factory, cache_dir) -> tuple[Path, Path]:
     """A small LSTM trained on the tiny corpus: its last checkpoint, and the corpus."""
     from hydra import compose, initialize_config_dir
 
-    from tests.conftest import CONF, write_tiny_corpus
+    from tests.helpers import CONF, write_tiny_corpus
 
     tmp = tmp_path_factory.mktemp("lstm")
     corpus = write_tiny_corpus(tmp / "tiny.txt")

@@ -10,8 +10,7 @@ import torch
 
 import lmkit
 from lmkit.train import run
-from tests.conftest import TINY, lmkit_main
-from tests.helpers import CHARS, hf_model, one_error_line, tiny_lm
+from tests.helpers import CHARS, TINY, hf_model, lmkit_main, one_error_line, tiny_lm
 
 transformers = pytest.importorskip("transformers")
 LMKIT = str(Path(sys.executable).parent / "lmkit")
@@ -174,7 +173,7 @@ def test_prompt_characters_the_tokenizer_lacks(tmp_path):
 def test_eval_never_instantiates_a_class_path_from_the_model_file(tmp_path, tiny_corpus):
     """A stranger's config.json may name any `_target_`: lmkit eval must not call it."""
     from lmkit.export import save
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
 
     marker = tmp_path / "pwned"
     model = tiny_lm()

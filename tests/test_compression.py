@@ -28,9 +28,7 @@ from lmkit.train import run
 from lmkit.builtin_plugins.calibrate import collect
 from lmkit.builtin_plugins.int4 import Int4Weight, nibbles, unnibble
 from lmkit.builtin_plugins.prune import targets, wanda_scores
-from tests.conftest import TINY, TINY_TRANSFORMER, lmkit_main, run_train_py
-from tests.helpers import decode_by_hand
-from tests.helpers import lively, tiny_lm
+from tests.helpers import TINY, TINY_TRANSFORMER, decode_by_hand, lively, lmkit_main, run_train_py, tiny_lm
 
 RECIPES = {
     "int8": {"int8": {}},
@@ -84,7 +82,7 @@ def trained(tmp_path_factory, cache_dir) -> dict[str, Path]:
     their checkpoints."""
     from hydra import compose, initialize_config_dir
 
-    from tests.conftest import CONF
+    from tests.helpers import CONF
 
     out = {}
     for kind in KINDS:

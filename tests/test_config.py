@@ -7,7 +7,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF
+from tests.helpers import CONF
 
 GROUPS = ["model", "data", "tokenizer", "optim", "trainer", "logger", "callbacks", "experiment"]
 REQUIRED = {"data=text": ["data.path=corpus.txt"], "data=chat": ["data.path=chats.jsonl"],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmkit.train import run
-from tests.conftest import ROOT, TINY, run_train_py
+from tests.helpers import ROOT, TINY, run_train_py
 
 pytestmark = pytest.mark.slow
 

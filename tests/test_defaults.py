@@ -19,7 +19,7 @@ from lmkit.compress import compress
 from lmkit.data.datamodule import LMDataModule
 from lmkit.inference import InferenceModel
 from lmkit.plugins import installed, plugin_class
-from tests.conftest import CONF
+from tests.helpers import CONF
 
 
 def stated(source: Path | DictConfig) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.files import atomic_write_text
 from lmkit.train import run
-from tests.conftest import TINY, run_train_py
+from tests.helpers import TINY, run_train_py
 
 LMKIT = str(Path(sys.executable).parent / "lmkit")
 RUN = ["model=lstm", *TINY, "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks.text_sampler=null"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import (ROOT, TINY, free_port, run_in_process, run_train_py, run_train_py_each,
+from tests.helpers import (ROOT, TINY, free_port, run_in_process, run_train_py, run_train_py_each,
                             sigterm_train_py_when, train_py_args)
 
 DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]

@@ -21,8 +21,7 @@ from lmkit.export import save
 from lmkit.inference import InferenceModel
 from lmkit.preference import dpo_loss, sequence_logps
 from lmkit.record import ModelRecord
-from tests.conftest import lmkit_main, run_train_py, run_train_py_each, train_py_args
-from tests.helpers import assert_clean_error, logged
+from tests.helpers import assert_clean_error, lmkit_main, logged, run_train_py, run_train_py_each, train_py_args
 
 WORDS = ["the", "moon", "and", "sword", "rose", "crown"]
 TINY_DPO = ["data=preference", "finetune.objective=dpo", "data.seq_len=48", "data.batch_size=8",
@@ -79,7 +78,7 @@ def full_run(base, tmp_path_factory) -> dict:
     from hydra import compose, initialize_config_dir
 
     from lmkit.train import run
-    from tests.conftest import CONF
+    from tests.helpers import CONF
 
     out = tmp_path_factory.mktemp("full") / "run"
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):

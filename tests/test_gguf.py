@@ -350,7 +350,7 @@ def test_the_logits_bound_tells_requantized_and_other_codes_apart(bpe, grid_expo
 
 
 def test_cli_writes_a_saved_grid_model_as_it_is_and_refuses_in_one_line(bpe, grid_exports, tmp_path):
-    from tests.conftest import lmkit_main
+    from tests.helpers import lmkit_main
 
     model, exported = grid_exports["llama", "q4_1"]
     save(model, tmp_path / "model")

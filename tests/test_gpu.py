@@ -47,8 +47,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 import lmkit  # noqa: E402
 from lmkit.train import run  # noqa: E402
-from tests.conftest import CONF, TINY, TINY_TRANSFORMER, free_port, run_train_py  # noqa: E402
-from tests.helpers import lively, tiny_lm  # noqa: E402
+from tests.helpers import CONF, TINY, TINY_TRANSFORMER, free_port, lively, run_train_py, tiny_lm  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 from lmkit.errors import LmkitError
 from lmkit.export import load, save
 from lmkit.hf import export_hf, import_hf
-from tests.conftest import lmkit_main
-from tests.helpers import IDS, LLAMA3, V, hf_model, logits, one_error_line
+from tests.helpers import IDS, LLAMA3, V, hf_model, lmkit_main, logits, one_error_line
 
 CASES = {
     "llama_gqa_tied": ("llama", dict(tie_word_embeddings=True)),

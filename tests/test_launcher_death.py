@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lmkit.distributed import LAUNCHER_PID
-from tests.conftest import ROOT, TINY
+from tests.helpers import ROOT, TINY
 
 pytestmark = pytest.mark.slow
 RUN = ["model=lstm", *TINY, "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=100000",

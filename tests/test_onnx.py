@@ -17,8 +17,7 @@ from lmkit.data.tokenizer import CharTokenizer
 from lmkit.errors import LmkitError
 from lmkit.inference import InferenceModel
 from lmkit.record import ModelRecord
-from tests.conftest import lmkit_main
-from tests.helpers import one_error_line
+from tests.helpers import lmkit_main, one_error_line
 
 ort = pytest.importorskip("onnxruntime")
 from lmkit.deploy.onnx import export_onnx  # noqa: E402 (after the skip: it needs onnx installed)

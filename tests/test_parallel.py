@@ -18,9 +18,8 @@ import lmkit
 from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.sharded_checkpoint import read_metadata
-from tests.conftest import (TINY, TINY_TRANSFORMER, free_port, lmkit_main, run_in_process, run_train_py,
-                            run_train_py_each, sigterm_train_py_when, train_py_args)
-from tests.helpers import FSDP2, HALF, logged
+from tests.helpers import (FSDP2, HALF, TINY, TINY_TRANSFORMER, free_port, lmkit_main, logged, run_in_process,
+                           run_train_py, run_train_py_each, sigterm_train_py_when, train_py_args)
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from lmkit.data.cache import build_or_open
 from lmkit.data.corpus import Corpus, resolve_files
 from lmkit.data.tokenizer import END_OF_TEXT, BPETokenizer
 from lmkit.errors import LmkitError
-from tests.conftest import ROOT, TINY, run_train_py
+from tests.helpers import ROOT, TINY, run_train_py
 
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402

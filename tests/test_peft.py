@@ -14,8 +14,7 @@ from lmkit.export import save
 from lmkit.hf import export_hf
 from lmkit.hf import export_peft
 from lmkit.train import run
-from tests.conftest import CONF, lmkit_main
-from tests.helpers import FINETUNE, hf_model, one_error_line
+from tests.helpers import CONF, FINETUNE, hf_model, lmkit_main, one_error_line
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -12,7 +12,7 @@ from lmkit.backbones import LSTMConfig, TransformerConfig
 from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.record import FORMAT_VERSION, ModelRecord
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DATA = ROOT / "tests" / "data"  # artifacts written by lmkit before ModelRecord existed (commit 608061f)
 

@@ -39,8 +39,7 @@ from lmkit.serve.http import OpenAIEndpoints  # noqa: E402
 from lmkit.serve.settings import ServeSettings  # noqa: E402
 from lmkit.serve.worker import ModelAPI  # noqa: E402
 from litserve.utils import LitAPIStatus  # noqa: E402
-from tests.conftest import CONF, free_port  # noqa: E402
-from tests.helpers import CHARS, KEY, LMKIT, NAME, Server, lively, tiny_lm  # noqa: E402
+from tests.helpers import CHARS, CONF, KEY, LMKIT, NAME, Server, free_port, lively, tiny_lm  # noqa: E402
 
 
 

@@ -19,8 +19,8 @@ from lmkit.errors import LmkitError
 from lmkit.export import save
 from lmkit.parallel.materialize import initial_values, materialize, read_pretrained, shared_parameters
 from lmkit.record import ModelRecord
-from tests.conftest import lmkit_main, run_train_py_each, train_py_args
-from tests.helpers import FSDP2, HALF, SHORT_FINETUNE, finetune, finetune_here, logged
+from tests.helpers import (FSDP2, HALF, SHORT_FINETUNE, finetune, finetune_here, lmkit_main, logged, run_train_py_each,
+                           train_py_args)
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import ROOT, TINY, run_train_py
+from tests.helpers import ROOT, TINY, run_train_py
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +77,7 @@ def test_a_search_for_a_metric_it_cannot_read_is_one_line(overrides, message, tm
 def test_the_preset_drives_the_sweeper(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from tests.conftest import CONF
+    from tests.helpers import CONF
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=["hparams_search=optuna", "hparams_search.n_trials=7",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmkit.train import run
-from tests.conftest import TINY, TINY_TRANSFORMER
+from tests.helpers import TINY, TINY_TRANSFORMER
 
 BACKBONES = {"transformer": ["model=transformer", *TINY_TRANSFORMER], "lstm": ["model=lstm", *TINY]}
 
@@ -144,7 +144,7 @@ def test_a_tiny_llama_trains_through_train_py_and_loads_in_transformers(tmp_path
 
     import lmkit
     from lmkit.hf import export_hf
-    from tests.conftest import run_train_py
+    from tests.helpers import run_train_py
 
     result = run_train_py("model=llama", *TINY_TRANSFORMER, "model.n_kv_head=1", "model.mlp_hidden=64",
                           "trainer.max_steps=30", "trainer.val_check_interval=30", "optim.warmup_steps=5",
