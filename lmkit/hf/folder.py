@@ -23,6 +23,7 @@ from lmkit.record import ModelRecord
 
 # lmkit's tensors with a row per token: `pad_vocab_to` rounds them up (for fast matmuls), HF's vocab_size does not
 VOCAB_ROWS = ("transformer.wte.weight", "lm_head.weight")
+BLOCK = "transformer.h.{}"  # a block's prefix in lmkit's Transformer (and in GPT-2's HF names)
 
 
 def read_weights(src: Path) -> dict[str, torch.Tensor]:

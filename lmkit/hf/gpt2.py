@@ -12,11 +12,11 @@ from typing import Any
 
 from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.errors import LmkitError
-from lmkit.hf.folder import imported_model, read_weights, without_padding, write_folder
+from lmkit.hf.folder import BLOCK, imported_model, read_weights, without_padding, write_folder
 from lmkit.inference import InferenceModel
 
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel"}  # model_type -> HF class
-LAYER = "transformer.h.{}"  # a block's prefix, in lmkit and HF alike
+LAYER = BLOCK  # a block's prefix, in lmkit and HF alike
 EMBEDDING = "transformer.wte"
 # Per block: lmkit name suffix -> whether HF stores it transposed (Conv1D).
 BLOCK_MAP = {

@@ -15,7 +15,7 @@ import torch
 
 from lmkit.backbones import Transformer, TransformerConfig
 from lmkit.errors import LmkitError
-from lmkit.hf.folder import imported_model, read_weights, without_padding, write_folder
+from lmkit.hf.folder import BLOCK, imported_model, read_weights, without_padding, write_folder
 from lmkit.inference import InferenceModel
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}  # model_type -> HF class
@@ -90,7 +90,7 @@ def hf_names(cfg: TransformerConfig) -> dict[str, str]:
         for hf, ours in LAYER_MAP.items():
             if hf.endswith(".bias") and not cfg.bias:
                 continue
-            names[f"{LAYER.format(i)}.{hf}"] = f"transformer.h.{i}.{ours}"
+            names[f"{LAYER.format(i)}.{hf}"] = f"{BLOCK.format(i)}.{ours}"
     return names
 
 
@@ -98,7 +98,7 @@ def qkv_names(cfg: TransformerConfig, layer: int) -> list[tuple[list[str], str]]
     """([HF q, k, v names], lmkit's fused name) for the weight and, where present, the bias of `layer`."""
     kinds = ("weight", "bias") if cfg.attn_bias else ("weight",)
     prefix = LAYER.format(layer)
-    return [([f"{prefix}.{hf}.{kind}" for hf in QKV.values()], f"transformer.h.{layer}.attn.c_attn.{kind}")
+    return [([f"{prefix}.{hf}.{kind}" for hf in QKV.values()], f"{BLOCK.format(layer)}.attn.c_attn.{kind}")
             for kind in kinds]
 
 

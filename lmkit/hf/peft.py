@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 from lmkit.checkpoint import read_checkpoint
 from lmkit.errors import LmkitError
 from lmkit.files import atomic_directory
+from lmkit.hf.folder import BLOCK
 from lmkit.lora import LoRALinear, TrainableTokens, is_adapted
 from lmkit.record import ModelRecord
 
@@ -148,8 +149,8 @@ def _lora_modules(backbone: torch.nn.Module) -> dict[str, LoRALinear]:
 
 
 def _split_layer_name(name: str) -> tuple[int, str]:
-    """`transformer.h.3.attn.c_attn` -> (3, "attn.c_attn")."""
-    _, _, layer, local = name.split(".", 3)
+    """`transformer.h.3.attn.c_attn` (lmkit.hf.folder.BLOCK) -> (3, "attn.c_attn")."""
+    layer, local = name.removeprefix(BLOCK.format("")).split(".", 1)
     return int(layer), local
 
 
