@@ -547,3 +547,28 @@ def test_a_link_to_nothing_fails(tmp_path):
                                                                                           "https://x.org"]
     assert slug("Preference tuning (DPO)") == "preference-tuning-dpo"
     assert slug("llama.cpp (GGUF)") == "llamacpp-gguf"
+
+
+def test_the_readmes_figures_are_the_benchmarks_results():
+    """"At a glance" quotes bench/results/*.json (what bench/run.py wrote), so a rerun that moves a figure shows."""
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    results = {name: json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+               for name in ("quality", "compression", "grids", "deploy")}
+    quality = results["quality"]
+    assert (f"validation loss of {quality['val_loss']:.3f} in {quality['process_s']} s, where nanoGPT's CPU recipe "
+            f"reaches {quality['nanogpt_val_loss']} in {quality['nanogpt_s']:g} s") in " ".join(readme.split())
+    int8 = max(results["compression"]["recipes"][f"{kind} int8"]["after_vs_before"]["perplexity"]
+               for kind in ("lstm", "transformer"))
+    assert f"`int8` keeps perplexity within +{(int8 - 1) * 100:.2f}%" in readme
+    grids = results["grids"]["models"]
+    llama = grids["llama"]["rows"]
+    assert f"+{(llama['int4 gptq']['perplexity'] / llama['fp32']['perplexity'] - 1) * 100:.2f}%" in readme
+    sizes = [model["rows"]["int4 gptq"]["bytes_x"] for model in grids.values()]
+    assert f"{min(sizes):.2f}x-{max(sizes):.2f}x the bytes" in readme
+    speeds = {w["model"]: w["tokens_per_s"] for w in results["deploy"]["widths"]}
+    assert all(max(t, key=t.get) == "onnx int8" for model, t in speeds.items()
+               if int(model.rsplit("x", 1)[1]) >= 256)  # "the fastest CPU runtime from 256 wide up"
+    x512 = speeds["transformer 4x512"]
+    assert f"{x512['onnx int8'] / x512['torch fp32']:.1f}x torch fp32 for a 4x512 Transformer" in readme
