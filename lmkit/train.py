@@ -39,6 +39,7 @@ from lmkit.lightning_module import LitLanguageModel
 from lmkit.lora import attach, fingerprint_of, merged
 from lmkit.memory_check import check_memory
 from lmkit.parallel.parallelize import gather
+from lmkit.parallel.strategy import ShardedStrategy
 from lmkit.preflight import RunPlan, check_run
 from lmkit.preference import PreferenceModel
 from lmkit.record import ModelRecord
@@ -163,6 +164,9 @@ def build_trainer(cfg: DictConfig, plan: RunPlan, module: LitLanguageModel) -> L
         callbacks += hooks
     loggers = [build(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None and "_target_" in lg]
     trainer: L.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if plan.sharded != isinstance(trainer.strategy, ShardedStrategy):  # (a strategy given otherwise than by _target_)
+        raise LmkitError(f"trainer.strategy={type(trainer.strategy).__name__}: name lmkit's sharded strategy as "
+                         "trainer=fsdp does (_target_: lmkit.parallel.strategy.ShardedStrategy)")
     use_atomic_checkpoints(trainer)  # a full disk: one line, and the previous checkpoint stays whole
     return trainer
 
