@@ -238,10 +238,15 @@ def finetune_here(*overrides: str, run_dir: Path, cache_dir: Path) -> dict:
     return run_in_process(*SHORT_FINETUNE, *overrides, run_dir=run_dir, cache_dir=cache_dir)
 
 
+def logged_by_step(run_dir: Path, key: str = "train_loss") -> dict[int, float]:
+    """`key` by step, as the run's CSV logger wrote it to `run_dir/metrics.csv`."""
+    with open(run_dir / "metrics.csv") as fh:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(fh) if r.get(key)}
+
+
 def logged(run_dir: Path, key: str = "train_loss") -> list[float]:
     """`key` at each step, in order (a resumed run logging into `run_dir` continues the same file's steps)."""
-    with open(run_dir / "metrics.csv") as fh:
-        rows = {int(r["step"]): float(r[key]) for r in csv.DictReader(fh) if r.get(key)}
+    rows = logged_by_step(run_dir, key)
     return [rows[s] for s in sorted(rows)]
 
 
@@ -283,7 +288,7 @@ TEXT = ("ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the 
 def tiny_lm(kind: str = "transformer", **options) -> InferenceModel:
     """A 2-layer, 16-wide model of `kind` over CHARS, at its default init."""
     torch.manual_seed(0)
-    defaults = dict(n_layer=2, n_head=2, n_embd=16, max_seq_len=32) if kind == "transformer" else dict(n_layer=2, n_embd=16)
+    defaults = dict(n_layer=2, n_embd=16, **({"n_head": 2, "max_seq_len": 32} if kind == "transformer" else {}))
     record = ModelRecord(backbone=backbone_config(kind, len(CHARS), **{**defaults, **options}), tokenizer="char")
     return InferenceModel(build_backbone(record.backbone).eval(), CharTokenizer(CHARS), record)
 

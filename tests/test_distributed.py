@@ -1,6 +1,5 @@
 """DDP on CPU processes (gloo), launched the ways users launch it: Lightning, torchrun, Hydra sweeps."""
 
-import csv
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import (ROOT, TINY, free_port, run_in_process, run_train_py, run_train_py_each,
+from tests.helpers import (ROOT, TINY, free_port, logged_by_step, run_in_process, run_train_py, run_train_py_each,
                             sigterm_train_py_when, train_py_args)
 
 DDP2 = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
@@ -21,11 +20,6 @@ pytestmark = pytest.mark.slow
 
 def metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
-
-
-def step_losses(log_dir: Path) -> dict[int, float]:
-    with open(log_dir / "metrics.csv") as fh:
-        return {int(r["step"]): float(r["train_loss"]) for r in csv.DictReader(fh) if r.get("train_loss")}
 
 
 def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch_and_resumes(tmp_path, cache_dir):
@@ -45,9 +39,9 @@ def test_ddp_on_two_processes_matches_one_process_with_twice_the_batch_and_resum
                    cache_dir=cache_dir)
     a, b = metrics(ddp), metrics(single)
     assert (a["world_size"], b["world_size"], a["steps"]) == (2, 1, 12)
-    losses = {**step_losses(ddp), **step_losses(ddp / "resumed")}
-    assert sorted(step_losses(ddp / "resumed")) == list(range(6, 12)) and sorted(losses) == list(range(12))
-    assert [losses[s] for s in range(12)] == pytest.approx([step_losses(single)[s] for s in range(12)], abs=1e-4)
+    losses = {**logged_by_step(ddp), **logged_by_step(ddp / "resumed")}
+    assert sorted(logged_by_step(ddp / "resumed")) == list(range(6, 12)) and sorted(losses) == list(range(12))
+    assert [losses[s] for s in range(12)] == pytest.approx([logged_by_step(single)[s] for s in range(12)], abs=1e-4)
     for key in ("train_loss", "val_loss", "test_loss"):
         assert a[key] == pytest.approx(b[key], abs=1e-4), key
     wa = torch.load(a["last_ckpt"], weights_only=True)["state_dict"]
@@ -126,7 +120,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, cache_dir):
     straight = tmp_path / "straight"
     result = run_train_py(*common, f"trainer.max_steps={step + 10}", run_dir=straight, cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    expected, got = step_losses(straight), step_losses(run_dir / "resumed")
+    expected, got = logged_by_step(straight), logged_by_step(run_dir / "resumed")
     assert len(got) == 10 and min(got) >= step, (step, sorted(got))
     assert [got[s] for s in sorted(got)] == pytest.approx([expected[s] for s in range(step, step + 10)], abs=1e-6)
 
